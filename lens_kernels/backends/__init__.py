@@ -1,0 +1,102 @@
+"""Backend dispatch (SPEC section 4).
+
+A backend is a module that implements some of the ops named in ``OPS``. ``backend="auto"`` (or the
+``LENS_KERNELS_BACKEND`` environment variable) picks, for each op, the first available backend in
+``AUTO_PREFERENCE`` that implements it for the tensor's device; CPU tensors always go to ``torch``.
+Asking explicitly for a backend that is missing, or that does not implement the op, is an error
+that says why.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+logger = logging.getLogger("lens_kernels")
+
+OPS = (
+    "token_logprobs",
+    "linear_token_logprobs",
+    "policy_loss_from_logits",
+    "policy_loss_from_hidden",
+)
+BACKENDS = ("torch", "triton", "cuda")
+
+# auto: per op, the backends tried in order for CUDA tensors. One table, not scattered ifs: the
+# benchmark decides the order, and a backend that lacks an op is skipped.
+AUTO_PREFERENCE: Dict[str, tuple] = {op: ("cuda", "triton", "torch") for op in OPS}
+
+_MODULES = {
+    "torch": "lens_kernels.backends.torch_ops",
+    "triton": "lens_kernels.backends.triton",
+    "cuda": "lens_kernels.backends.cuda",
+}
+_loaded: Dict[str, Optional[ModuleType]] = {}
+_load_errors: Dict[str, str] = {}
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            reason = getattr(module, "unavailable_reason", lambda: None)()
+            if reason:
+                raise ImportError(reason)
+            _loaded[name] = module
+        except ImportError as exc:  # a missing optional dependency, never a crash
+            _loaded[name] = None
+            _load_errors[name] = str(exc)
+    return _loaded[name]
+
+
+def available_backends() -> tuple:
+    """The backends that load on this machine."""
+    return tuple(name for name in BACKENDS if _load(name) is not None)
+
+
+def _supports(module: ModuleType, op: str, device: torch.device) -> bool:
+    if not hasattr(module, op):
+        return False
+    devices = getattr(module, "DEVICES", ("cpu", "cuda"))
+    return device.type in devices
+
+
+def backend_for(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
+    """The name of the backend that runs ``op`` on ``tensor`` for the ``backend`` request."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("LENS_KERNELS_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        if tensor.device.type != "cuda":
+            return "torch"
+        for name in AUTO_PREFERENCE[op]:
+            module = _load(name)
+            if module is not None and _supports(module, op, tensor.device):
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    module = _load(backend)
+    if module is None:
+        raise RuntimeError(f"backend {backend!r} is not available: {_load_errors.get(backend, 'not installed')}")
+    if not hasattr(module, op):
+        raise RuntimeError(f"backend {backend!r} does not implement {op}; use backend='torch' or 'auto'")
+    if not _supports(module, op, tensor.device):
+        raise RuntimeError(
+            f"backend {backend!r} cannot run {op} on {tensor.device} tensors "
+            f"(it supports {list(getattr(module, 'DEVICES', ()))})"
+        )
+    return backend
+
+
+def get(op: str, tensor: torch.Tensor, backend: str = "auto"):
+    """The implementation of ``op`` chosen for ``tensor``."""
+    name = backend_for(op, tensor, backend)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("lens_kernels: %s -> %s backend", op, name)
+    return getattr(_load(name), op)

@@ -1,0 +1,441 @@
+"""The torch backend: portable, chunked, and the CPU path (SPEC section 4).
+
+- ``token_logprobs`` / ``linear_token_logprobs``: row chunks, so that no more than one chunk of
+  [rows, V] is ever live in fp32 (``CHUNK_BYTES`` bounds the working set of a chunk, all buffers
+  included). Forward keeps lse and entropy per token; backward recomputes the softmax chunk by chunk.
+  Strided row views (``logits[:, :-1]``) are walked without a copy.
+- ``policy_loss``: the per-token loss and its closed-form gradient coefficients dL/dl and dL/dH,
+  computed in forward. The fused GPU kernels use the same coefficients, so testing this function
+  against the autograd of ``reference.py`` tests the formulas they implement.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LossConfig
+
+DEVICES = ("cpu", "cuda")
+
+# Upper bound on the bytes of [rows, V] work buffers live at once (fp32, all buffers of a chunk).
+CHUNK_BYTES = int(os.environ.get("LENS_KERNELS_CHUNK_BYTES", str(256 << 20)))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows_per_chunk(vocab: int, bytes_per_row_elem: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, vocab * bytes_per_row_elem))
+
+
+def _row_views(x: torch.Tensor, base: int = 0):
+    """[(2-D view of rows, index of its first row in flattened order)], never copying ``x``."""
+    vocab = x.shape[-1]
+    try:
+        return [(x.view(-1, vocab), base)]
+    except RuntimeError:  # leading dims that do not flatten (a logits[:, :-1] slice): walk dim 0
+        per = x[0].numel() // vocab if x.shape[0] else 0
+        views = []
+        for b in range(x.shape[0]):
+            views.extend(_row_views(x[b], base + b * per))
+        return views
+
+
+def _chunks(x: torch.Tensor, rows: int):
+    for view, base in _row_views(x):
+        for start in range(0, view.shape[0], rows):
+            yield view[start:start + rows], base + start
+
+
+def _tau_rows(temperature, n: int, like: torch.Tensor):
+    """Temperature as a float, or as a [N, 1] tensor in the compute dtype."""
+    if not torch.is_tensor(temperature):
+        return float(temperature)
+    return temperature.to(like.device, like.dtype).expand(like.shape).reshape(n, 1)
+
+
+def _slice_tau(tau, start: int, stop: int):
+    return tau if not torch.is_tensor(tau) else tau[start:stop]
+
+
+# ---------------------------------------------------------------------------------------------
+# Row math shared by the logits and the hidden paths. ``y`` is an owned [r, V] buffer in the
+# compute dtype holding the raw logits; it is overwritten.
+# ---------------------------------------------------------------------------------------------
+def _rows_forward(y: torch.Tensor, targets: torch.Tensor, tau):
+    """Returns (logp, lse, entropy) of each row: log p_t, logsumexp(z / tau), -sum p log p."""
+    if torch.is_tensor(tau) or tau != 1.0:
+        y.div_(tau)
+    m_i = y.amax(dim=-1, keepdim=True)
+    y.sub_(m_i)
+    target_shifted = y.gather(1, targets.unsqueeze(1)).squeeze(1)
+    e = torch.exp(y)
+    l_i = e.sum(dim=-1)
+    log_l = torch.log(l_i)
+    # sum_v e_v y_v as a batched dot: no third [r, V] buffer
+    ey = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
+    entropy = log_l - ey / l_i
+    return target_shifted - log_l, m_i.squeeze(1) + log_l, entropy
+
+
+def _rows_backward(y: torch.Tensor, targets, tau, lse, entropy, g_logp, g_entropy):
+    """Overwrites y (raw logits) with dL/dz = (1/tau) [g_l (onehot - p) - g_H p (log p + H)]."""
+    if torch.is_tensor(tau) or tau != 1.0:
+        y.div_(tau)
+    y.sub_(lse.unsqueeze(1))  # log p
+    p = torch.exp(y)
+    if g_entropy is not None:
+        y.add_(entropy.unsqueeze(1)).mul_(g_entropy.unsqueeze(1)).add_(g_logp.unsqueeze(1))
+        y.mul_(p).neg_()
+    else:
+        torch.mul(p, g_logp.unsqueeze(1), out=y).neg_()
+    y.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
+    if torch.is_tensor(tau) or tau != 1.0:
+        y.div_(tau)
+    return y
+
+
+def _flat_keep(targets: torch.Tensor, mask: Optional[torch.Tensor]):
+    t = targets.reshape(-1).long()
+    if mask is None:
+        return t, None
+    keep = mask.reshape(-1).to(torch.bool)
+    return torch.where(keep, t, torch.zeros_like(t)), keep
+
+
+# ---------------------------------------------------------------------------------------------
+# token_logprobs
+# ---------------------------------------------------------------------------------------------
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, mask, temperature, inplace_grad):
+        vocab = logits.shape[-1]
+        lead = logits.shape[:-1]
+        n = targets.numel()
+        cdt = _compute_dtype(logits.dtype)
+        t, keep = _flat_keep(targets, mask)
+        logp = torch.empty(n, dtype=cdt, device=logits.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp)
+        tau = _tau_rows(temperature, n, logp)
+        rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
+        for chunk, start in _chunks(logits, rows):
+            stop = start + chunk.shape[0]
+            y = chunk.to(cdt, copy=True)
+            logp[start:stop], lse[start:stop], entropy[start:stop] = _rows_forward(
+                y, t[start:stop], _slice_tau(tau, start, stop))
+        if keep is not None:
+            zero = torch.zeros((), dtype=cdt, device=logp.device)
+            logp = torch.where(keep, logp, zero)
+            entropy = torch.where(keep, entropy, zero)
+        ctx.save_for_backward(logits, t, lse, entropy, keep if keep is not None else torch.empty(0))
+        ctx.has_keep = keep is not None
+        ctx.tau = tau
+        ctx.inplace_grad = inplace_grad
+        ctx.set_materialize_grads(False)
+        return logp.view(lead), entropy.view(lead)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        logits, t, lse, entropy, keep = ctx.saved_tensors
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None
+        cdt = lse.dtype
+        n = lse.numel()
+        g_l = torch.zeros(n, dtype=cdt, device=lse.device) if g_logp is None else g_logp.reshape(-1).to(cdt)
+        g_h = None if g_entropy is None else g_entropy.reshape(-1).to(cdt)
+        if ctx.has_keep:  # masked tokens: exact-zero gradient rows
+            g_l = g_l * keep
+            g_h = None if g_h is None else g_h * keep
+        vocab = logits.shape[-1]
+        grad = logits if ctx.inplace_grad else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
+        for chunk, start in _chunks(logits, rows):
+            stop = start + chunk.shape[0]
+            y = chunk.to(cdt, copy=True)
+            dy = _rows_backward(y, t[start:stop], _slice_tau(ctx.tau, start, stop), lse[start:stop],
+                                entropy[start:stop], g_l[start:stop], None if g_h is None else g_h[start:stop])
+            if ctx.inplace_grad:
+                chunk.copy_(dy)
+            else:
+                grad.view(-1, vocab)[start:stop].copy_(dy)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits, targets, mask=None, temperature=1.0, return_entropy=False, inplace_grad=False):
+    logp, entropy = TokenLogprobsFunction.apply(logits, targets, mask, temperature, inplace_grad)
+    return logp, (entropy if return_entropy else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_token_logprobs: logits of a row chunk, never [N, V]
+# ---------------------------------------------------------------------------------------------
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, temperature):
+        vocab, width = weight.shape
+        lead = hidden.shape[:-1]
+        h = hidden.reshape(-1, width)
+        n = h.shape[0]
+        cdt = _compute_dtype(hidden.dtype)
+        t, keep = _flat_keep(targets, mask)
+        logp = torch.empty(n, dtype=cdt, device=hidden.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp)
+        tau = _tau_rows(temperature, n, logp)
+        elem = torch.finfo(cdt).bits // 8
+        rows = rows_per_chunk(vocab, 2 * elem + hidden.element_size())
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            y = F.linear(h[start:stop], weight, bias).to(cdt)
+            logp[start:stop], lse[start:stop], entropy[start:stop] = _rows_forward(
+                y, t[start:stop], _slice_tau(tau, start, stop))
+        if keep is not None:
+            zero = torch.zeros((), dtype=cdt, device=logp.device)
+            logp = torch.where(keep, logp, zero)
+            entropy = torch.where(keep, entropy, zero)
+        ctx.save_for_backward(h, weight, bias, t, lse, entropy, keep if keep is not None else torch.empty(0))
+        ctx.has_keep = keep is not None
+        ctx.tau = tau
+        ctx.rows = rows
+        ctx.hidden_shape = hidden.shape
+        ctx.set_materialize_grads(False)
+        return logp.view(lead), entropy.view(lead)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        h, weight, bias, t, lse, entropy, keep = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (g_logp is None and g_entropy is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None
+        cdt = lse.dtype
+        n = lse.numel()
+        g_l = torch.zeros(n, dtype=cdt, device=lse.device) if g_logp is None else g_logp.reshape(-1).to(cdt)
+        g_h = None if g_entropy is None else g_entropy.reshape(-1).to(cdt)
+        if ctx.has_keep:
+            g_l = g_l * keep
+            g_h = None if g_h is None else g_h * keep
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        d_hidden = torch.empty_like(h) if need_h else None
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+        for start in range(0, n, ctx.rows):
+            stop = min(n, start + ctx.rows)
+            hs = h[start:stop]
+            y = F.linear(hs, weight, bias).to(cdt)
+            dz = _rows_backward(y, t[start:stop], _slice_tau(ctx.tau, start, stop), lse[start:stop],
+                                entropy[start:stop], g_l[start:stop], None if g_h is None else g_h[start:stop])
+            dz_in = dz.to(h.dtype)
+            if need_h:
+                torch.matmul(dz_in, weight, out=d_hidden[start:stop])
+            if need_w:
+                d_weight.add_((dz_in.t() @ hs).to(acc))
+            if d_bias is not None:
+                d_bias.add_(dz.sum(0).to(acc))
+        d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
+        d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+        d_bias = None if d_bias is None else d_bias.to(bias.dtype)
+        return d_hidden, d_weight, d_bias, None, None, None
+
+
+def linear_token_logprobs(hidden, weight, targets, bias=None, mask=None, temperature=1.0, return_entropy=False):
+    logp, entropy = LinearTokenLogprobsFunction.apply(hidden, weight, bias, targets, mask, temperature)
+    return logp, (entropy if return_entropy else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# policy_loss: per-token loss and closed-form gradient coefficients
+# ---------------------------------------------------------------------------------------------
+METRIC_NAMES = ("policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac",
+                "ratio_mean", "ratio_min", "ratio_max")
+
+
+def aggregation_weights(mask_f: torch.Tensor, mode: str, num_tokens=None, num_sequences=None,
+                        norm_length=None, dp_size: float = 1.0) -> torch.Tensor:
+    """w_t such that agg(v) = sum_t w_t v_t, for each aggregation mode (see ``LossConfig``)."""
+    B, T = mask_f.shape
+    if mode == "token-mean":
+        denom = mask_f.sum().clamp(min=1.0) if num_tokens is None else num_tokens
+        w = mask_f / denom
+    elif mode == "seq-mean-token-mean":
+        b_norm = B if num_sequences is None else num_sequences
+        w = mask_f / (mask_f.sum(-1, keepdim=True).clamp(min=1.0) * b_norm)
+    elif mode == "seq-mean-token-sum":
+        w = mask_f / (B if num_sequences is None else num_sequences)
+    elif mode == "seq-mean-token-sum-norm":
+        length = float(T) if norm_length is None else float(norm_length)
+        w = mask_f / ((B if num_sequences is None else num_sequences) * length)
+    else:  # token-sum
+        w = mask_f
+    return w * dp_size if dp_size != 1.0 else w
+
+
+def _as_tokens(x, like):
+    x = x.to(like.dtype)
+    return x.unsqueeze(-1).expand_as(like) if x.dim() == 1 else x
+
+
+def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
+    """Per-token policy term f, its derivative through the ratio df/drho, its direct derivative df/dl,
+    the ratio rho and d rho / d(log-ratio) (0 where the log-ratio clamp is active)."""
+    if cfg.ratio_level == "token":
+        log_r = l - l_old
+    else:
+        seq = ((l - l_old) * mask_f).sum(-1, keepdim=True) / mask_f.sum(-1, keepdim=True).clamp(min=1.0)
+        log_r = seq.expand_as(l)
+    inside = None
+    if cfg.log_ratio_clamp is not None:
+        c = cfg.log_ratio_clamp
+        inside = (log_r >= -c) & (log_r <= c)
+        log_r = log_r.clamp(-c, c)
+    rho = torch.exp(log_r)
+    drho = rho if inside is None else rho * inside
+    zero = torch.zeros((), dtype=l.dtype, device=l.device)
+    direct = None
+    if cfg.policy_loss == "ppo":
+        lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.eps_high
+        t1 = (rho if cfg.delta is None else rho.clamp(max=cfg.delta)) * A
+        d1 = A if cfg.delta is None else A * (rho <= cfg.delta)
+        t2 = rho.clamp(lo, hi) * A
+        d2 = A * ((rho >= lo) & (rho <= hi))
+        # torch.minimum splits the gradient at ties (rho inside the clip range gives t1 == t2)
+        f = -torch.minimum(t1, t2)
+        df = -torch.where(t1 < t2, d1, torch.where(t2 < t1, d2, 0.5 * (d1 + d2)))
+        if cfg.dual_clip is not None:
+            bound = -cfg.dual_clip * A
+            neg = A < 0
+            df = torch.where(neg & (f > bound), zero, torch.where(neg & (f == bound), 0.5 * df, df))
+            f = torch.where(neg, torch.minimum(f, bound), f)
+    elif cfg.policy_loss == "cispo":
+        capped = rho.clamp(max=cfg.cispo_ratio_cap)
+        f = -capped * A * l
+        df = torch.zeros_like(l)
+        direct = -capped * A
+    else:  # sapo
+        tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(l.dtype)
+        s = torch.sigmoid(tau * (rho - 1.0))
+        f = -(4.0 / tau) * s * A
+        df = -4.0 * s * (1.0 - s) * A
+    if is_weights is not None:
+        w = _as_tokens(is_weights, l)
+        f, df = f * w, df * w
+        direct = None if direct is None else direct * w
+    return f, df, direct, rho, drho
+
+
+def kl_and_grad(l, l_ref, cfg: LossConfig):
+    d = l_ref - l
+    if cfg.kl_estimator == "k1":
+        kl, dkl = -d, torch.ones_like(d)
+    elif cfg.kl_estimator == "k2":
+        kl, dkl = 0.5 * d * d, -d
+    else:
+        ed = torch.exp(d)
+        kl, dkl = ed - d - 1.0, 1.0 - ed
+    if cfg.kl_clamp is not None:
+        c = cfg.kl_clamp
+        dkl = dkl * ((kl >= -c) & (kl <= c))
+        kl = kl.clamp(-c, c)
+    return kl, dkl
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, cfg,
+                num_tokens, num_sequences):
+        cdt = logps.dtype
+        keep = mask.to(torch.bool)
+        mask_f = keep.to(cdt)
+        zero = torch.zeros((), dtype=cdt, device=logps.device)
+        l = torch.where(keep, logps, zero)
+        l_old = l if old_logps is None else torch.where(keep, old_logps.to(cdt), zero)
+        A = _as_tokens(advantages, l)
+        f, df, direct, rho, drho = token_coefficients(l, l_old, A, mask_f, cfg, is_weights)
+        agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
+                   dp_size=cfg.dp_size)
+        w = aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
+        policy = (w * f).sum()
+        loss = policy
+        g_l = torch.zeros_like(l) if direct is None else w * direct
+        n_tok = mask_f.sum().clamp(min=1.0)
+        kl_mean = zero
+        if cfg.beta != 0.0:
+            if ref_logps is None:
+                raise ValueError("ref_logps is required when config.beta != 0 (the KL term)")
+            kl, dkl = kl_and_grad(l, torch.where(keep, ref_logps.to(cdt), zero), cfg)
+            loss = loss + cfg.beta * (w * kl).sum()
+            g_l = g_l + cfg.beta * w * dkl
+            kl_mean = (kl * mask_f).sum() / n_tok
+        u = w * df  # dL/drho per token
+        if cfg.ratio_level == "token":
+            g_l = g_l + u * drho
+        elif cfg.ratio_level == "sequence":
+            lengths = mask_f.sum(-1, keepdim=True).clamp(min=1.0)
+            g_l = g_l + u.sum(-1, keepdim=True) * drho * mask_f / lengths
+        else:  # sequence_token
+            g_l = g_l + u * drho
+        g_h = None
+        ent_mean = zero
+        if entropy is not None:
+            H = torch.where(keep, entropy.to(cdt), zero)
+            ent_mean = (H * mask_f).sum() / n_tok
+            if cfg.entropy_coef != 0.0:
+                w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else aggregation_weights(
+                    mask_f, cfg.entropy_agg_mode, **agg)
+                loss = loss - cfg.entropy_coef * (w_h * H).sum()
+                g_h = -cfg.entropy_coef * w_h
+        elif cfg.entropy_coef != 0.0:
+            raise ValueError("entropy is required when config.entropy_coef != 0 (the entropy bonus)")
+        low = (rho < 1.0 - cfg.epsilon_low) & (A < 0) & keep
+        high = (rho > 1.0 + cfg.eps_high) & (A > 0) & keep
+        inf = torch.full((), float("inf"), dtype=cdt, device=l.device)
+        r_min = torch.where(keep, rho, inf).amin()
+        r_max = torch.where(keep, rho, -inf).amax()
+        one = torch.ones((), dtype=cdt, device=l.device)
+        metrics = torch.stack([
+            policy, kl_mean, ent_mean,
+            low.sum() / n_tok, high.sum() / n_tok, (low | high).sum() / n_tok,
+            (rho * mask_f).sum() / n_tok,
+            torch.where(torch.isinf(r_min), one, r_min), torch.where(torch.isinf(r_max), one, r_max),
+        ]).to(cdt)
+        ctx.save_for_backward(g_l, g_h if g_h is not None else torch.empty(0))
+        ctx.has_g_h = g_h is not None
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        g_l, g_h = ctx.saved_tensors
+        d_logps = g_l * grad_loss
+        d_entropy = g_h * grad_loss if ctx.has_g_h else None
+        return d_logps, d_entropy, None, None, None, None, None, None, None, None
+
+
+def policy_loss(logps, advantages, mask, old_logps=None, ref_logps=None, entropy=None, is_weights=None,
+                config: LossConfig = LossConfig(), num_tokens=None, num_sequences=None):
+    loss, metrics = PolicyLossFunction.apply(logps, entropy, advantages, mask, old_logps, ref_logps,
+                                             is_weights, config, num_tokens, num_sequences)
+    return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+
+
+def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
+                            temperature=1.0, config: LossConfig = LossConfig(), num_tokens=None,
+                            num_sequences=None, grad_scale=1.0, inplace=False):
+    # The torch backend computes the logits gradient in backward from the actual grad_output, so
+    # grad_scale (the fused kernels' contract) needs no correction here.
+    logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
+    return policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                       num_tokens, num_sequences)
+
+
+def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None,
+                            ref_logps=None, is_weights=None, temperature=1.0,
+                            config: LossConfig = LossConfig(), num_tokens=None, num_sequences=None,
+                            grad_scale=1.0, mode="fast"):
+    logps, entropy = linear_token_logprobs(hidden, weight, targets, bias, mask, temperature, True)
+    return policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                       num_tokens, num_sequences)

@@ -1,0 +1,122 @@
+"""Public token log-prob ops: validation at the boundary, then dispatch to a backend."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends
+from ._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_mask,
+    check_same_device,
+    check_shape,
+    check_targets,
+    check_temperature,
+    check_tensor,
+    check_vocab_stride,
+)
+
+
+def validate_logits_inputs(logits, targets, mask, temperature):
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3), expected="[B, T, V] or [N, V]")
+    check_vocab_stride("logits", logits)
+    lead = tuple(logits.shape[:-1])
+    desc = "[B, T]" if logits.dim() == 3 else "[N]"
+    check_tensor("targets", targets, dtypes=INDEX_DTYPES)
+    check_shape("targets", targets, lead, desc)
+    if mask is not None:
+        check_mask(mask, lead, expected=desc)
+    check_same_device([("logits", logits), ("targets", targets), ("mask", mask)])
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a vocabulary of at least 1 (got V = 0)")
+    temperature = check_temperature(temperature, targets)
+    check_targets(targets, logits.shape[-1], mask)
+    return temperature
+
+
+def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature):
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3), expected="[B, T, H] or [N, H]")
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=(2,), expected="[V, H] (the lm_head weight)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {list(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), ndim=(1,), expected="[V]")
+        check_shape("bias", bias, (weight.shape[0],), "[V]")
+    lead = tuple(hidden.shape[:-1])
+    desc = "[B, T]" if hidden.dim() == 3 else "[N]"
+    check_tensor("targets", targets, dtypes=INDEX_DTYPES)
+    check_shape("targets", targets, lead, desc)
+    if mask is not None:
+        check_mask(mask, lead, expected=desc)
+    check_same_device([("hidden", hidden), ("weight", weight), ("bias", bias), ("targets", targets),
+                       ("mask", mask)])
+    temperature = check_temperature(temperature, targets)
+    check_targets(targets, weight.shape[0], mask)
+    return temperature
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature=1.0,
+    mask: Optional[torch.Tensor] = None,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probabilities of the target tokens, and optionally the entropy, in fp32.
+
+    Args:
+        logits: [B, T, V] or [N, V], fp16/bf16/fp32 (fp64 on the torch backend). May be a strided
+            view such as ``logits[:, :-1]`` (stride 1 along V); it is never copied whole.
+        targets: [B, T] or [N] integer token ids in [0, V) where the mask keeps the token.
+        temperature: a float > 0, or a tensor broadcastable to ``targets`` (per token or per row).
+        mask: optional [B, T] bool/0-1 mask. Masked tokens give 0 and an exact-zero gradient; their
+            targets may be padding ids (e.g. -100).
+        return_entropy: also return H = -sum_v p_v log p_v (differentiable).
+        inplace_backward: write dL/dlogits into the logits buffer in backward (zero extra memory);
+            the logits are destroyed.
+        backend: "auto", "torch", "triton" or "cuda".
+
+    Returns:
+        (logps [B, T] fp32, entropy [B, T] fp32 or None); fp64 for fp64 logits. l <= 0 always.
+    """
+    temperature = validate_logits_inputs(logits, targets, mask, temperature)
+    impl = backends.get("token_logprobs", logits, backend)
+    return impl(logits, targets, mask=mask, temperature=temperature, return_entropy=return_entropy,
+                inplace_grad=inplace_backward)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature=1.0,
+    mask: Optional[torch.Tensor] = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``token_logprobs(hidden @ weight.T + bias, targets)`` without ever materializing [N, V].
+
+    Args:
+        hidden: [B, T, H] or [N, H] last hidden states, fp16/bf16/fp32 (fp64 on torch).
+        weight: [V, H] lm_head weight, same dtype. A frozen weight (requires_grad=False) gets no dW.
+        targets: [B, T] or [N] token ids. bias: optional [V]. temperature, mask, return_entropy: as
+            in ``token_logprobs``.
+
+    Returns:
+        (logps fp32, entropy fp32 or None), differentiable w.r.t. hidden, weight and bias.
+    """
+    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
+    impl = backends.get("linear_token_logprobs", hidden, backend)
+    return impl(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature,
+                return_entropy=return_entropy)

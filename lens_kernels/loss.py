@@ -1,0 +1,206 @@
+"""Public policy-loss ops: from log-probs, from logits, from hidden states (SPEC 2.2 and 3)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import backends
+from ._validation import FLOAT_DTYPES, check_mask, check_same_device, check_shape, check_tensor
+from .backends import torch_ops
+from .config import LossConfig
+from .logprobs import validate_hidden_inputs, validate_logits_inputs
+
+HIDDEN_MODES = ("fast", "lean")
+
+
+def _check_config(config) -> LossConfig:
+    if config is None:
+        return LossConfig()
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a lens_kernels.LossConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_normalizer(name, value):
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        if value.numel() != 1 or not (value.dtype.is_floating_point or value.dtype in (torch.int64, torch.int32)):
+            raise ValueError(f"{name} must be a positive number or a 1-element tensor, got shape {list(value.shape)}")
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number or a 1-element tensor, got {value!r}")
+    return float(value)
+
+
+def validate_loss_inputs(shape, device, advantages, mask, old_logps, ref_logps, is_weights, config,
+                         num_tokens, num_sequences, entropy=None):
+    """Shared checks of the per-token loss inputs; ``shape`` is [B, T]. Returns the checked config and
+    normalizers."""
+    B, T = shape
+    config = _check_config(config)
+    check_tensor("mask", mask, expected="[B, T]")
+    check_mask(mask, (B, T))
+    check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, ndim=(1, 2), expected="[B] or [B, T]")
+    if advantages.dim() == 1:
+        check_shape("advantages", advantages, (B,), "[B]")
+    else:
+        check_shape("advantages", advantages, (B, T), "[B, T]")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("entropy", entropy)):
+        if t is not None:
+            check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=(2,), expected="[B, T]")
+            check_shape(name, t, (B, T), "[B, T]")
+    if is_weights is not None:
+        check_tensor("is_weights", is_weights, dtypes=FLOAT_DTYPES, ndim=(1, 2), expected="[B] or [B, T]")
+        check_shape("is_weights", is_weights, (B,) if is_weights.dim() == 1 else (B, T),
+                    "[B]" if is_weights.dim() == 1 else "[B, T]")
+    if config.beta != 0.0 and ref_logps is None:
+        raise ValueError("ref_logps [B, T] is required when config.beta != 0 (the KL term)")
+    ref = torch.empty(0, device=device)
+    check_same_device([("logps", ref), ("advantages", advantages), ("mask", mask), ("old_logps", old_logps),
+                       ("ref_logps", ref_logps), ("is_weights", is_weights)])
+    return config, _check_normalizer("num_tokens", num_tokens), _check_normalizer("num_sequences", num_sequences)
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    config: Optional[LossConfig] = None,
+    num_tokens=None,
+    num_sequences=None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The GRPO-family policy loss from precomputed token log-probs (SPEC 2.2).
+
+    Args:
+        logps: [B, T] fp32/fp64 log-probs of the current policy (differentiable).
+        advantages: [B] per sequence or [B, T] per token (no gradient).
+        mask: [B, T] loss mask (bool or 0/1). Fully masked rows contribute 0.
+        old_logps: [B, T] log-probs of the sampling policy; None means on-policy (rho = 1, with
+            the gradient of rho).
+        ref_logps: [B, T] reference log-probs, required when ``config.beta != 0``.
+        entropy: [B, T] token entropy (differentiable); required when ``config.entropy_coef != 0``.
+        is_weights: [B] or [B, T] importance-sampling weights from the rollout engine (vLLM TIS).
+        config: a ``LossConfig``; default GRPO-style PPO clip with token-mean aggregation.
+        num_tokens / num_sequences: global normalizers (numbers or 0-d tensors); default the local
+            counts of the mask.
+
+    Returns:
+        (loss 0-d tensor, metrics) with metrics ``policy_loss``, ``kl``, ``entropy``,
+        ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``ratio_mean``, ``ratio_min``,
+        ``ratio_max``: 0-d tensors, never synced to the host.
+    """
+    check_tensor("logps", logps, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), ndim=(2,),
+                 expected="[B, T]")
+    config, num_tokens, num_sequences = validate_loss_inputs(
+        tuple(logps.shape), logps.device, advantages, mask, old_logps, ref_logps, is_weights, config,
+        num_tokens, num_sequences, entropy)
+    if config.entropy_coef != 0.0 and entropy is None:
+        raise ValueError("entropy [B, T] is required when config.entropy_coef != 0 (the entropy bonus)")
+    if logps.dtype in (torch.float16, torch.bfloat16):
+        logps = logps.float()
+    return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                                 num_tokens, num_sequences)
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    temperature=1.0,
+    config: Optional[LossConfig] = None,
+    num_tokens=None,
+    num_sequences=None,
+    grad_scale: float = 1.0,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The fused loss head: log-probs, entropy and the policy loss from logits in one op.
+
+    Args:
+        logits: [B, T, V] fp16/bf16/fp32 (fp64 on torch); a strided view with stride 1 on V is
+            used without a copy.
+        targets: [B, T] token ids. mask, advantages, old_logps, ref_logps, is_weights, config,
+            num_tokens, num_sequences: as in ``policy_loss``.
+        temperature: float > 0 or a tensor broadcastable to [B, T].
+        grad_scale: the upstream gradient the fused kernels assume when they compute dL/dlogits in
+            forward (e.g. 1 / gradient_accumulation_steps). A different grad_output in backward is
+            rescaled exactly, at the cost of one extra pass and a warning.
+        inplace: write dL/dlogits into the logits buffer (zero extra memory; logits are destroyed).
+        backend: "auto", "torch", "triton" or "cuda".
+
+    Returns:
+        (loss, metrics) as in ``policy_loss``; metrics include the mean entropy.
+    """
+    temperature = validate_logits_inputs(logits, targets, mask, temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V] for the policy loss, got shape {list(logits.shape)}")
+    config, num_tokens, num_sequences = validate_loss_inputs(
+        tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
+        num_tokens, num_sequences)
+    _check_grad_scale(grad_scale)
+    impl = backends.get("policy_loss_from_logits", logits, backend)
+    return impl(logits, targets, mask, advantages, old_logps=old_logps, ref_logps=ref_logps,
+                is_weights=is_weights, temperature=temperature, config=config, num_tokens=num_tokens,
+                num_sequences=num_sequences, grad_scale=grad_scale, inplace=inplace)
+
+
+def policy_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    temperature=1.0,
+    config: Optional[LossConfig] = None,
+    num_tokens=None,
+    num_sequences=None,
+    grad_scale: float = 1.0,
+    mode: str = "fast",
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The loss head from the last hidden states and the lm_head weight, never materializing [B, T, V].
+
+    Args:
+        hidden: [B, T, H]; weight: [V, H] (same dtype); bias: optional [V].
+        mode: "fast" (no recompute of the logits in backward where the backend supports it) or
+            "lean" (recompute in backward, the smallest memory). Gradients are exact in both.
+        Other arguments as in ``policy_loss_from_logits``.
+
+    Returns:
+        (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias.
+    """
+    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H] for the policy loss, got shape {list(hidden.shape)}")
+    if mode not in HIDDEN_MODES:
+        raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
+    config, num_tokens, num_sequences = validate_loss_inputs(
+        tuple(targets.shape), hidden.device, advantages, mask, old_logps, ref_logps, is_weights, config,
+        num_tokens, num_sequences)
+    _check_grad_scale(grad_scale)
+    impl = backends.get("policy_loss_from_hidden", hidden, backend)
+    return impl(hidden, weight, targets, mask, advantages, bias=bias, old_logps=old_logps, ref_logps=ref_logps,
+                is_weights=is_weights, temperature=temperature, config=config, num_tokens=num_tokens,
+                num_sequences=num_sequences, grad_scale=grad_scale, mode=mode)
+
+
+def _check_grad_scale(grad_scale):
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not grad_scale > 0:
+        raise ValueError(f"grad_scale must be a positive float (the declared upstream gradient), got {grad_scale!r}")

@@ -1,0 +1,59 @@
+"""Build script: the pure-Python package always; the CUDA extension lens_kernels._C when it can.
+
+LENS_KERNELS_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be built),
+LENS_KERNELS_BUILD_CUDA=0 skips it, and unset builds it only when a CUDA toolkit, a CUDA build of torch
+and the sources in csrc/ are all present. TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are
+honored. Build with `pip install --no-build-isolation .` so that the installed torch is used.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extension():
+    flag = os.environ.get("LENS_KERNELS_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return None
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    reasons = []
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        torch = None
+        reasons.append("torch is not importable in the build environment (use --no-build-isolation)")
+    if torch is not None:
+        if torch.version.cuda is None:
+            reasons.append(f"torch {torch.__version__} is a CPU build")
+        if CUDA_HOME is None and shutil.which("nvcc") is None:
+            reasons.append("no CUDA toolkit (set CUDA_HOME)")
+    if not sources:
+        reasons.append("no sources in csrc/")
+    if reasons:
+        if flag == "1":
+            raise RuntimeError("LENS_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(reasons))
+        print("lens_kernels: building the pure-Python package (" + "; ".join(reasons) + ")")
+        return None
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+    if "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]:
+        nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a"]
+    ext = CUDAExtension(
+        name="lens_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return ext, BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+built = _cuda_extension()
+if built is None:
+    setup()
+else:
+    ext, build_ext = built
+    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
