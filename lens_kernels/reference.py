@@ -225,7 +225,8 @@ def per_token_policy_loss(logps, old_logps, advantages, mask, cfg: LossConfig, i
     elif cfg.policy_loss == "cispo":
         loss = -rho.clamp(max=cfg.cispo_ratio_cap).detach() * A * l
     else:  # sapo
-        tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        tau = torch.where(A > 0, torch.tensor(cfg.sapo_temperature_pos, dtype=F64),
+                          torch.tensor(cfg.sapo_temperature_neg, dtype=F64))
         loss = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * A
     if is_weights is not None:
         w = _f64(is_weights)

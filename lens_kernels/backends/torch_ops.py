@@ -51,11 +51,11 @@ def _chunks(x: torch.Tensor, rows: int):
             yield view[start:start + rows], base + start
 
 
-def _tau_rows(temperature, n: int, like: torch.Tensor):
-    """Temperature as a float, or as a [N, 1] tensor in the compute dtype."""
+def _tau_rows(temperature, lead_shape, like: torch.Tensor):
+    """Temperature as a float, or as a [N, 1] tensor in the compute dtype (broadcast over the rows)."""
     if not torch.is_tensor(temperature):
         return float(temperature)
-    return temperature.to(like.device, like.dtype).expand(like.shape).reshape(n, 1)
+    return temperature.to(like.device, like.dtype).expand(lead_shape).reshape(-1, 1)
 
 
 def _slice_tau(tau, start: int, stop: int):
@@ -121,7 +121,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logp = torch.empty(n, dtype=cdt, device=logits.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp)
-        tau = _tau_rows(temperature, n, logp)
+        tau = _tau_rows(temperature, targets.shape, logp)
         rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
         for chunk, start in _chunks(logits, rows):
             stop = start + chunk.shape[0]
@@ -186,7 +186,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         logp = torch.empty(n, dtype=cdt, device=hidden.device)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp)
-        tau = _tau_rows(temperature, n, logp)
+        tau = _tau_rows(temperature, targets.shape, logp)
         elem = torch.finfo(cdt).bits // 8
         rows = rows_per_chunk(vocab, 2 * elem + hidden.element_size())
         for start in range(0, n, rows):
@@ -316,7 +316,8 @@ def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
         df = torch.zeros_like(l)
         direct = -capped * A
     else:  # sapo
-        tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg).to(l.dtype)
+        tau = torch.where(A > 0, torch.tensor(cfg.sapo_temperature_pos, dtype=l.dtype, device=l.device),
+                          torch.tensor(cfg.sapo_temperature_neg, dtype=l.dtype, device=l.device))
         s = torch.sigmoid(tau * (rho - 1.0))
         f = -(4.0 / tau) * s * A
         df = -4.0 * s * (1.0 - s) * A
