@@ -143,9 +143,8 @@ def policy_loss_from_logits(
     Returns:
         (loss, metrics) as in ``policy_loss``; metrics include the mean entropy.
     """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, V] for the policy loss")
     temperature = validate_logits_inputs(logits, targets, mask, temperature)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V] for the policy loss, got shape {list(logits.shape)}")
     config, num_tokens, num_sequences = validate_loss_inputs(
         tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
         num_tokens, num_sequences)
@@ -186,9 +185,8 @@ def policy_loss_from_hidden(
     Returns:
         (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias.
     """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H] for the policy loss")
     temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, H] for the policy loss, got shape {list(hidden.shape)}")
     if mode not in HIDDEN_MODES:
         raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
     config, num_tokens, num_sequences = validate_loss_inputs(

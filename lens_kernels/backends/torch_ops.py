@@ -163,6 +163,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
                 chunk.copy_(dy)
             else:
                 grad.view(-1, vocab)[start:stop].copy_(dy)
+            del y, dy  # free this chunk's buffer before the next one is allocated
         return grad, None, None, None, None
 
 
@@ -236,6 +237,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 d_weight.add_((dz_in.t() @ hs).to(acc))
             if d_bias is not None:
                 d_bias.add_(dz.sum(0).to(acc))
+            del y, dz, dz_in
         d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
         d_weight = None if d_weight is None else d_weight.to(weight.dtype)
         d_bias = None if d_bias is None else d_bias.to(bias.dtype)
