@@ -202,9 +202,10 @@ def test_hundred_thousand_completions_fast():
     old = -torch.rand(N, 4, generator=g)
     ids = torch.randperm(N, generator=g) // 16
     lk.group_advantages(rewards, group_ids=ids, estimator="lens", old_logps=old)  # warm-up
-    start = time.perf_counter()
+    # CPU time of this process, so that other load on a shared CI machine does not count
+    start = time.process_time()
     adv, _ = lk.group_advantages(rewards, group_ids=ids, estimator="lens", old_logps=old)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert torch.isfinite(adv).all()
     assert elapsed < 1.0, f"100k completions took {elapsed * 1e3:.0f} ms"
 
