@@ -55,21 +55,26 @@ def softmax_stats_update(x, m_i, l_i, s_i):
 
 
 @triton.jit
-def finish_stats(m_i, l_i, s_i):
-    """(lse, entropy) of a row from its final online-softmax state."""
+def finish_stats(l_i, s_i):
+    """(log sum exp(x - m_i), entropy) of a row from its final online-softmax state.
+
+    The lse is kept split as m_i + log_l: with |x| ~ 1e4, rounding m_i + log_l to fp32 alone would cost
+    1e-3 absolute in every log p; (x - m_i) - log_l is exact to fp32 rounding of small numbers.
+    """
     log_l = tl.log(l_i)
-    return m_i + log_l, log_l - s_i / l_i
+    return log_l, log_l - s_i / l_i
 
 
 @triton.jit
-def logit_grad_block(x, offs, target, lse, entropy, g_logp, g_entropy, inv_tau, HAS_ENTROPY_GRAD: tl.constexpr):
+def logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                     HAS_ENTROPY_GRAD: tl.constexpr):
     """dL/dz of one block: inv_tau * [g_l (onehot - p) - g_H p (log p + H)], x the scaled logits."""
-    p = tl.exp(x - lse)
+    log_p = (x - m_i) - log_l
+    p = tl.exp(log_p)
     coef = -g_logp
     if HAS_ENTROPY_GRAD:
         # p == 0 (a -inf logit, or an out-of-range lane) must give 0, not 0 * inf
-        log_p = tl.where(p > 0, x - lse, 0.0)
-        coef = coef - g_entropy * (log_p + entropy)
+        coef = coef - g_entropy * tl.where(p > 0, log_p + entropy, 0.0)
     dz = p * coef + tl.where(offs == target, g_logp, 0.0)
     return dz * inv_tau
 

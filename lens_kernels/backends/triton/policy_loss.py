@@ -205,9 +205,9 @@ def _policy_loss_row_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_tau
             m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i)
-        lse, entropy = finish_stats(m_i, l_i, s_i)
+        log_l, entropy = finish_stats(l_i, s_i)
         target = tl.load(targets_ptr + row)
-        logp = tl.load(row_ptr + target).to(tl.float32) * inv_tau - lse
+        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
         g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
             row, logp, entropy, adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr,
             entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
@@ -221,7 +221,8 @@ def _policy_loss_row_kernel(
                 offs = start + tl.arange(0, BLOCK_V)
                 in_range = offs < V
                 x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
-                dz = logit_grad_block(x, offs, target, lse, entropy, g_logp, g_entropy, inv_tau, HAS_ENTROPY_BONUS)
+                dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                                      HAS_ENTROPY_BONUS)
                 tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
         _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                            loss, policy, kl, rho, entropy, logp)
@@ -295,17 +296,17 @@ def _policy_loss_split_kernel(
         scale = tl.where(l_p > 0, tl.exp(m_p - m_safe), 0.0)
         l_i = tl.sum(l_p * scale, 0)
         s_i = tl.sum(tl.where(l_p > 0, scale * (s_p + (m_p - m_safe) * l_p), 0.0), 0)
-        lse, entropy = finish_stats(m_i, l_i, s_i)
+        log_l, entropy = finish_stats(l_i, s_i)
         target = tl.load(targets_ptr + row)
-        logp = tl.load(row_ptr + target).to(tl.float32) * inv_tau - lse
+        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
         g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
             row, logp, entropy, adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr,
             entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
             log_ratio_clamp, beta, kl_clamp, entropy_coef, POLICY_LOSS, HAS_DELTA, HAS_DUAL_CLIP,
             HAS_LOG_RATIO_CLAMP, HAS_OLD, HAS_IS, HAS_KL, KL_ESTIMATOR, HAS_KL_CLAMP, HAS_ENTROPY_BONUS)
         if WRITE_GRAD:
-            dz = logit_grad_block(x, offs, target, lse, entropy, g_logp * grad_scale, g_entropy * grad_scale,
-                                  inv_tau, HAS_ENTROPY_BONUS)
+            dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp * grad_scale,
+                                  g_entropy * grad_scale, inv_tau, HAS_ENTROPY_BONUS)
             tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
         if block == 0:
             _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,

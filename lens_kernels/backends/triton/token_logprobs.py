@@ -1,7 +1,7 @@
 """Token log-probs and entropy from logits: one read of the logits forward, one read and one write
 backward (given dL/dl and dL/dH).
 
-Forward writes fp32 log-probs, entropy and the row lse (kept for backward). Optionally it also writes
+Forward writes fp32 log-probs, entropy and the row max and log-sum (kept for backward). Optionally it also writes
 per-sequence sums of the kept log-probs (the LENS confidence s_i before the division by the length)
 in the same launch. One program per flattened row; masked rows never touch the logits and get an
 exact-zero gradient row.
@@ -36,7 +36,7 @@ def _token_logprobs_fwd_kernel(
     tau_ptr,  # [N] fp32 temperature, read when PER_ROW_TAU
     logp_ptr,  # [N] fp32 out
     entropy_ptr,  # [N] fp32 out
-    lse_ptr,  # [N] fp32 out, log-sum-exp of z / tau (for backward)
+    stats_ptr,  # [2, N] fp32 out: row max m_i and log_l of z / tau (lse = m_i + log_l), for backward
     seq_sum_ptr,  # [B] fp32 out, sum_t keep * logp, when SEQ_SUM (zero-initialised)
     # shapes
     rows_per_batch,  # T
@@ -55,7 +55,8 @@ def _token_logprobs_fwd_kernel(
     keep = tl.load(keep_ptr + row) != 0
     logp = 0.0
     entropy = 0.0
-    lse = 0.0
+    m_i = 0.0
+    log_l = 0.0
     if keep:
         if PER_ROW_TAU:
             tau = tl.load(tau_ptr + row)
@@ -68,15 +69,16 @@ def _token_logprobs_fwd_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_tau
             m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i)
-        lse, entropy = finish_stats(m_i, l_i, s_i)
+        log_l, entropy = finish_stats(l_i, s_i)
         target = tl.load(targets_ptr + row)
-        logp = tl.load(row_ptr + target).to(tl.float32) * inv_tau - lse
+        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
         if SEQ_SUM:
             # one float atomic per kept token onto its sequence: the order of the adds is not fixed
             tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp)
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + row, m_i)
+    tl.store(stats_ptr + tl.num_programs(0) + row, log_l)  # the grid is one program per row: N
 
 
 @triton.jit
@@ -87,7 +89,7 @@ def _token_logprobs_bwd_kernel(
     targets_ptr,  # [N] int32
     keep_ptr,  # [N] int8
     tau_ptr,  # [N] fp32, when PER_ROW_TAU
-    lse_ptr,  # [N] fp32 from forward
+    stats_ptr,  # [2, N] fp32 from forward: m_i, log_l
     entropy_ptr,  # [N] fp32 from forward
     g_logp_ptr,  # [N] fp32 dL/dl
     g_entropy_ptr,  # [N] fp32 dL/dH, when HAS_ENTROPY_GRAD
@@ -115,7 +117,8 @@ def _token_logprobs_bwd_kernel(
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
         target = tl.load(targets_ptr + row)
-        lse = tl.load(lse_ptr + row)
+        m_i = tl.load(stats_ptr + row)
+        log_l = tl.load(stats_ptr + tl.num_programs(0) + row)
         entropy = tl.load(entropy_ptr + row)
         g_logp = tl.load(g_logp_ptr + row)
         g_entropy = 0.0
@@ -125,7 +128,8 @@ def _token_logprobs_bwd_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             in_range = offs < V
             x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
-            dz = logit_grad_block(x, offs, target, lse, entropy, g_logp, g_entropy, inv_tau, HAS_ENTROPY_GRAD)
+            dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                                  HAS_ENTROPY_GRAD)
             tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
     else:
         for start in range(0, V, BLOCK_V):
@@ -134,7 +138,7 @@ def _token_logprobs_bwd_kernel(
 
 
 def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=False):
-    """Launches the forward kernel. Returns [N] fp32 (logp, entropy, lse), the flat row inputs
+    """Launches the forward kernel. Returns [N] fp32 logp and entropy, [2, N] row stats, the flat row inputs
     (targets, keep, tau tensor, tau scalar) for backward, and [B] sequence sums or None."""
     check_kernel_dtype(logits, "token_logprobs")
     lead = tuple(logits.shape[:-1])
@@ -146,22 +150,22 @@ def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=Fal
     tau, tau_rows = temperature_args(temperature, n, lead, device)
     logp = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     entropy = torch.full_like(logp, float("nan"))
-    lse = torch.full_like(logp, float("nan"))
+    stats = torch.full((2, n), float("nan"), dtype=torch.float32, device=device)
     batches = lead[0] if len(lead) == 2 else 1
     seq_sum = torch.zeros(batches, dtype=torch.float32, device=device) if sequence_sums else logp
     rows_per_batch, stride_b, stride_t = row_layout(logits)
     block = block_v(vocab)
     if n:
         _token_logprobs_fwd_kernel[(n,)](
-            logits, t, keep, logp if tau_rows is None else tau_rows, logp, entropy, lse, seq_sum,
+            logits, t, keep, logp if tau_rows is None else tau_rows, logp, entropy, stats, seq_sum,
             rows_per_batch, vocab, stride_b, stride_t, tau,
             PER_ROW_TAU=tau_rows is not None, SEQ_SUM=sequence_sums, BLOCK_V=block,
             num_warps=num_warps_for(block),
         )
-    return logp, entropy, lse, (t, keep, tau_rows, tau), (seq_sum if sequence_sums else None)
+    return logp, entropy, stats, (t, keep, tau_rows, tau), (seq_sum if sequence_sums else None)
 
 
-def token_logprobs_backward(logits, grad, row_inputs, lse, entropy, g_logp, g_entropy):
+def token_logprobs_backward(logits, grad, row_inputs, stats, entropy, g_logp, g_entropy):
     """Writes dL/dz into ``grad`` (which may be ``logits`` itself): one read, one write."""
     t, keep, tau_rows, tau = row_inputs
     n = t.numel()
@@ -171,7 +175,7 @@ def token_logprobs_backward(logits, grad, row_inputs, lse, entropy, g_logp, g_en
     block = block_v(vocab)
     if n:
         _token_logprobs_bwd_kernel[(n,)](
-            logits, grad, t, keep, lse if tau_rows is None else tau_rows, lse, entropy, g_logp,
+            logits, grad, t, keep, entropy if tau_rows is None else tau_rows, stats, entropy, g_logp,
             g_logp if g_entropy is None else g_entropy,
             rows_per_batch, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, tau,
             PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None, BLOCK_V=block,
@@ -184,8 +188,8 @@ class TritonTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, mask, temperature, inplace_grad):
         lead = logits.shape[:-1]
-        logp, entropy, lse, row_inputs, _ = token_logprobs_forward(logits, targets, mask, temperature)
-        ctx.save_for_backward(logits, lse, entropy)
+        logp, entropy, stats, row_inputs, _ = token_logprobs_forward(logits, targets, mask, temperature)
+        ctx.save_for_backward(logits, stats, entropy)
         ctx.row_inputs = row_inputs
         ctx.inplace_grad = inplace_grad
         ctx.set_materialize_grads(False)
@@ -195,13 +199,13 @@ class TritonTokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy):
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None
-        logits, lse, entropy = ctx.saved_tensors
-        n = lse.numel()
-        g_l = torch.zeros(n, dtype=torch.float32, device=lse.device) if g_logp is None else \
+        logits, stats, entropy = ctx.saved_tensors
+        n = entropy.numel()
+        g_l = torch.zeros(n, dtype=torch.float32, device=entropy.device) if g_logp is None else \
             g_logp.reshape(n).float().contiguous()
         g_h = None if g_entropy is None else g_entropy.reshape(n).float().contiguous()
         grad = logits if ctx.inplace_grad else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        token_logprobs_backward(logits, grad, ctx.row_inputs, lse, entropy, g_l, g_h)
+        token_logprobs_backward(logits, grad, ctx.row_inputs, stats, entropy, g_l, g_h)
         return grad, None, None, None, None
 
 
