@@ -79,6 +79,41 @@ def logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, in
     return dz * inv_tau
 
 
+@triton.jit
+def row_stats(row_ptr, target, V, inv_tau, BLOCK_V: tl.constexpr):
+    """One sweep over a row: (m_i, log_l, entropy, logp of the target) of softmax(z / tau)."""
+    m_i = -float("inf")
+    l_i = 0.0
+    s_i = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_tau
+        m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i)
+    log_l, entropy = finish_stats(l_i, s_i)
+    logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+    return m_i, log_l, entropy, logp
+
+
+@triton.jit
+def write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                   HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One sweep: reads the row again and writes its dL/dz (``grad_row_ptr`` may be ``row_ptr``)."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_range = offs < V
+        x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
+        dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau, HAS_ENTROPY_GRAD)
+        tl.store(grad_row_ptr + offs, dz.to(grad_row_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def write_zero_row(grad_row_ptr, V, BLOCK_V: tl.constexpr):
+    """The exact-zero gradient of a masked row, written without reading the logits."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty), mask=offs < V)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host helpers
 # ---------------------------------------------------------------------------------------------

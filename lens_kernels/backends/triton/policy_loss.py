@@ -48,8 +48,11 @@ from ._common import (
     num_warps_for,
     row_layout,
     row_offset,
+    row_stats,
     softmax_stats_update,
     temperature_args,
+    write_row_grad,
+    write_zero_row,
 )
 from .token_logprobs import token_logprobs
 
@@ -198,16 +201,8 @@ def _policy_loss_row_kernel(
             tau = tl.load(tau_ptr + row)
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
-        m_i = -float("inf")
-        l_i = 0.0
-        s_i = 0.0
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_tau
-            m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i)
-        log_l, entropy = finish_stats(l_i, s_i)
         target = tl.load(targets_ptr + row)
-        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+        m_i, log_l, entropy, logp = row_stats(row_ptr, target, V, inv_tau, BLOCK_V)
         g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
             row, logp, entropy, adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr,
             entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
@@ -217,20 +212,13 @@ def _policy_loss_row_kernel(
             g_logp = g_logp * grad_scale
             g_entropy = g_entropy * grad_scale
             # second sweep: on a GPU this re-read mostly misses L2 (see the split variant)
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                in_range = offs < V
-                x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
-                dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
-                                      HAS_ENTROPY_BONUS)
-                tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
+            write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                           HAS_ENTROPY_BONUS, BLOCK_V)
         _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                            loss, policy, kl, rho, entropy, logp)
     else:
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)
+            write_zero_row(grad_row_ptr, V, BLOCK_V)
         _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                            0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
 

@@ -15,15 +15,14 @@ import triton.language as tl
 from ._common import (
     block_v,
     check_kernel_dtype,
-    finish_stats,
-    flat_rows,
     keep_rows,
-    logit_grad_block,
     num_warps_for,
     row_layout,
     row_offset,
-    softmax_stats_update,
+    row_stats,
     temperature_args,
+    write_row_grad,
+    write_zero_row,
 )
 
 
@@ -62,16 +61,7 @@ def _token_logprobs_fwd_kernel(
             tau = tl.load(tau_ptr + row)
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
-        m_i = -float("inf")
-        l_i = 0.0
-        s_i = 0.0
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_tau
-            m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i)
-        log_l, entropy = finish_stats(l_i, s_i)
-        target = tl.load(targets_ptr + row)
-        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+        m_i, log_l, entropy, logp = row_stats(row_ptr, tl.load(targets_ptr + row), V, inv_tau, BLOCK_V)
         if SEQ_SUM:
             # one float atomic per kept token onto its sequence: the order of the adds is not fixed
             tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp)
@@ -124,17 +114,10 @@ def _token_logprobs_bwd_kernel(
         g_entropy = 0.0
         if HAS_ENTROPY_GRAD:
             g_entropy = tl.load(g_entropy_ptr + row)
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            in_range = offs < V
-            x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
-            dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
-                                  HAS_ENTROPY_GRAD)
-            tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
+        write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                       HAS_ENTROPY_GRAD, BLOCK_V)
     else:
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=offs < V)
+        write_zero_row(grad_row_ptr, V, BLOCK_V)
 
 
 def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=False):
