@@ -267,11 +267,14 @@ def _policy_loss_split_kernel(
         tl.store(part_ptr, m_b)
         tl.store(part_ptr + 1, l_b)
         tl.store(part_ptr + 2, s_b)
-        # release: the partials above are visible to whoever sees the new count
+        # the CTA barrier orders every thread's partial stores before the one thread's release, so
+        # whoever sees the new count also sees the partials (PTX release is cumulative)
+        tl.debug_barrier()
         tl.atomic_add(arrivals_ptr + row, 1, sem="release", scope="gpu")
         arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire", scope="gpu")
         while arrived < NUM_BLOCKS:
             arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()  # every thread's partial loads below come after the acquire
         # merge every block's partials in a fixed order: all blocks of a row get bitwise equal stats
         blocks = tl.arange(0, BLOCKS_POW2)
         present = blocks < NUM_BLOCKS
