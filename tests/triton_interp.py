@@ -14,6 +14,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:  # triton already read its settings: tell it directly
+        sys.modules["triton"].knobs.runtime.interpret = True
     for name in ("_common", "token_logprobs", "policy_loss", "__init__"):
         module = sys.modules.get("lens_kernels.backends.triton" + ("" if name == "__init__" else "." + name))
         if module is not None:
