@@ -1,8 +1,9 @@
 """Import this before anything that imports triton kernels: it makes the tests of the triton backend
 run on CPU tensors under the Triton interpreter when there is no GPU, and on the GPU otherwise.
 
-TRITON_INTERPRET must be set before the kernels are decorated; if the backend was already imported
-without it (by another test module), its modules are reloaded so that the kernels are interpreted.
+TRITON_INTERPRET must be set before triton is imported. If the backend's modules were imported
+earlier (without triton itself), they are reloaded so that the kernels are interpreted; if triton was
+imported earlier, this raises and says to set the variable in the environment.
 """
 import importlib
 import os
@@ -14,8 +15,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
-    if "triton" in sys.modules:  # triton already read its settings: tell it directly
-        sys.modules["triton"].knobs.runtime.interpret = True
+    if "triton" in sys.modules:  # triton reads the setting once, at its import: too late to switch
+        raise RuntimeError("triton was imported before the triton backend tests could set TRITON_INTERPRET=1; "
+                           "run the tests with TRITON_INTERPRET=1 in the environment")
     for name in ("_common", "token_logprobs", "policy_loss", "__init__"):
         module = sys.modules.get("lens_kernels.backends.triton" + ("" if name == "__init__" else "." + name))
         if module is not None:
