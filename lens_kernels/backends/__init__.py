@@ -58,11 +58,14 @@ def available_backends() -> tuple:
     return tuple(name for name in BACKENDS if _load(name) is not None)
 
 
-def _supports(module: ModuleType, op: str, device: torch.device) -> bool:
+def _supports(module: ModuleType, op: str, tensor: torch.Tensor) -> bool:
+    """Whether ``module`` runs ``op`` on ``tensor``: the op exists, and the tensor's device type is in
+    the module's ``DEVICES`` and its dtype in ``DTYPES`` (when the module declares one)."""
     if not hasattr(module, op):
         return False
     devices = getattr(module, "DEVICES", ("cpu", "cuda"))
-    return device.type in devices
+    dtypes = getattr(module, "DTYPES", None)
+    return tensor.device.type in devices and (dtypes is None or tensor.dtype in dtypes)
 
 
 def backend_for(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
@@ -76,7 +79,7 @@ def backend_for(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
             return "torch"
         for name in AUTO_PREFERENCE[op]:
             module = _load(name)
-            if module is not None and _supports(module, op, tensor.device):
+            if module is not None and _supports(module, op, tensor):
                 return name
         return "torch"
     if backend not in BACKENDS:
@@ -86,10 +89,13 @@ def backend_for(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
         raise RuntimeError(f"backend {backend!r} is not available: {_load_errors.get(backend, 'not installed')}")
     if not hasattr(module, op):
         raise RuntimeError(f"backend {backend!r} does not implement {op}; use backend='torch' or 'auto'")
-    if not _supports(module, op, tensor.device):
+    if not _supports(module, op, tensor):
+        dtypes = getattr(module, "DTYPES", None)
         raise RuntimeError(
-            f"backend {backend!r} cannot run {op} on {tensor.device} tensors "
-            f"(it supports {list(getattr(module, 'DEVICES', ()))})"
+            f"backend {backend!r} cannot run {op} on {tensor.device} {str(tensor.dtype).replace('torch.', '')} "
+            f"tensors (it supports devices {list(getattr(module, 'DEVICES', ()))}"
+            + (f" and dtypes {[str(d).replace('torch.', '') for d in dtypes]})" if dtypes else ")")
+            + "; use backend='auto' or 'torch'"
         )
     return backend
 

@@ -1,8 +1,30 @@
-"""The ``triton`` backend: one op per file in this package (kernel, launcher, autograd.Function)."""
+"""The ``triton`` backend: one op per file in this package (kernel, launcher, autograd.Function).
+
+- ``token_logprobs``: forward log-probs + entropy in one read of the logits, with its own backward.
+- ``policy_loss_from_logits``: the fused loss head; token-level ratios compute dL/dlogits in forward
+  (2 passes of HBM with the split variant on a GPU), sequence-level ratios (GSPO) take 3 passes.
+
+The kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before this package is imported), which is how CI tests them. fp64 is
+not served: ``backend="auto"`` sends it to ``torch`` (see ``DTYPES``).
+"""
 from __future__ import annotations
 
-DEVICES = ("cuda",)
+import os
+
+DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
+
+_IMPORT_ERROR = None
+try:
+    import torch
+
+    # dtypes of the logits the kernels take (the dispatcher reads this for backend="auto")
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    from .policy_loss import policy_loss_from_logits  # noqa: F401
+    from .token_logprobs import token_logprobs, token_logprobs_with_sequence_sums  # noqa: F401
+except ImportError as exc:  # triton missing (e.g. macOS / Windows): the backend reports why
+    _IMPORT_ERROR = f"triton cannot be imported ({exc})"
 
 
 def unavailable_reason():
-    return "the Triton kernels are not implemented yet"
+    return _IMPORT_ERROR

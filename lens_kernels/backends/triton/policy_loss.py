@@ -1,0 +1,566 @@
+"""The fused policy loss from logits: loss, metrics and dL/dlogits in forward (SPEC 5).
+
+Token-level ratios (every ``LossConfig`` with ``ratio_level="token"``): the per-token coefficients
+dL/dl_t and dL/dH_t depend only on that token's values, so one kernel reads a row, finishes its
+softmax statistics, evaluates the loss and the coefficients (the formulas of
+``torch_ops.token_coefficients`` / ``kl_and_grad``), and writes dL/dz for the row. The aggregation
+weights depend only on the mask and the caller's normalizers, so they are computed before the launch.
+Two variants, chosen in one place (``choose_variant``):
+
+- ``row``: one program per row sweeps it twice (statistics, then gradient). Runs everywhere,
+  including the Triton interpreter. On a GPU the second sweep mostly misses L2 (~3 passes of HBM).
+- ``split``: each row is cut into ``cdiv(V, BLOCK_V)`` blocks, one program per block. A program loads
+  its block once and keeps it in registers, publishes its (m_i, l_i, s_i) partials, waits on a per-row
+  arrival counter until every block of the row has published, merges the partials and writes its
+  block's gradient: 1 read + 1 write of HBM. The wait is a spin on global memory, so it needs all
+  blocks of a row resident at once; the blocks of a row are consecutive program ids, and GPUs
+  dispatch programs in id order, so the earliest unfinished row always completes. The interpreter runs
+  programs one after the other and would deadlock: the variant is GPU-only.
+
+Sequence-level ratios (GSPO, ``ratio_level`` "sequence" / "sequence_token") need the whole sequence
+before any coefficient is known: they take the 3-pass path (the forward log-prob kernel, the per-token
+loss in torch, then the backward kernel).
+
+Grad-scale contract: the gradient written in forward assumes the upstream gradient ``grad_scale``.
+Backward compares grad_output with it on the device; when they differ, a rescale kernel multiplies the
+gradient by grad_output / grad_scale (one more read and write) and a warning is issued once. The
+comparison result reaches the host through a non-blocking copy that is read at the next call, so no
+call ever waits on the GPU.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import torch_ops
+from ._common import (
+    INTERPRETING,
+    block_v,
+    check_kernel_dtype,
+    finish_stats,
+    flat_rows,
+    keep_rows,
+    logit_grad_block,
+    num_warps_for,
+    row_layout,
+    row_offset,
+    row_stats,
+    softmax_stats_update,
+    temperature_args,
+    write_row_grad,
+    write_zero_row,
+)
+from .token_logprobs import token_logprobs
+
+_POLICY_LOSS_IDS = {"ppo": 0, "cispo": 1, "sapo": 2}
+_KL_IDS = {"k1": 1, "k2": 2, "k3": 3}
+
+# Blocks per row of the split variant: one program holds SPLIT_BLOCK_V values of its row in registers.
+SPLIT_BLOCK_V = 8192
+SPLIT_MAX_BLOCKS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _token_loss_terms(
+    row, logp, entropy,
+    # per-token inputs, [N] fp32
+    adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr, entropy_weight_ptr,
+    # loss options
+    clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg, log_ratio_clamp,
+    beta, kl_clamp, entropy_coef,
+    POLICY_LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    HAS_LOG_RATIO_CLAMP: tl.constexpr, HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
+):
+    """(dL/dl, dL/dH, weighted loss, weighted policy term, KL, rho) of one kept token.
+
+    A port of torch_ops.token_coefficients / kl_and_grad / PolicyLossFunction for token-level
+    ratios: ties of min split the gradient half/half, clamps pass it at their bounds (inclusive).
+    """
+    adv = tl.load(adv_ptr + row)
+    weight = tl.load(weight_ptr + row)
+    log_ratio = 0.0 * logp  # on-policy: rho = 1 with the gradient of rho
+    if HAS_OLD:
+        log_ratio = logp - tl.load(old_logp_ptr + row)
+    ratio_gate = 1.0
+    if HAS_LOG_RATIO_CLAMP:
+        ratio_gate = tl.where((log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp), 1.0, 0.0)
+        log_ratio = tl.minimum(tl.maximum(log_ratio, -log_ratio_clamp), log_ratio_clamp)
+    rho = tl.exp(log_ratio)
+    direct = 0.0 * logp  # dL/dl not through rho (CISPO)
+    if POLICY_LOSS == 0:  # PPO clip
+        if HAS_DELTA:
+            unclipped = tl.minimum(rho, delta) * adv
+            d_unclipped = tl.where(rho <= delta, adv, 0.0)
+        else:
+            unclipped = rho * adv
+            d_unclipped = adv
+        clipped = tl.minimum(tl.maximum(rho, clip_low), clip_high) * adv
+        d_clipped = tl.where((rho >= clip_low) & (rho <= clip_high), adv, 0.0)
+        f = -tl.minimum(unclipped, clipped)
+        df = -tl.where(unclipped < clipped, d_unclipped,
+                       tl.where(clipped < unclipped, d_clipped, 0.5 * (d_unclipped + d_clipped)))
+        if HAS_DUAL_CLIP:
+            bound = -dual_clip * adv
+            neg = adv < 0
+            df = tl.where(neg & (f > bound), 0.0, tl.where(neg & (f == bound), 0.5 * df, df))
+            f = tl.where(neg, tl.minimum(f, bound), f)
+    elif POLICY_LOSS == 1:  # CISPO
+        capped = tl.minimum(rho, cispo_cap)
+        f = -capped * adv * logp
+        df = 0.0 * logp
+        direct = -capped * adv
+    else:  # SAPO
+        temp = tl.where(adv > 0, sapo_temp_pos, sapo_temp_neg)
+        gate = 1.0 / (1.0 + tl.exp(-temp * (rho - 1.0)))
+        f = -(4.0 / temp) * gate * adv
+        df = -4.0 * gate * (1.0 - gate) * adv
+    if HAS_IS:
+        is_weight = tl.load(is_weight_ptr + row)
+        f = f * is_weight
+        df = df * is_weight
+        direct = direct * is_weight
+    policy = weight * f
+    loss = policy
+    g_logp = weight * direct + weight * df * rho * ratio_gate
+    kl = 0.0 * logp
+    if HAS_KL:
+        d = tl.load(ref_logp_ptr + row) - logp
+        if KL_ESTIMATOR == 1:
+            kl = -d
+            d_kl = 1.0 + 0.0 * d
+        elif KL_ESTIMATOR == 2:
+            kl = 0.5 * d * d
+            d_kl = -d
+        else:
+            exp_d = tl.exp(d)
+            kl = exp_d - d - 1.0
+            d_kl = 1.0 - exp_d
+        if HAS_KL_CLAMP:
+            d_kl = tl.where((kl >= -kl_clamp) & (kl <= kl_clamp), d_kl, 0.0)
+            kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
+        loss = loss + beta * weight * kl
+        g_logp = g_logp + beta * weight * d_kl
+    g_entropy = 0.0 * logp
+    if HAS_ENTROPY_BONUS:
+        entropy_weight = tl.load(entropy_weight_ptr + row)
+        loss = loss - entropy_coef * entropy_weight * entropy
+        g_entropy = -entropy_coef * entropy_weight
+    return g_logp, g_entropy, loss, policy, kl, rho
+
+
+@triton.jit
+def _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
+                       loss, policy, kl, rho, entropy, logp):
+    tl.store(loss_part_ptr + row, loss)
+    tl.store(policy_part_ptr + row, policy)
+    tl.store(kl_ptr + row, kl)
+    tl.store(rho_ptr + row, rho)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(logp_ptr + row, logp)
+
+
+@triton.jit
+def _policy_loss_row_kernel(
+    # data pointers: logits and per-token inputs ([N] unless noted)
+    logits_ptr,  # [B, T, V] strided rows, fp32/bf16/fp16
+    targets_ptr,  # int32
+    keep_ptr,  # int8, 1 = keep
+    tau_ptr,  # fp32, when PER_ROW_TAU
+    adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr,  # fp32
+    weight_ptr, entropy_weight_ptr,  # fp32 aggregation weights of the loss and of the entropy bonus
+    # data pointers: outputs
+    grad_ptr,  # [B, T, V] strided rows, logits dtype; may alias logits_ptr (inplace)
+    loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,  # [N] fp32
+    # shapes
+    rows_per_batch, V,
+    # strides (elements)
+    stride_b, stride_t, grad_stride_b, grad_stride_t,
+    # scalars
+    tau, grad_scale,
+    clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg, log_ratio_clamp,
+    beta, kl_clamp, entropy_coef,
+    # switches
+    POLICY_LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    HAS_LOG_RATIO_CLAMP: tl.constexpr, HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
+    PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    keep = tl.load(keep_ptr + row) != 0
+    grad_row_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
+    if keep:
+        if PER_ROW_TAU:
+            tau = tl.load(tau_ptr + row)
+        inv_tau = 1.0 / tau
+        row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
+        target = tl.load(targets_ptr + row)
+        m_i, log_l, entropy, logp = row_stats(row_ptr, target, V, inv_tau, BLOCK_V)
+        g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
+            row, logp, entropy, adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr,
+            entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
+            log_ratio_clamp, beta, kl_clamp, entropy_coef, POLICY_LOSS, HAS_DELTA, HAS_DUAL_CLIP,
+            HAS_LOG_RATIO_CLAMP, HAS_OLD, HAS_IS, HAS_KL, KL_ESTIMATOR, HAS_KL_CLAMP, HAS_ENTROPY_BONUS)
+        if WRITE_GRAD:
+            g_logp = g_logp * grad_scale
+            g_entropy = g_entropy * grad_scale
+            # second sweep: on a GPU this re-read mostly misses L2 (see the split variant)
+            write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+                           HAS_ENTROPY_BONUS, BLOCK_V)
+        _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
+                           loss, policy, kl, rho, entropy, logp)
+    else:
+        if WRITE_GRAD:
+            write_zero_row(grad_row_ptr, V, BLOCK_V)
+        _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
+                           0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+
+
+@triton.jit
+def _policy_loss_split_kernel(
+    # data pointers: logits and per-token inputs ([N] unless noted)
+    logits_ptr, targets_ptr, keep_ptr, tau_ptr,
+    adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr, entropy_weight_ptr,
+    # data pointers: outputs
+    grad_ptr, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
+    # data pointers: workspace
+    partials_ptr,  # [N, NUM_BLOCKS, 3] fp32: (m_i, l_i, s_i) of each block of each row
+    arrivals_ptr,  # [N] int32, zero-initialised: blocks of the row that have published
+    # shapes
+    rows_per_batch, V, NUM_BLOCKS,
+    # strides (elements)
+    stride_b, stride_t, grad_stride_b, grad_stride_t,
+    # scalars
+    tau, grad_scale,
+    clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg, log_ratio_clamp,
+    beta, kl_clamp, entropy_coef,
+    # switches
+    POLICY_LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    HAS_LOG_RATIO_CLAMP: tl.constexpr, HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
+    PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCKS_POW2: tl.constexpr,  # next power of 2 of NUM_BLOCKS, to load all partials at once
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // NUM_BLOCKS
+    block = pid % NUM_BLOCKS
+    keep = tl.load(keep_ptr + row) != 0
+    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_range = offs < V
+    grad_row_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
+    if keep:
+        if PER_ROW_TAU:
+            tau = tl.load(tau_ptr + row)
+        inv_tau = 1.0 / tau
+        row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
+        # the only HBM read of this block: x stays in registers until its gradient is written
+        x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
+        m_b, l_b, s_b = softmax_stats_update(x, -float("inf"), 0.0, 0.0)
+        part_ptr = partials_ptr + (row * NUM_BLOCKS + block) * 3
+        tl.store(part_ptr, m_b)
+        tl.store(part_ptr + 1, l_b)
+        tl.store(part_ptr + 2, s_b)
+        # the CTA barrier orders every thread's partial stores before the one thread's release, so
+        # whoever sees the new count also sees the partials (PTX release is cumulative)
+        tl.debug_barrier()
+        tl.atomic_add(arrivals_ptr + row, 1, sem="release", scope="gpu")
+        arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire", scope="gpu")
+        while arrived < NUM_BLOCKS:
+            arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()  # every thread's partial loads below come after the acquire
+        # merge every block's partials in a fixed order: all blocks of a row get bitwise equal stats
+        blocks = tl.arange(0, BLOCKS_POW2)
+        present = blocks < NUM_BLOCKS
+        all_ptr = partials_ptr + (row * NUM_BLOCKS + blocks) * 3
+        m_p = tl.load(all_ptr, mask=present, other=-float("inf"), cache_modifier=".cg")
+        l_p = tl.load(all_ptr + 1, mask=present, other=0.0, cache_modifier=".cg")
+        s_p = tl.load(all_ptr + 2, mask=present, other=0.0, cache_modifier=".cg")
+        m_i = tl.max(m_p, 0)
+        m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
+        scale = tl.where(l_p > 0, tl.exp(m_p - m_safe), 0.0)
+        l_i = tl.sum(l_p * scale, 0)
+        s_i = tl.sum(tl.where(l_p > 0, scale * (s_p + (m_p - m_safe) * l_p), 0.0), 0)
+        log_l, entropy = finish_stats(l_i, s_i)
+        target = tl.load(targets_ptr + row)
+        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+        g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
+            row, logp, entropy, adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr,
+            entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
+            log_ratio_clamp, beta, kl_clamp, entropy_coef, POLICY_LOSS, HAS_DELTA, HAS_DUAL_CLIP,
+            HAS_LOG_RATIO_CLAMP, HAS_OLD, HAS_IS, HAS_KL, KL_ESTIMATOR, HAS_KL_CLAMP, HAS_ENTROPY_BONUS)
+        if WRITE_GRAD:
+            dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp * grad_scale,
+                                  g_entropy * grad_scale, inv_tau, HAS_ENTROPY_BONUS)
+            tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
+        if block == 0:
+            _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
+                               loss, policy, kl, rho, entropy, logp)
+    else:
+        if WRITE_GRAD:
+            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=in_range)
+        if block == 0:
+            _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
+                               0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+
+
+@triton.jit
+def _rescale_grad_kernel(
+    # data pointers
+    grad_ptr,  # [B, T, V] strided rows, scaled in place
+    ratio_ptr,  # [1] fp32: grad_output / grad_scale
+    # shapes
+    rows_per_batch, V,
+    # strides (elements)
+    grad_stride_b, grad_stride_t,
+    BLOCK_V: tl.constexpr,
+):
+    # every program reads the ratio on the device and leaves at once when it is exactly 1: the
+    # common case costs one scalar load per row and no host sync
+    ratio = tl.load(ratio_ptr)
+    if ratio != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        grad_row_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            in_range = offs < V
+            g = tl.load(grad_row_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+            tl.store(grad_row_ptr + offs, (g * ratio).to(grad_ptr.dtype.element_ty), mask=in_range)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def choose_variant(n_rows: int, vocab: int, device: torch.device) -> str:
+    """The one place that picks the fused kernel's variant: "split" or "row" (see the module doc).
+
+    ``LENS_KERNELS_TRITON_VARIANT=row|split`` overrides it on a GPU (for benchmarks).
+    """
+    blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
+    split_ok = (device.type == "cuda" and not INTERPRETING and 2 <= blocks <= SPLIT_MAX_BLOCKS
+                and n_rows * blocks < 2 ** 31)
+    forced = os.environ.get("LENS_KERNELS_TRITON_VARIANT", "")
+    if forced == "row" or (forced == "split" and not split_ok):
+        return "row"
+    return "split" if split_ok else "row"
+
+
+def _loss_switches(cfg, has_old, has_is, has_entropy_bonus):
+    return dict(
+        POLICY_LOSS=_POLICY_LOSS_IDS[cfg.policy_loss],
+        HAS_DELTA=cfg.delta is not None,
+        HAS_DUAL_CLIP=cfg.dual_clip is not None,
+        HAS_LOG_RATIO_CLAMP=cfg.log_ratio_clamp is not None,
+        HAS_OLD=has_old,
+        HAS_IS=has_is,
+        HAS_KL=cfg.beta != 0.0,
+        KL_ESTIMATOR=_KL_IDS[cfg.kl_estimator],
+        HAS_KL_CLAMP=cfg.kl_clamp is not None,
+        HAS_ENTROPY_BONUS=has_entropy_bonus,
+    )
+
+
+def _loss_scalars(cfg):
+    return (
+        1.0 - cfg.epsilon_low, 1.0 + cfg.eps_high,
+        float(cfg.delta or 0.0), float(cfg.dual_clip or 0.0), float(cfg.cispo_ratio_cap),
+        float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg), float(cfg.log_ratio_clamp or 0.0),
+        float(cfg.beta), float(cfg.kl_clamp or 0.0), float(cfg.entropy_coef),
+    )
+
+
+def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                              temperature, cfg, num_tokens, num_sequences, grad_scale, variant=None):
+    """Launches the fused kernel. Writes dL/dz (for upstream gradient ``grad_scale``) into ``grad``
+    unless it is None; returns [N] fp32 per-row outputs (loss, policy, kl, rho, entropy, logp)."""
+    B, T, vocab = logits.shape
+    n = B * T
+    device = logits.device
+    lead = (B, T)
+    mask_f = mask.to(torch.float32)
+    agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
+               dp_size=cfg.dp_size)
+    weight = torch_ops.aggregation_weights(mask_f, cfg.loss_agg_mode, **agg).reshape(n).contiguous()
+    has_entropy_bonus = cfg.entropy_coef != 0.0
+    entropy_weight = weight
+    if has_entropy_bonus and cfg.entropy_agg_mode not in (None, cfg.loss_agg_mode):
+        entropy_weight = torch_ops.aggregation_weights(mask_f, cfg.entropy_agg_mode, **agg).reshape(n).contiguous()
+    adv = flat_rows(advantages, n, lead, device)
+    old = weight if old_logps is None else flat_rows(old_logps, n, lead, device)
+    ref = weight if cfg.beta == 0.0 else flat_rows(ref_logps, n, lead, device)
+    is_w = weight if is_weights is None else flat_rows(is_weights, n, lead, device)
+    t = targets.reshape(n).to(torch.int32).contiguous()
+    keep = keep_rows(mask, n, device)
+    tau, tau_rows = temperature_args(temperature, n, lead, device)
+    outputs = torch.full((6, n), float("nan"), dtype=torch.float32, device=device)
+    rows_per_batch, stride_b, stride_t = row_layout(logits)
+    write_grad = grad is not None
+    grad_arg = grad if write_grad else logits
+    _, grad_stride_b, grad_stride_t = row_layout(grad_arg)
+    switches = _loss_switches(cfg, old_logps is not None, is_weights is not None, has_entropy_bonus)
+    switches.update(PER_ROW_TAU=tau_rows is not None, WRITE_GRAD=write_grad)
+    head = (logits, t, keep, weight if tau_rows is None else tau_rows, adv, old, ref, is_w, weight, entropy_weight,
+            grad_arg, *outputs.unbind(0))
+    scalars = (tau, float(grad_scale)) + _loss_scalars(cfg)
+    if n == 0:
+        return outputs
+    variant = variant or choose_variant(n, vocab, device)
+    if variant == "split":
+        blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
+        partials = torch.empty((n, blocks, 3), dtype=torch.float32, device=device)
+        arrivals = torch.zeros(n, dtype=torch.int32, device=device)
+        _policy_loss_split_kernel[(n * blocks,)](
+            *head, partials, arrivals, rows_per_batch, vocab, blocks,
+            stride_b, stride_t, grad_stride_b, grad_stride_t, *scalars, **switches,
+            BLOCK_V=SPLIT_BLOCK_V, BLOCKS_POW2=triton.next_power_of_2(blocks), num_warps=8,
+        )
+    else:
+        block = block_v(vocab)
+        _policy_loss_row_kernel[(n,)](
+            *head, rows_per_batch, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, *scalars, **switches,
+            BLOCK_V=block, num_warps=num_warps_for(block),
+        )
+    return outputs
+
+
+def reduce_metrics(outputs, advantages, mask, cfg):
+    """The scalar loss and the metrics of ``torch_ops.METRIC_NAMES`` from the per-row outputs, on device."""
+    loss_part, policy_part, kl, rho, entropy, _ = outputs.unbind(0)
+    n = loss_part.numel()
+    keep = mask.reshape(n).to(torch.bool)
+    mask_f = keep.to(torch.float32)
+    adv = flat_rows(advantages, n, tuple(mask.shape), mask.device)
+    n_tok = mask_f.sum().clamp(min=1.0)
+    low = (rho < 1.0 - cfg.epsilon_low) & (adv < 0) & keep
+    high = (rho > 1.0 + cfg.eps_high) & (adv > 0) & keep
+    inf = torch.full((), float("inf"), dtype=torch.float32, device=rho.device)
+    one = torch.ones((), dtype=torch.float32, device=rho.device)
+    r_min = torch.where(keep, rho, inf).amin() if n else inf
+    r_max = torch.where(keep, rho, -inf).amax() if n else -inf
+    metrics = torch.stack([
+        policy_part.sum(), kl.sum() / n_tok, entropy.sum() / n_tok,
+        low.sum() / n_tok, high.sum() / n_tok, (low | high).sum() / n_tok,
+        (rho * mask_f).sum() / n_tok,
+        torch.where(torch.isinf(r_min), one, r_min), torch.where(torch.isinf(r_max), one, r_max),
+    ])
+    return loss_part.sum(), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-scale watch: warn once when backward's grad_output differs from the declared grad_scale
+# ---------------------------------------------------------------------------------------------
+class _GradScaleWatch:
+    """Brings the device-side "grad_output != grad_scale" flag to the host without a sync.
+
+    On a GPU the flag is copied non-blocking into pinned memory with an event; the event is polled
+    (``query()`` never blocks) at later calls, and the warning fires once, after the fact. On CPU the
+    flag is read at once.
+    """
+
+    def __init__(self):
+        self.pending = []
+        self.warned = False
+
+    def note(self, mismatch: torch.Tensor):
+        if self.warned:
+            return
+        if mismatch.device.type != "cuda":
+            if bool(mismatch):
+                self._warn()
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(mismatch, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, event))
+        self.poll()
+
+    def poll(self):
+        still = []
+        for host, event in self.pending:
+            if not event.query():
+                still.append((host, event))
+            elif bool(host) and not self.warned:
+                self._warn()
+        self.pending = [] if self.warned else still
+
+    def _warn(self):
+        self.warned = True
+        warnings.warn(
+            "lens_kernels (triton): backward received a grad_output different from the declared grad_scale; "
+            "the logits gradient was rescaled (one extra read and write of it). Pass grad_scale= equal to the "
+            "upstream gradient (e.g. 1 / gradient_accumulation_steps) to save that pass.",
+            RuntimeWarning, stacklevel=3)
+
+
+GRAD_SCALE_WATCH = _GradScaleWatch()
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function and the public function
+# ---------------------------------------------------------------------------------------------
+class FusedPolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+                num_tokens, num_sequences, grad_scale, inplace, write_grad):
+        GRAD_SCALE_WATCH.poll()
+        grad = None
+        if write_grad:
+            grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        outputs = fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps, ref_logps,
+                                            is_weights, temperature, cfg, num_tokens, num_sequences, grad_scale)
+        loss, metrics = reduce_metrics(outputs, advantages, mask, cfg)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.grad_scale = float(grad_scale)
+        ctx.has_grad = grad is not None
+        ctx.used = False
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        nones = (None,) * 13
+        if grad_loss is None or not ctx.has_grad:
+            return (None,) + nones
+        if ctx.used:
+            raise RuntimeError("the fused triton policy loss computes its gradient once, in forward; it cannot be "
+                               "backpropagated twice (retain_graph); recompute the loss instead")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        ratio = (grad_loss.detach().float() / ctx.grad_scale).reshape(1)
+        GRAD_SCALE_WATCH.note(ratio[0] != 1.0)
+        rows_per_batch, grad_stride_b, grad_stride_t = row_layout(grad)
+        n = grad.numel() // grad.shape[-1]
+        block = block_v(grad.shape[-1])
+        if n:
+            _rescale_grad_kernel[(n,)](grad, ratio, rows_per_batch, grad.shape[-1], grad_stride_b, grad_stride_t,
+                                       BLOCK_V=block, num_warps=num_warps_for(block))
+        return (grad,) + nones
+
+
+def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
+                            temperature=1.0, config=torch_ops.LossConfig(), num_tokens=None,
+                            num_sequences=None, grad_scale=1.0, inplace=False):
+    """Same contract as ``backends.torch_ops.policy_loss_from_logits``; returns (loss, metrics)."""
+    check_kernel_dtype(logits, "policy_loss_from_logits")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V] for the policy loss, got shape {list(logits.shape)}")
+    if config.beta != 0.0 and ref_logps is None:
+        raise ValueError("ref_logps [B, T] is required when config.beta != 0 (the KL term)")
+    if config.needs_sequence_stats:
+        # GSPO: 3 passes (forward kernel, per-sequence loss in torch, backward kernel)
+        logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
+        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                                     num_tokens, num_sequences)
+    write_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, metrics = FusedPolicyLossFunction.apply(
+        logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, config,
+        num_tokens, num_sequences, grad_scale, inplace, write_grad)
+    return loss, dict(zip(torch_ops.METRIC_NAMES, metrics.unbind(0)))
