@@ -3,6 +3,8 @@
 - ``token_logprobs``: forward log-probs + entropy in one read of the logits, with its own backward.
 - ``policy_loss_from_logits``: the fused loss head; token-level ratios compute dL/dlogits in forward
   (2 passes of HBM with the split variant on a GPU), sequence-level ratios (GSPO) take 3 passes.
+- ``linear_token_logprobs`` and ``policy_loss_from_hidden``: the same from hidden states and the
+  lm_head weight, never materializing [N, V] (modes ``fast`` and ``lean``).
 
 The kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before this package is imported), which is how CI tests them. fp64 is
@@ -22,6 +24,9 @@ try:
     DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     from .policy_loss import policy_loss_from_logits  # noqa: F401
     from .token_logprobs import token_logprobs, token_logprobs_with_sequence_sums  # noqa: F401
+    # the hidden-state path
+    from .linear_token_logprobs import linear_token_logprobs, linear_token_logprobs_with_sequence_sums  # noqa: F401
+    from .policy_loss_from_hidden import policy_loss_from_hidden  # noqa: F401
 except ImportError as exc:  # triton missing (e.g. macOS / Windows): the backend reports why
     _IMPORT_ERROR = f"triton cannot be imported ({exc})"
 

@@ -1,0 +1,166 @@
+"""policy_loss_from_hidden: the GRPO-family loss head from hidden states and the lm_head, two modes.
+
+- ``fast`` (token-level ratios): 3 GEMMs, no logits recompute. Row chunks of the micro-batch are
+  streamed: logits of the chunk by cuBLAS (GEMM 1), then two row kernels on the chunk buffer (log-prob,
+  entropy and split lse; then, given the per-token loss coefficients, dL/dz written over the chunk),
+  then dX = dz W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulator). The gradient is computed in
+  forward for the declared upstream ``grad_scale``; backward only rescales (SPEC 5). The chunk loop and
+  the coefficients are ``torch_ops.fast_policy_loss_from_hidden``: only the row step is Triton here.
+- ``lean``: no chunk-sized buffer. ``linear_token_logprobs`` computes log-probs and entropy with the
+  logits on chip, the loss is taken on those [B, T] values, and backward recomputes the logits tile by
+  tile (CCE-style, 4 GEMMs, exact gradients). Sequence-level ratios (GSPO) always take this path: a
+  token's coefficient needs its whole sequence first.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import torch_ops
+from .linear_token_logprobs import check_dtype, linear_token_logprobs
+
+# vocabulary lanes one program holds per step of a row sweep
+ROW_BLOCK_V = 4096
+
+
+@triton.jit
+def _chunk_row_stats_kernel(
+    # data pointers
+    logits_ptr,  # [R, V] chunk of logits (contiguous)
+    targets_ptr,  # [R] int64
+    tau_ptr,  # [R] fp32 (only if PER_ROW_TAU)
+    logp_ptr, entropy_ptr, m_ptr, log_l_ptr,  # [R] fp32 outputs
+    # shapes
+    V,
+    # scalars
+    tau,
+    # switches
+    PER_ROW_TAU: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * V
+    inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
+    target = tl.load(targets_ptr + row)
+    m_i = -float("inf")
+    l_i = 0.0
+    s_i = 0.0  # sum exp(x - m_i) (x - m_i)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        v_in = offs < V
+        x = tl.load(row_ptr + offs, mask=v_in, other=-float("inf")).to(tl.float32) * inv_tau
+        m_new = tl.maximum(m_i, tl.max(x, 0))
+        alpha = tl.exp(m_i - m_new)
+        shift = tl.where(l_i > 0, m_i - m_new, 0.0)
+        e = tl.exp(x - m_new)
+        s_i = alpha * (s_i + shift * l_i) + tl.sum(e * tl.where(v_in, x - m_new, 0.0), 0)
+        l_i = alpha * l_i + tl.sum(e, 0)
+        m_i = m_new
+    x_target = tl.load(row_ptr + target).to(tl.float32) * inv_tau
+    log_l = tl.log(l_i)
+    tl.store(logp_ptr + row, (x_target - m_i) - log_l)
+    tl.store(entropy_ptr + row, log_l - s_i / l_i)
+    tl.store(m_ptr + row, m_i)
+    tl.store(log_l_ptr + row, log_l)
+
+
+@triton.jit
+def _chunk_row_grad_kernel(
+    # data pointers
+    logits_ptr,  # [R, V] chunk of logits, overwritten with dL/dz in its own dtype
+    targets_ptr,  # [R] int64
+    tau_ptr,  # [R] fp32 (only if PER_ROW_TAU)
+    m_ptr, log_l_ptr, entropy_ptr,  # [R] fp32 from the stats kernel
+    g_logp_ptr, g_entropy_ptr,  # [R] fp32 dL/dl and dL/dH (grad_scale included), 0 on masked tokens
+    # shapes
+    V,
+    # scalars
+    tau,
+    # switches
+    PER_ROW_TAU: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * V
+    g_logp = tl.load(g_logp_ptr + row)
+    live = g_logp != 0.0
+    if HAS_ENTROPY_GRAD:
+        g_entropy = tl.load(g_entropy_ptr + row)
+        live = live | (g_entropy != 0.0)
+    if not live:  # a masked token: write zeros, read nothing
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty), mask=offs < V)
+    else:
+        inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
+        target = tl.load(targets_ptr + row)
+        m_i = tl.load(m_ptr + row)
+        log_l = tl.load(log_l_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            v_in = offs < V
+            x = tl.load(row_ptr + offs, mask=v_in, other=-float("inf")).to(tl.float32) * inv_tau
+            log_p = (x - m_i) - log_l
+            p = tl.exp(log_p)
+            coef = -g_logp + tl.zeros([BLOCK_V], dtype=tl.float32)
+            if HAS_ENTROPY_GRAD:  # p == 0 (a -inf lane) must give 0, not 0 * inf
+                coef = coef - g_entropy * tl.where(p > 0, log_p + tl.load(entropy_ptr + row), 0.0)
+            dz = (p * coef + tl.where(offs == target, g_logp, 0.0)) * inv_tau
+            tl.store(row_ptr + offs, dz.to(logits_ptr.dtype.element_ty), mask=v_in)
+
+
+def _tau_args(tau, rows: int, device):
+    """(scalar tau, [rows] fp32 tau or None) from torch_ops' float or [rows, 1] chunk of temperatures."""
+    if torch.is_tensor(tau):
+        return 1.0, tau.reshape(rows).to(device, torch.float32).contiguous()
+    return float(tau), None
+
+
+def triton_chunk_step(z, targets, tau, coef_fn):
+    """The fast mode's per-row step (the seam of ``torch_ops.fast_policy_loss_from_hidden``) on a chunk
+    of logits z [r, V]: two row kernels around the torch coefficients; dL/dz overwrites z."""
+    z = z.contiguous()
+    rows, vocab = z.shape
+    device = z.device
+    stats = torch.empty((4, rows), dtype=torch.float32, device=device)
+    logp, entropy, m_i, log_l = stats.unbind(0)
+    tau_scalar, tau_rows = _tau_args(tau, rows, device)
+    t = targets.contiguous()
+    block_v = min(triton.next_power_of_2(vocab), ROW_BLOCK_V)
+    warps = 8 if block_v >= 2048 else 4
+    if rows:
+        _chunk_row_stats_kernel[(rows,)](
+            z, t, tau_rows if tau_rows is not None else logp, logp, entropy, m_i, log_l, vocab, tau_scalar,
+            PER_ROW_TAU=tau_rows is not None, BLOCK_V=block_v, num_warps=warps)
+    g_logp, g_entropy = coef_fn(logp, entropy)
+    g_logp = g_logp.to(torch.float32).contiguous()
+    g_entropy = None if g_entropy is None else g_entropy.to(torch.float32).contiguous()
+    if rows:
+        _chunk_row_grad_kernel[(rows,)](
+            z, t, tau_rows if tau_rows is not None else logp, m_i, log_l, entropy, g_logp,
+            g_entropy if g_entropy is not None else g_logp, vocab, tau_scalar,
+            PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None, BLOCK_V=block_v,
+            num_warps=warps)
+    return z, logp, entropy
+
+
+def fast_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: ``torch_ops.CHUNK_BYTES`` of logits in the weight dtype (the only chunk buffer:
+    dz overwrites it), at least 128 rows so that the GEMMs stay efficient."""
+    return max(128, torch_ops.CHUNK_BYTES // max(1, vocab * torch.finfo(dtype).bits // 8))
+
+
+def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None, ref_logps=None,
+                            is_weights=None, temperature=1.0, config=None, num_tokens=None, num_sequences=None,
+                            grad_scale=1.0, mode="fast", chunk_rows=None):
+    """(loss, metrics) as ``torch_ops.policy_loss_from_hidden`` (same signature). ``chunk_rows``
+    overrides the fast mode's rows per chunk (tests put chunk boundaries inside sequences)."""
+    check_dtype(hidden, "hidden", "policy_loss_from_hidden")
+    config = config if config is not None else torch_ops.LossConfig()
+    if mode == "fast" and torch_ops.fast_mode_applies(config, hidden, weight, bias):
+        rows = chunk_rows or fast_chunk_rows(weight.shape[0], weight.dtype)
+        return torch_ops.fast_policy_loss_from_hidden(
+            hidden, weight, targets, mask, advantages, bias, old_logps, ref_logps, is_weights, temperature,
+            config, num_tokens, num_sequences, grad_scale, chunk_step=triton_chunk_step, rows=rows)
+    logps, entropy = linear_token_logprobs(hidden, weight, targets, bias, mask, temperature, True)
+    return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                                 num_tokens, num_sequences)
