@@ -160,3 +160,81 @@ def test_config_validation():
         LensGRPOConfig(output_dir="unused", advantage_estimator="ppo", report_to=[], use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="fused_loss_head"):
         LensGRPOConfig(output_dir="unused", fused_loss_head="tokens", report_to=[], use_cpu=True, bf16=False)
+
+
+# ----- a real trainer on a tiny model: TRL's advantage code, and 3 LENS training steps -------------
+VOCAB = ["<pad>", "<eos>"] + list("0123456789+=")
+
+
+def tiny_model_and_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    return LlamaForCausalLM(config), tokenizer
+
+
+def make_trainer(tmp_path, reward_fn, **overrides):
+    from datasets import Dataset
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=6, max_steps=3, learning_rate=5e-2, logging_steps=1, report_to=[],
+                   use_cpu=True, bf16=False, save_strategy="no", advantage_estimator="lens", seed=0,
+                   gradient_accumulation_steps=1)
+    options.update(overrides)
+    args = LensGRPOConfig(**options)
+    dataset = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "5+1=", "2+2="] * 4})
+    return LensGRPOTrainer(model=model, args=args, reward_funcs=reward_fn, train_dataset=dataset,
+                           processing_class=tokenizer)
+
+
+def always_wrong(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def first_wrong_group(completions, **kwargs):
+    """Binary: the first group is all wrong, later completions alternate right/wrong."""
+    return [float(i >= 4 and i % 2 == 0) for i in range(len(completions))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ("group", "batch", "none"))
+def test_trl_advantages_parity(tmp_path, scale):
+    """TRL's real _generate_and_score_completions (fixed random rewards, NaN for an unscorable row) gives
+    the advantages of lk.group_advantages with TRL's conventions."""
+    trainer = make_trainer(tmp_path, always_wrong, advantage_estimator="grpo", scale_rewards=scale)
+    g = torch.Generator().manual_seed(11)
+    fixed = torch.randn(8, 1, generator=g)
+    fixed[3] = torch.nan
+    trainer._calculate_rewards = lambda *a, **k: fixed.clone()
+    trainer.model.train()
+    inputs = [{"prompt": p} for p in ["1+2=", "1+2=", "1+2=", "1+2=", "3+4=", "3+4=", "3+4=", "3+4="]]
+    trainer.args.per_device_train_batch_size = 8
+    out = trainer._generate_and_score_completions(inputs)
+    want, _ = lk.group_advantages(fixed[:, 0], group_size=4, scale=scale, eps=1e-4, nan_rewards="zero_advantage",
+                                  estimator="grpo")
+    assert out["advantages"].abs().sum() > 0
+    assert_close(out["advantages"], want)
+
+
+@pytest.mark.slow
+def test_lens_grpo_trainer_trains_three_steps(tmp_path):
+    trainer = make_trainer(tmp_path, first_wrong_group)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train()
+    assert result.global_step == 3
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    assert changed > 0
+    logged = [h for h in trainer.state.log_history if "lens/frac_negative_groups" in h]
+    assert logged and all(0.0 <= h["lens/frac_negative_groups"] <= 1.0 for h in logged)
+    assert any(h["lens/frac_negative_groups"] > 0 for h in logged)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
