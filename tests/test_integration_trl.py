@@ -163,28 +163,22 @@ def test_config_validation():
 
 
 # ----- a real trainer on a tiny model: TRL's advantage code, and 3 LENS training steps -------------
-VOCAB = ["<pad>", "<eos>"] + list("0123456789+=")
+def load_example():
+    """The TRL example (python/example_trl.py) supplies the tiny model and tokenizer made in code."""
+    import importlib.util
+    import pathlib
 
-
-def tiny_model_and_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
-    return LlamaForCausalLM(config), tokenizer
+    path = pathlib.Path(__file__).resolve().parents[1] / "python" / "example_trl.py"
+    spec = importlib.util.spec_from_file_location("example_trl", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_trainer(tmp_path, reward_fn, **overrides):
     from datasets import Dataset
 
-    model, tokenizer = tiny_model_and_tokenizer()
+    model, tokenizer = load_example().tiny_model_and_tokenizer()
     options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
                    max_completion_length=6, max_steps=3, learning_rate=5e-2, logging_steps=1, report_to=[],
                    use_cpu=True, bf16=False, save_strategy="no", advantage_estimator="lens", seed=0,
