@@ -231,7 +231,8 @@ class LossConfig:
         Reads ``eps_clip_low_high`` (a pair) or ``eps_clip``, ``dual_clip``, ``policy_loss_type``
         (``ppo`` or ``gspo``), ``token_level_loss``, ``init_kl_coef`` with ``use_kl_loss`` and
         ``kl_estimator``, and ``entropy_loss_coef``. The log-ratio clamp follows OpenRLHF's
-        ``PolicyLoss`` (none); its group normalization uses eps 1e-9 (see ``group_advantages``).
+        ``PolicyLoss``: +-20 for ``ppo``, none for ``gspo``; its group normalization uses eps 1e-9
+        (see ``group_advantages``).
         """
         pair = _get(args, "eps_clip_low_high", None)
         if pair is not None:
@@ -255,8 +256,8 @@ class LossConfig:
             epsilon_low=low,
             epsilon_high=high,
             dual_clip=None if dual is None else float(dual),
-            log_ratio_clamp=None,
-            loss_agg_mode="token-mean" if token_level else "seq-mean-token-mean",
+            log_ratio_clamp=None if loss_type == "gspo" else 20.0,
+            loss_agg_mode="token-mean" if token_level and loss_type != "gspo" else "seq-mean-token-mean",
             beta=float(_get(args, "init_kl_coef", 0.0)) if use_kl else 0.0,
             kl_estimator=kl_name,
             entropy_coef=float(_get(args, "entropy_loss_coef", 0.0) or 0.0),

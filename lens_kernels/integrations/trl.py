@@ -1,0 +1,295 @@
+"""TRL adapter: ``LensGRPOConfig`` and ``LensGRPOTrainer``, drop-in subclasses of TRL's GRPO classes.
+
+    from lens_kernels.integrations.trl import LensGRPOConfig, LensGRPOTrainer
+    args = LensGRPOConfig(output_dir="out", advantage_estimator="lens", lens_alpha=0.25)
+    trainer = LensGRPOTrainer(model=model, args=args, reward_funcs=reward, train_dataset=ds)
+
+- ``advantage_estimator``: ``"grpo"`` keeps TRL's advantages; ``"lens"`` computes LENS advantages
+  (``lk.group_advantages``) in ``_generate_and_score_completions`` on the rewards gathered from every
+  process and on the gathered old log-probs (the old-log-prob pass is forced when TRL skipped it),
+  then slices this process's rows as TRL does; ``"dr_grpo"`` is the mean-centred advantage.
+- The loss (``_compute_loss``) is ``lk.policy_loss`` on TRL's log-probs, with TRL's normalizers:
+  grpo/bnpo/dr_grpo/sapo are divided by ``current_gradient_accumulation_steps`` in training, dapo and
+  cispo by ``num_items_in_batch / num_processes * current_gradient_accumulation_steps /
+  steps_per_generation``. The tool mask, vLLM importance-sampling ratios, the KL term, the static
+  entropy bonus and the MoE aux loss are kept, and TRL's metric names are logged.
+- ``fused_loss_head="logits"`` or ``"hidden"`` computes the loss straight from the logits or from
+  the last hidden states and the lm_head weight (``lk.policy_loss_from_logits`` /
+  ``lk.policy_loss_from_hidden``) instead of TRL's log-prob pass.
+- Options the adapter does not support (loss types luspo and vespo, ``top_entropy_quantile < 1``,
+  ``off_policy_mask_threshold``, ``use_bias_correction_kl``, adaptive entropy) fall back to TRL's own
+  loss with one warning: no loss term is ever dropped silently.
+
+Supported TRL versions: 1.x, where ``_get_per_token_logps_and_entropies`` returns 3 values (from
+1.7) or 2 (before 1.7); both arities are handled. Tested against TRL 1.16.0.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from .. import LossConfig, group_advantages, policy_loss, policy_loss_from_hidden, policy_loss_from_logits
+from . import require
+
+_trl = require("trl", "trl", "lens_kernels.integrations.trl")
+GRPOConfig = _trl.GRPOConfig
+GRPOTrainer = _trl.GRPOTrainer
+
+ADVANTAGE_ESTIMATORS = ("grpo", "lens", "dr_grpo")
+FUSED_LOSS_HEADS = (None, "logits", "hidden")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+_GLOBAL_NORMALIZER_LOSSES = ("dapo", "cispo")
+TRL_EPS = 1e-4
+
+
+@dataclass
+class LensGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the lens_kernels options.
+
+    Args:
+        advantage_estimator: "grpo" (TRL's advantages), "lens" (LENS, needs binary rewards) or
+            "dr_grpo" (rewards minus the group mean).
+        lens_alpha: weight of negative-group advantages under LENS (the paper's 0.25).
+        fused_loss_head: None (TRL's log-prob pass, then ``lk.policy_loss``), "logits" or "hidden".
+    """
+
+    advantage_estimator: str = field(default="grpo", metadata={"help": "grpo, lens or dr_grpo"})
+    lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
+    fused_loss_head: Optional[str] = field(default=None, metadata={"help": "None, 'logits' or 'hidden'"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"advantage_estimator must be one of {list(ADVANTAGE_ESTIMATORS)}, got {self.advantage_estimator!r}")
+        if self.fused_loss_head not in FUSED_LOSS_HEADS:
+            raise ValueError(f"fused_loss_head must be one of {list(FUSED_LOSS_HEADS)}, got {self.fused_loss_head!r}")
+        if not isinstance(self.lens_alpha, (int, float)) or self.lens_alpha < 0:
+            raise ValueError(f"lens_alpha must be a number >= 0, got {self.lens_alpha!r}")
+        if self.advantage_estimator != "grpo" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("advantage_estimator='lens'/'dr_grpo' needs multi_objective_aggregation='sum_then_normalize'")
+
+
+def unpack_logps_output(out):
+    """``(logps, entropies, aux_loss)`` from ``_get_per_token_logps_and_entropies``, which returns 2
+    values before TRL 1.7 and 3 from 1.7 on."""
+    if len(out) == 3:
+        return out
+    if len(out) == 2:
+        return out[0], out[1], None
+    raise ValueError(f"_get_per_token_logps_and_entropies returned {len(out)} values; expected 2 or 3")
+
+
+def unsupported_reason(trainer) -> Optional[str]:
+    """Why the lens loss cannot reproduce this trainer's TRL loss exactly, or None."""
+    args = trainer.args
+    if trainer.loss_type not in SUPPORTED_LOSS_TYPES:
+        return f"loss_type={trainer.loss_type!r}"
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        return "top_entropy_quantile < 1"
+    if getattr(trainer, "off_policy_mask_threshold", None) is not None:
+        return "off_policy_mask_threshold"
+    if getattr(args, "use_bias_correction_kl", False) and trainer.beta != 0.0:
+        return "use_bias_correction_kl"
+    if getattr(trainer, "use_adaptive_entropy", False):
+        return "adaptive entropy control"
+    return None
+
+
+def loss_config_for(trainer) -> LossConfig:
+    """The ``LossConfig`` of a GRPO trainer's resolved attributes (entropy bonus excluded: the adapter
+    adds it with TRL's own normalizer)."""
+    args = trainer.args
+    return LossConfig.from_trl(SimpleNamespace(
+        loss_type=trainer.loss_type,
+        epsilon=trainer.epsilon_low,
+        epsilon_high=trainer.epsilon_high,
+        delta=getattr(args, "delta", None),
+        beta=trainer.beta,
+        importance_sampling_level=trainer.importance_sampling_level,
+        sapo_temperature_pos=getattr(args, "sapo_temperature_pos", 1.0),
+        sapo_temperature_neg=getattr(args, "sapo_temperature_neg", 1.05),
+        max_completion_length=trainer.max_completion_length,
+        entropy_coef=0.0,
+    ))
+
+
+class LensGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with LENS advantages and the lens_kernels loss; see the module docstring."""
+
+    _lens_warned = False
+
+    # ----- stage A: advantages on the gathered batch -------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._lens_rewards_per_func = rewards_per_func  # gathered over processes, as TRL returns it
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        estimator = getattr(self.args, "advantage_estimator", "grpo")
+        if estimator == "grpo":
+            return output
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards_per_func = self._lens_rewards_per_func
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.nan, rewards)
+        kwargs = dict(group_size=group_size, eps=TRL_EPS, nan_rewards="zero_advantage")
+        if estimator == "lens":
+            old_logps = output.get("old_per_token_logps")
+            if old_logps is None:
+                old_logps = self._old_logps_for_lens(output, mode)
+            mask = output["completion_mask"]
+            if "tool_mask" in output:
+                mask = mask * output["tool_mask"]
+            old_logps = self.accelerator.gather(self.accelerator.pad_across_processes(old_logps, dim=1))
+            mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))
+            advantages, stats = group_advantages(
+                rewards, estimator="lens", old_logps=old_logps, mask=mask, scale=self.scale_rewards,
+                lens_alpha=float(self.args.lens_alpha), **kwargs)
+        else:
+            advantages, stats = group_advantages(rewards, estimator="dr_grpo", **kwargs)
+        local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local
+        output["advantages"] = advantages[start:start + local].to(output["advantages"].dtype)
+        for name in ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups",
+                     "mean_abs_adv_negative", "mean_abs_adv_mixed", "mean_confidence_wrong",
+                     "mean_confidence_right"):
+            if name in stats:
+                self._metrics[mode][f"lens/{name}"].append(float(stats[name]))
+        return output
+
+    def _old_logps_for_lens(self, output, mode):
+        """The old-policy log-probs TRL skips when they equal the current ones; LENS needs them."""
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with torch.no_grad():
+            out = self._get_per_token_logps_and_entropies(
+                self.model, ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size)
+        return unpack_logps_output(out)[0]
+
+    # ----- stage B: the loss ---------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        reason = unsupported_reason(self)
+        if reason is None and getattr(self.args, "fused_loss_head", None) is not None and (
+                self.loss_type in _GLOBAL_NORMALIZER_LOSSES and self._entropy_bonus_enabled):
+            reason = "fused_loss_head with the entropy bonus of loss_type dapo/cispo"
+        if reason is not None and getattr(self.args, "fused_loss_head", None) is None:
+            self._warn_once(f"lens_kernels: {reason} is not supported; using TRL's own loss")
+            return super()._compute_loss(model, inputs)
+        if reason is not None:
+            self._warn_once(f"lens_kernels: {reason} is not supported by the fused head; using TRL's log-prob pass")
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+
+        config = loss_config_for(self)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type in _GLOBAL_NORMALIZER_LOSSES:
+            num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_tokens = num_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            scale = 1.0
+        else:
+            num_tokens, scale = None, 1.0 / accumulation
+        is_weights = None
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_weights = inputs["importance_sampling_ratio"]
+            is_weights = is_weights.squeeze(-1) if is_weights.dim() == 2 and is_weights.size(1) == 1 else is_weights
+        advantages = inputs["advantages"]
+        common = dict(old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"),
+                      is_weights=is_weights, num_tokens=num_tokens)
+
+        fused = getattr(self.args, "fused_loss_head", None) if reason is None else None
+        aux_loss = logps = entropies = None
+        if fused is None:
+            kwargs = {"compute_entropy": True}
+            if "compute_aux_loss" in inspect.signature(self._get_per_token_logps_and_entropies).parameters:
+                kwargs["compute_aux_loss"] = getattr(self, "aux_loss_enabled", False)
+            logps, entropies, aux_loss = unpack_logps_output(self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, **kwargs))
+            loss, metrics = policy_loss(logps, advantages, mask, config=config, **common)
+            policy = loss.detach()
+            loss = loss * scale
+            if self._entropy_bonus_enabled:
+                entropy_mean = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+                loss = loss - self.entropy_coef * entropy_mean
+        else:
+            if self._entropy_bonus_enabled:
+                config = config.replace(entropy_coef=float(self.entropy_coef), entropy_agg_mode="token-mean")
+            loss, metrics = self._fused_loss(model, fused, input_ids, attention_mask, completion_ids, mask,
+                                             advantages, config, common)
+            policy = metrics["policy_loss"] + config.beta * metrics["kl"]  # TRL's policy_loss includes the KL
+            loss = loss * scale
+        if self._entropy_bonus_enabled:
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if aux_loss is not None and getattr(self, "aux_loss_enabled", False):
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_loss_metrics(mode, mask, metrics, logps, inputs, entropies)
+        return loss
+
+    def _fused_loss(self, model, fused, input_ids, attention_mask, completion_ids, mask, advantages, config, common):
+        """The loss head from logits or hidden states: TRL's forward, then one lens_kernels op."""
+        k = completion_ids.size(1)
+        if fused == "logits":
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=k + 1).logits
+            return policy_loss_from_logits(logits[:, -(k + 1):-1, :], completion_ids, mask, advantages,
+                                           temperature=self.temperature, config=config, **common)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, -(k + 1):-1, :]
+        head = model.get_output_embeddings()
+        return policy_loss_from_hidden(hidden, head.weight, completion_ids, mask, advantages,
+                                       bias=getattr(head, "bias", None), temperature=self.temperature,
+                                       config=config, **common)
+
+    def _log_loss_metrics(self, mode, mask, metrics, logps, inputs, entropies):
+        """TRL's loss metrics under TRL's names, reduced over processes as TRL does."""
+        count = mask.sum().float()
+
+        def global_mean(value):
+            totals = self.accelerator.reduce(torch.stack([value.float() * count, count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if self.beta != 0.0:
+            self._metrics[mode]["kl"].append(global_mean(metrics["kl"]))
+        entropy = metrics["entropy"] if entropies is None else (entropies * mask).sum() / count.clamp(min=1.0)
+        self._metrics[mode]["entropy"].append(global_mean(entropy))
+        if self.loss_type == "cispo" or self.loss_type == "sapo":
+            if self.loss_type == "cispo" and logps is not None:
+                ratio = self._ratio(logps, inputs, mask)
+                clipped = (ratio > self.epsilon_high) & (inputs["advantages"].reshape(len(mask), -1) > 0)
+                self._metrics[mode]["cispo_clip_ratio"].append(global_mean(self._masked_mean(clipped, mask)))
+            return
+        for name, key in (("low_mean", "clip_frac_low"), ("high_mean", "clip_frac_high"), ("region_mean", "clip_frac")):
+            self._metrics[mode][f"clip_ratio/{name}"].append(global_mean(metrics[key]))
+
+    def _ratio(self, logps, inputs, mask):
+        old = inputs.get("old_per_token_logps")
+        log_ratio = (logps - (logps if old is None else old)).detach()
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+        return torch.exp(log_ratio)
+
+    @staticmethod
+    def _masked_mean(flags, mask):
+        flags = flags.float().expand_as(mask)
+        return (flags * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def _warn_once(self, message):
+        if not self._lens_warned:
+            warnings.warn(message, stacklevel=3)
+            self._lens_warned = True

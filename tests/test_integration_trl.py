@@ -1,0 +1,234 @@
+"""Parity of the TRL adapter with TRL's own GRPOTrainer code (installed package), fp32 to 1e-6.
+
+The loss parity builds a bare trainer (``object.__new__``) with the attributes ``_compute_loss``
+reads and fixes the log-probs that ``_get_per_token_logps_and_entropies`` returns: TRL's own loss
+code runs for real on them, and so does ours. The advantage parity runs TRL's real
+``_generate_and_score_completions`` on a tiny model with fixed rewards. The end-to-end test trains
+``LensGRPOTrainer`` for 3 steps on CPU.
+"""
+import collections
+import itertools
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'lens-kernels[trl]')")
+accelerate = pytest.importorskip("accelerate")
+
+import lens_kernels as lk  # noqa: E402
+from lens_kernels.integrations.trl import LensGRPOConfig, LensGRPOTrainer, unpack_logps_output  # noqa: E402
+
+GRPOTrainer = trl.GRPOTrainer
+B, T, G = 6, 7, 3
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return accelerate.Accelerator(cpu=True)
+
+
+def make_inputs(seed, beta, with_is, level):
+    g = torch.Generator().manual_seed(seed)
+    logps = -torch.rand(B, T, generator=g) * 3 - 0.05
+    old = logps + 0.3 * torch.randn(B, T, generator=g)
+    ref = logps + 0.2 * torch.randn(B, T, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).float()
+    mask[0] = 0.0  # a fully masked completion contributes 0, never NaN
+    mask[1, 0] = 1.0
+    inputs = {
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+        "advantages": torch.randn(B, generator=g), "old_per_token_logps": old,
+        "num_items_in_batch": torch.tensor(float(mask.sum() * 2 + 3)),
+    }
+    if beta:
+        inputs["ref_per_token_logps"] = ref
+    if with_is:
+        shape = (B, 1) if level == "sequence" else (B, T)
+        inputs["importance_sampling_ratio"] = 0.5 + torch.rand(shape, generator=g)
+    entropies = torch.rand(B, T, generator=g) * 2
+    return logps, entropies, inputs
+
+
+def bare_trainer(cls, accelerator, loss_type, level, beta, with_is, entropy_coef=0.0, arity=3, training=True):
+    tr = object.__new__(cls)
+    args = LensGRPOConfig.__new__(LensGRPOConfig)  # field values only: no __post_init__ side effects
+    for f in LensGRPOConfig.__dataclass_fields__.values():
+        if f.default is not f.default_factory:
+            object.__setattr__(args, f.name, f.default)
+    args.delta = 1.5 if loss_type in ("grpo", "dapo") else None
+    args.steps_per_generation = 2
+    args.sapo_temperature_pos, args.sapo_temperature_neg = 1.0, 1.05
+    args.use_bias_correction_kl = False
+    tr.args = args
+    tr.loss_type, tr.importance_sampling_level, tr.beta = loss_type, level, beta
+    tr.epsilon_low = 0.2
+    tr.epsilon_high = 1.3 if loss_type == "cispo" else 0.28
+    tr.max_completion_length = T + 3
+    tr.top_entropy_quantile, tr.off_policy_mask_threshold = 1.0, None
+    tr.use_vllm = tr.vllm_importance_sampling_correction = with_is
+    tr.aux_loss_enabled = False
+    tr._entropy_bonus_enabled = entropy_coef != 0.0
+    tr.entropy_coef, tr.use_adaptive_entropy = entropy_coef, False
+    tr.current_gradient_accumulation_steps = 4
+    tr.accelerator = accelerator
+    model = torch.nn.Linear(1, 1)
+    model.train(training)
+    tr.model = model
+    tr._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+    return tr
+
+
+def run_loss(tr, logps, entropies, inputs, arity=3):
+    lp = logps.clone().requires_grad_(True)
+    ent = entropies.clone().requires_grad_(True)
+
+    def fixed(*args, **kwargs):
+        return (lp, ent, None) if arity == 3 else (lp, ent)
+
+    tr._get_per_token_logps_and_entropies = fixed
+    loss = tr._compute_loss(tr.model, dict(inputs))
+    g_lp, g_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
+    return loss.detach(), g_lp, (torch.zeros_like(ent) if g_ent is None else g_ent), tr._metrics
+
+
+def assert_close(a, b, tol=1e-6):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+CASES = [c for c in itertools.product(LOSS_TYPES, ("token", "sequence"), (0.0, 0.04), (False, True))]
+
+
+@pytest.mark.parametrize("loss_type,level,beta,with_is", CASES)
+def test_compute_loss_parity(accelerator, loss_type, level, beta, with_is):
+    logps, ent, inputs = make_inputs(hash((loss_type, level, beta, with_is)) % 1000, beta, with_is, level)
+    want = run_loss(bare_trainer(GRPOTrainer, accelerator, loss_type, level, beta, with_is), logps, ent, inputs)
+    got = run_loss(bare_trainer(LensGRPOTrainer, accelerator, loss_type, level, beta, with_is), logps, ent, inputs)
+    assert torch.isfinite(got[0]) and want[1].abs().sum() > 0
+    for a, b in zip(got[:3], want[:3]):
+        assert_close(a, b)
+    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "cispo_clip_ratio"):
+        # at sequence level TRL averages clip flags per sequence, the adapter per token (documented)
+        if name in want[3]["train"] and (level == "token" or "clip" not in name):
+            assert got[3]["train"][name] == pytest.approx(want[3]["train"][name], abs=1e-6), name
+
+
+@pytest.mark.parametrize("loss_type", ("grpo", "dapo"))
+@pytest.mark.parametrize("training", (True, False))
+def test_entropy_bonus_and_eval_normalizers(accelerator, loss_type, training):
+    logps, ent, inputs = make_inputs(7, 0.0, False, "token")
+    kw = dict(entropy_coef=0.01, training=training)
+    want = run_loss(bare_trainer(GRPOTrainer, accelerator, loss_type, "token", 0.0, False, **kw), logps, ent, inputs)
+    got = run_loss(bare_trainer(LensGRPOTrainer, accelerator, loss_type, "token", 0.0, False, **kw), logps, ent, inputs)
+    for a, b in zip(got[:3], want[:3]):
+        assert_close(a, b)
+    mode = "train" if training else "eval"
+    assert got[3][mode]["policy_loss"] == pytest.approx(want[3][mode]["policy_loss"], abs=1e-6)
+
+
+def test_two_value_arity(accelerator):
+    """TRL before 1.7 returns (logps, entropies): the adapter gives the same loss."""
+    logps, ent, inputs = make_inputs(3, 0.04, False, "token")
+    want = run_loss(bare_trainer(GRPOTrainer, accelerator, "dapo", "token", 0.04, False), logps, ent, inputs)
+    got = run_loss(bare_trainer(LensGRPOTrainer, accelerator, "dapo", "token", 0.04, False), logps, ent, inputs,
+                   arity=2)
+    for a, b in zip(got[:3], want[:3]):
+        assert_close(a, b)
+    with pytest.raises(ValueError, match="expected 2 or 3"):
+        unpack_logps_output((1,))
+
+
+def test_unsupported_option_falls_back_with_one_warning(accelerator):
+    logps, ent, inputs = make_inputs(5, 0.0, False, "token")
+    tr = bare_trainer(LensGRPOTrainer, accelerator, "dapo", "token", 0.0, False)
+    tr.top_entropy_quantile = 0.5
+    ref = bare_trainer(GRPOTrainer, accelerator, "dapo", "token", 0.0, False)
+    ref.top_entropy_quantile = 0.5
+    with pytest.warns(UserWarning, match="top_entropy_quantile"):
+        got = run_loss(tr, logps, ent, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_loss(tr, logps, ent, inputs)  # warned once only
+    want = run_loss(ref, logps, ent, inputs)
+    assert_close(got[0], want[0])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        LensGRPOConfig(output_dir="unused", advantage_estimator="ppo", report_to=[], use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="fused_loss_head"):
+        LensGRPOConfig(output_dir="unused", fused_loss_head="tokens", report_to=[], use_cpu=True, bf16=False)
+
+
+# ----- a real trainer on a tiny model: TRL's advantage code, and 3 LENS training steps -------------
+def load_example():
+    """The TRL example (python/example_trl.py) supplies the tiny model and tokenizer made in code."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "python" / "example_trl.py"
+    spec = importlib.util.spec_from_file_location("example_trl", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_trainer(tmp_path, reward_fn, **overrides):
+    from datasets import Dataset
+
+    model, tokenizer = load_example().tiny_model_and_tokenizer()
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=6, max_steps=3, learning_rate=5e-2, logging_steps=1, report_to=[],
+                   use_cpu=True, bf16=False, save_strategy="no", advantage_estimator="lens", seed=0,
+                   gradient_accumulation_steps=1)
+    options.update(overrides)
+    args = LensGRPOConfig(**options)
+    dataset = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "5+1=", "2+2="] * 4})
+    return LensGRPOTrainer(model=model, args=args, reward_funcs=reward_fn, train_dataset=dataset,
+                           processing_class=tokenizer)
+
+
+def always_wrong(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def first_wrong_group(completions, **kwargs):
+    """Binary: the first group is all wrong, later completions alternate right/wrong."""
+    return [float(i >= 4 and i % 2 == 0) for i in range(len(completions))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ("group", "batch", "none"))
+def test_trl_advantages_parity(tmp_path, scale):
+    """TRL's real _generate_and_score_completions (fixed random rewards, NaN for an unscorable row) gives
+    the advantages of lk.group_advantages with TRL's conventions."""
+    trainer = make_trainer(tmp_path, always_wrong, advantage_estimator="grpo", scale_rewards=scale)
+    g = torch.Generator().manual_seed(11)
+    fixed = torch.randn(8, 1, generator=g)
+    fixed[3] = torch.nan
+    trainer._calculate_rewards = lambda *a, **k: fixed.clone()
+    trainer.model.train()
+    inputs = [{"prompt": p} for p in ["1+2=", "1+2=", "1+2=", "1+2=", "3+4=", "3+4=", "3+4=", "3+4="]]
+    trainer.args.per_device_train_batch_size = 8
+    out = trainer._generate_and_score_completions(inputs)
+    want, _ = lk.group_advantages(fixed[:, 0], group_size=4, scale=scale, eps=1e-4, nan_rewards="zero_advantage",
+                                  estimator="grpo")
+    assert out["advantages"].abs().sum() > 0
+    assert_close(out["advantages"], want)
+
+
+@pytest.mark.slow
+def test_lens_grpo_trainer_trains_three_steps(tmp_path):
+    trainer = make_trainer(tmp_path, first_wrong_group)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train()
+    assert result.global_step == 3
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = sum(not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters()))
+    assert changed > 0
+    logged = [h for h in trainer.state.log_history if "lens/frac_negative_groups" in h]
+    assert logged and all(0.0 <= h["lens/frac_negative_groups"] <= 1.0 for h in logged)
+    assert any(h["lens/frac_negative_groups"] > 0 for h in logged)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

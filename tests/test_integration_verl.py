@@ -1,0 +1,145 @@
+"""Parity of the verl adapter with verl's own installed functions (fp32, 1e-6), called for real:
+``compute_policy_loss_vanilla`` (+ ``agg_loss``) for every ``loss_agg_mode``, with dual clip, the +-20
+clamp, rollout IS weights and ``global_batch_info``; ``compute_grpo_outcome_advantage``; the fused
+log-prob kernel; and verl's registries returning the adapter's estimator and loss by name."""
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos",
+                                 reason="verl is not installed (see requirements-integrations.txt)")
+from omegaconf import OmegaConf  # noqa: E402
+
+import lens_kernels as lk  # noqa: E402
+from lens_kernels.integrations import verl as lk_verl  # noqa: E402
+
+MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+B, T = 6, 9
+
+
+def actor_config(global_batch_info=None, clip_high=0.28):
+    """The actor fields the vanilla loss reads, as an OmegaConf node (verl passes DictConfig or ActorConfig)."""
+    info = global_batch_info or {}
+    return OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": clip_high,
+                             "clip_ratio_c": 3.0, "global_batch_info": info,
+                             "policy_loss": {"loss_mode": "lens"}})
+
+
+def make_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    log_prob = -torch.rand(B, T, generator=g) * 3 - 0.05
+    old = log_prob + 0.4 * torch.randn(B, T, generator=g)
+    old[0, 1] = log_prob[0, 1] - 30.0  # beyond the +-20 clamp
+    adv = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[2] = 0.0
+    mask[0, 1] = 1.0
+    weights = 0.5 + torch.rand(B, T, generator=g)
+    return log_prob, old, adv, mask, weights
+
+
+def grads(fn, log_prob):
+    lp = log_prob.clone().requires_grad_(True)
+    loss, metrics = fn(lp)
+    (g,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), g, metrics
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_is", (False, True))
+@pytest.mark.parametrize("info", ({}, {"dp_size": 2, "batch_num_tokens": 50.0, "global_batch_size": 11.0,
+                                       "loss_scale_factor": 16.0}))
+def test_policy_loss_parity(mode, with_is, info):
+    log_prob, old, adv, mask, weights = make_batch(MODES.index(mode) + 10 * with_is)
+    config = actor_config(info)
+    kw = dict(loss_agg_mode=mode, config=config, rollout_is_weights=weights if with_is else None)
+    verl_fn = core_algos.get_policy_loss_fn("vanilla")
+    want = grads(lambda lp: verl_fn(old, lp, adv, mask, **kw), log_prob)
+    got = grads(lambda lp: core_algos.get_policy_loss_fn("lens")(old, lp, adv, mask, **kw), log_prob)
+    assert want[1].abs().sum() > 0 and want[1][0, 1] == 0  # the clamp cuts the gradient there
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    assert set(got[2]) == set(want[2])
+    for name in want[2]:
+        assert got[2][name] == pytest.approx(want[2][name], abs=1e-6), name
+
+
+def test_registry_returns_the_adapter():
+    assert core_algos.get_policy_loss_fn("lens") is lk_verl.compute_policy_loss_lens
+    assert core_algos.get_adv_estimator_fn("lens") is lk_verl.compute_lens_outcome_advantage
+
+
+def shuffled_groups(seed, n_groups=4, g_size=4):
+    rng = np.random.default_rng(seed)
+    uids = np.array([f"prompt-{i}" for i in range(n_groups) for _ in range(g_size)], dtype=object)
+    return uids[rng.permutation(len(uids))]
+
+
+@pytest.mark.parametrize("norm_by_std", (True, False))
+def test_grpo_advantage_parity(norm_by_std):
+    index = shuffled_groups(0)
+    n = len(index)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(n, T, generator=g) > 0.2).float()
+    mask[:, 0] = 1.0
+    rewards = torch.zeros(n, T)
+    rewards[:, 3] = torch.randn(n, generator=g)
+    want, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=norm_by_std)
+    ids = lk_verl._group_ids(index, rewards.device)
+    adv, _ = lk.group_advantages(rewards.sum(-1), group_ids=ids, eps=lk.TRAINER_EPS["verl"],
+                                 estimator="grpo" if norm_by_std else "dr_grpo")
+    torch.testing.assert_close(adv.unsqueeze(-1) * mask, want, rtol=1e-6, atol=1e-6)
+
+
+def test_lens_estimator_through_registry_and_compute_advantage():
+    """Through verl's registry, the estimator gives lk.group_advantages' LENS numbers; the wrapped
+    compute_advantage supplies old_log_probs, and without them the call fails clearly."""
+    index = shuffled_groups(3)
+    n = len(index)
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(n, T, generator=g) > 0.2).float()
+    mask[:, 0] = 1.0
+    correct = torch.rand(n, generator=g) > 0.6
+    correct[np.where(index == "prompt-0")[0]] = False  # one negative group
+    rewards = torch.zeros(n, T)
+    rewards[:, 0] = correct.float()
+    old = -torch.rand(n, T, generator=g) * 2
+    fn = core_algos.get_adv_estimator_fn("lens")
+    config = OmegaConf.create({"lens_alpha": 0.3})
+    with pytest.raises(ValueError, match="old_log_probs"):
+        fn(token_level_rewards=rewards, response_mask=mask, index=index, config=config)
+
+    class Data:  # the two fields of DataProto that the wrapper reads
+        batch = {"old_log_probs": old}
+
+    seen = {}
+
+    def fake_compute_advantage(data):
+        seen["adv"] = fn(token_level_rewards=rewards, response_mask=mask, index=index, config=config)[0]
+        return data
+
+    lk_verl._wrap_compute_advantage(fake_compute_advantage)(Data())
+    want, stats = lk.group_advantages(rewards.sum(-1), group_ids=lk_verl._group_ids(index, rewards.device),
+                                      estimator="lens", old_logps=old, mask=mask, eps=1e-6, lens_alpha=0.3)
+    assert stats["frac_negative_groups"] > 0
+    torch.testing.assert_close(seen["adv"], want.unsqueeze(-1) * mask, rtol=1e-6, atol=1e-6)
+    neg = torch.as_tensor(index == "prompt-0")
+    assert (seen["adv"][neg].abs().sum() > 0)  # LENS gives negative groups a gradient signal
+
+
+def test_fused_logprob_kernel_swap():
+    tf = pytest.importorskip("verl.utils.experimental.torch_functional")
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 8, generator=g)
+    weight = torch.randn(37, 8, generator=g)
+    ids = torch.randint(0, 37, (2, 5), generator=g)
+    module = tf.FusedLinearForPPO()
+    want = [t.detach() for t in module(hidden, weight, ids, temperature=0.7)]
+    try:
+        lk_verl.swap_fused_logprob_kernel(True)
+        got = [t.detach() for t in module(hidden, weight, ids, temperature=0.7)]
+    finally:
+        lk_verl.swap_fused_logprob_kernel(False)
+    assert tf.FusedLinearForPPO.forward is not lk_verl.lens_fused_linear_forward
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
