@@ -127,7 +127,7 @@ def _flat_keep(targets: torch.Tensor, mask: Optional[torch.Tensor]):
 # ---------------------------------------------------------------------------------------------
 # Row-chunked partials and gradients of a logits tensor, whole or a vocabulary shard of it
 # ---------------------------------------------------------------------------------------------
-def _grad_coefficients(lse, g_logp, g_entropy, keep):
+def grad_coefficients(lse, g_logp, g_entropy, keep):
     """g_l and g_H as flat [N] vectors in the compute dtype; masked tokens get exact zeros."""
     cdt = lse.dtype
     n = lse.numel()
@@ -223,7 +223,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits, t, lse, entropy, keep = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None
-        g_l, g_h = _grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
+        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
         grad = vocab_shard_grad(logits, t, ctx.temperature, lse, entropy, g_l, g_h, inplace=ctx.inplace_grad)
         return grad, None, None, None, None
 
@@ -320,7 +320,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if (g_logp is None and g_entropy is None) or not any(needs):
             return None, None, None, None, None, None
-        g_l, g_h = _grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
+        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
         d_hidden, d_weight, d_bias = linear_vocab_shard_grad(hidden, weight, bias, t, ctx.temperature, lse, entropy,
                                                              g_l, g_h, needs=needs)
         return d_hidden, d_weight, d_bias, None, None, None
