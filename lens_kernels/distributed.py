@@ -78,12 +78,13 @@ def check_vocab_start(vocab_start) -> int:
 
 def check_vocab_parallel(group_name: str, group, vocab_start) -> None:
     """Both of (group, vocab_start) or neither."""
+    if group is not None:
+        check_process_group(group_name, group)
     if (group is None) != (vocab_start is None):
         given, missing = (group_name, "vocab_start") if vocab_start is None else ("vocab_start", group_name)
         raise ValueError(f"vocab-parallel ops need both {group_name} (the tensor-parallel group) and vocab_start "
                          f"(this shard's first global id): {given} was given without {missing}")
-    if group is not None:
-        check_process_group(group_name, group)
+    if vocab_start is not None:
         check_vocab_start(vocab_start)
 
 
