@@ -195,36 +195,42 @@ def _shard_targets(targets, mask, vocab_start: int, shard_vocab: int):
     return torch.where(owns, local, torch.zeros_like(local)), owns, keep
 
 
-def _masked(keep, *values):
-    if keep is None:
-        return values
-    zero = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
-    return tuple(torch.where(keep, v, zero) for v in values)
+def _combine_and_save(ctx, tp_group, partials, owns, keep, lead, inputs, **attrs):
+    """Forward tail shared by the shard functions: combine, zero masked tokens, save for backward."""
+    logp, lse, entropy = combine_vocab_partials(tp_group, *partials, owns, keep)
+    if keep is not None:
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        logp, entropy = torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+    ctx.save_for_backward(*inputs, owns, lse, entropy, keep if keep is not None else torch.empty(0))
+    ctx.has_keep = keep is not None
+    for name, value in attrs.items():
+        setattr(ctx, name, value)
+    ctx.set_materialize_grads(False)
+    return logp.view(lead), entropy.view(lead)
+
+
+def _shard_coefficients(ctx, g_logp, g_entropy):
+    """(saved inputs, lse, entropy, g_l, g_H, g_target): g_target is g_l on rows whose target this
+    shard holds, else 0 (the one-hot term lives in one shard only)."""
+    *inputs, owns, lse, entropy, keep = ctx.saved_tensors
+    g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
+    g_target = torch.where(owns, g_l, torch.zeros_like(g_l))
+    return inputs, lse, entropy, g_l, g_h, g_target
 
 
 class VocabParallelLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, mask, temperature, vocab_start, group, inplace_grad, backend):
-        lead = logits.shape[:-1]
         local, owns, keep = _shard_targets(targets, mask, vocab_start, logits.shape[-1])
         partials = backends.get("vocab_shard_partials", logits, backend)(logits, local, temperature)
-        logp, lse, entropy = combine_vocab_partials(group, *partials, owns, keep)
-        logp, entropy = _masked(keep, logp, entropy)
-        ctx.save_for_backward(logits, local, owns, lse, entropy, keep if keep is not None else torch.empty(0))
-        ctx.has_keep = keep is not None
-        ctx.temperature = temperature
-        ctx.inplace_grad = inplace_grad
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)
-        return logp.view(lead), entropy.view(lead)
+        return _combine_and_save(ctx, group, partials, owns, keep, logits.shape[:-1], (logits, local),
+                                 temperature=temperature, inplace_grad=inplace_grad, backend=backend)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        logits, local, owns, lse, entropy, keep = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
             return (None,) * 8
-        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
-        g_target = torch.where(owns, g_l, torch.zeros_like(g_l))
+        (logits, local), lse, entropy, g_l, g_h, g_target = _shard_coefficients(ctx, g_logp, g_entropy)
         grad = backends.get("vocab_shard_grad", logits, ctx.backend)(
             logits, local, ctx.temperature, lse, entropy, g_l, g_h, g_target, ctx.inplace_grad)
         return (grad,) + (None,) * 7
@@ -233,29 +239,18 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 class LinearVocabParallelLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mask, temperature, vocab_start, group, backend):
-        lead = hidden.shape[:-1]
         local, owns, keep = _shard_targets(targets, mask, vocab_start, weight.shape[0])
         partials = backends.get("linear_vocab_shard_partials", hidden, backend)(
             hidden, weight, bias, local, temperature)
-        logp, lse, entropy = combine_vocab_partials(group, *partials, owns, keep)
-        logp, entropy = _masked(keep, logp, entropy)
-        ctx.save_for_backward(hidden, weight, bias, local, owns, lse, entropy,
-                              keep if keep is not None else torch.empty(0))
-        ctx.has_keep = keep is not None
-        ctx.temperature = temperature
-        ctx.group = group
-        ctx.backend = backend
-        ctx.set_materialize_grads(False)
-        return logp.view(lead), entropy.view(lead)
+        return _combine_and_save(ctx, group, partials, owns, keep, hidden.shape[:-1], (hidden, weight, bias, local),
+                                 temperature=temperature, group=group, backend=backend)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, local, owns, lse, entropy, keep = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if (g_logp is None and g_entropy is None) or not any(needs):
             return (None,) * 9
-        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
-        g_target = torch.where(owns, g_l, torch.zeros_like(g_l))
+        (hidden, weight, bias, local), lse, entropy, g_l, g_h, g_target = _shard_coefficients(ctx, g_logp, g_entropy)
         d_hidden, d_weight, d_bias = backends.get("linear_vocab_shard_grad", hidden, ctx.backend)(
             hidden, weight, bias, local, ctx.temperature, lse, entropy, g_l, g_h, g_target, needs)
         if d_hidden is not None:
