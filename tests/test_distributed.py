@@ -82,20 +82,22 @@ def loss_inputs(d, rows):
 # ---------------------------------------------------------------------------------------------
 # Scenarios: run on every rank; raise on mismatch
 # ---------------------------------------------------------------------------------------------
-def scenario_dp_logits(rank, world, agg, ratio_level="token", empty_rows=()):
+def scenario_dp_logits(rank, world, agg, ratio_level="token", empty_rows=(), backend="torch"):
     """Data parallel, loss from logits: sum over ranks of the losses / world = the global loss,
-    each rank's logits gradient = world * the single-process gradient of its rows."""
+    each rank's logits gradient = world * the single-process gradient of its rows. With
+    backend="triton" the fused kernel (interpreted on CPU) gets the global normalizers."""
     B = 2 * world
     d = make_batch(1, B=B, empty_rows=empty_rows, dense_rows=2)
     cfg = LOSS_CONFIG.replace(loss_agg_mode=agg, ratio_level=ratio_level)
     full = d["logits_full"].clone().requires_grad_()
     loss_s, _ = lk.policy_loss_from_logits(full[:, :-1], d["targets"], d["mask"], d["adv"], config=cfg,
-                                           **loss_inputs(d, slice(None)))
+                                           backend=backend, **loss_inputs(d, slice(None)))
     loss_s.backward()
     rows = rows_of(rank, world, B)
     mine = d["logits_full"][rows].clone().requires_grad_()
     loss_r, metrics = lk.policy_loss_from_logits(mine[:, :-1], d["targets"][rows], d["mask"][rows], d["adv"][rows],
-                                                 config=cfg, process_group=dist.group.WORLD, **loss_inputs(d, rows))
+                                                 config=cfg, process_group=dist.group.WORLD, backend=backend,
+                                                 **loss_inputs(d, rows))
     loss_r.backward()
     close(all_mean(loss_r), loss_s.detach(), what="mean over ranks of the loss")
     close(mine.grad / world, full.grad[rows], what="logits gradient / dp_size")
@@ -105,7 +107,7 @@ def scenario_dp_logits(rank, world, agg, ratio_level="token", empty_rows=()):
     if agg == "token-mean":
         local = d["logits_full"][rows].clone().requires_grad_()
         loss_l, _ = lk.policy_loss_from_logits(local[:, :-1], d["targets"][rows], d["mask"][rows], d["adv"][rows],
-                                               config=cfg, **loss_inputs(d, rows))
+                                               config=cfg, backend=backend, **loss_inputs(d, rows))
         loss_l.backward()
         diff = (local.grad / world - full.grad[rows]).abs().max()
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
@@ -365,6 +367,7 @@ SCENARIOS = {
         **{f"dp_logits_{agg}": (scenario_dp_logits, (agg,)) for agg in
            ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")},
         "dp_logits_gspo": (scenario_dp_logits, ("token-mean", "sequence")),
+        "dp_logits_triton": (scenario_dp_logits, ("token-mean", "token", (), "triton")),
         "dp_hidden": (scenario_dp_hidden, ()),
         "dp_empty_rank": (scenario_dp_policy_loss_empty_rank, ()),
         "dp_all_empty": (scenario_dp_all_empty, ()),
@@ -395,6 +398,8 @@ SCENARIOS = {
 # ---------------------------------------------------------------------------------------------
 def _worker(rank, world, init_file, results):
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():  # this child only: the triton scenario runs interpreted on CPU
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
