@@ -10,6 +10,7 @@ from .advantages import TRAINER_EPS, group_advantages
 from .backends import available_backends, backend_for
 from .backends.cuda import HAS_CUDA_EXT
 from .config import LossConfig
+from .distributed import ParallelLayout
 from .lens_policy_loss import lens_policy_loss_from_hidden, lens_policy_loss_from_logits
 from .logprobs import linear_token_logprobs, token_logprobs
 from .loss import policy_loss, policy_loss_from_hidden, policy_loss_from_logits
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_CUDA_EXT",
     "LossConfig",
+    "ParallelLayout",
     "TRAINER_EPS",
     "available_backends",
     "backend_for",

@@ -50,7 +50,9 @@ def _group_sum(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _validate(rewards, group_size, group_ids, estimator, old_logps, mask, correct, scale, eps, lens_alpha,
-              lens_d_estimate, lens_groups, nan_rewards):
+              lens_d_estimate, lens_groups, nan_rewards, process_group=None):
+    """Local checks. With a process group, the checks of the whole batch (group size, values) run
+    after the gather (``_check_batch``), on the same data on every rank, so all ranks raise alike."""
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES + INDEX_DTYPES + (torch.bool,), ndim=(1,), expected="[N]")
     n = rewards.shape[0]
     if estimator not in ESTIMATORS:
@@ -71,10 +73,6 @@ def _validate(rewards, group_size, group_ids, estimator, old_logps, mask, correc
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if n % group_size != 0:
-            raise ValueError(
-                f"group_size={group_size} does not divide the number of completions N={n} (rewards.shape[0])"
-            )
     else:
         check_tensor("group_ids", group_ids, dtypes=INDEX_DTYPES, ndim=(1,), expected="[N]")
         check_shape("group_ids", group_ids, (n,), "[N]")
@@ -92,7 +90,17 @@ def _validate(rewards, group_size, group_ids, estimator, old_logps, mask, correc
             check_shape("mask", mask, tuple(old_logps.shape), "[N, T] (as old_logps)")
     check_same_device([("rewards", rewards), ("group_ids", group_ids), ("old_logps", old_logps), ("mask", mask),
                        ("correct", correct)])
+    if process_group is not None:
+        from .distributed import check_process_group
+        check_process_group("process_group", process_group)
+    else:
+        _check_batch(rewards, group_size, estimator, correct, nan_rewards)
 
+
+def _check_batch(rewards, group_size, estimator, correct, nan_rewards, where="rewards.shape[0]"):
+    n = rewards.shape[0]
+    if group_size is not None and n % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide the number of completions N={n} ({where})")
     if value_checks_enabled(rewards) and rewards.dtype.is_floating_point:
         if bool(torch.isinf(rewards).any()):
             i = int(torch.isinf(rewards).nonzero()[0])
@@ -130,6 +138,7 @@ def group_advantages(
     lens_d_estimate: str = "mean",
     lens_groups: str = "all",
     nan_rewards: str = "raise",
+    process_group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Advantages of a rollout batch of N completions in groups (SPEC 2.1). No gradient, no host sync.
 
@@ -153,6 +162,14 @@ def group_advantages(
             "mixed" (LENS on mixed groups only).
         nan_rewards: "raise", or "zero_advantage": NaN-reward completions are left out of the group
             statistics and get advantage 0 (TRL).
+        process_group: a ``torch.distributed`` group whose ranks each hold a slice of the rollout
+            batch (a group's completions may sit on different ranks). Every argument is this rank's
+            slice; ``group_ids`` are global, ``group_size`` counts contiguous groups of the batch
+            concatenated in rank order. The group statistics see the whole batch: per completion,
+            the reward, correct flag, group id and (LENS) the old log-prob sum and length are
+            gathered, never the [N, T] log-probs. Returns this rank's slice of the advantages (and
+            of ``confidence``); the other metrics are those of the whole batch, on every rank.
+            Identical to the single-process call on the concatenated batch.
 
     Returns:
         (advantages [N] fp32 (fp64 for fp64 rewards), metrics): 0-d tensors ``frac_negative_groups``,
@@ -161,13 +178,49 @@ def group_advantages(
         ``mean_confidence_wrong``, ``mean_confidence_right`` and the [N] ``confidence``.
     """
     _validate(rewards, group_size, group_ids, estimator, old_logps, mask, correct, scale, eps, lens_alpha,
-              lens_d_estimate, lens_groups, nan_rewards)
+              lens_d_estimate, lens_groups, nan_rewards, process_group)
+    options = (scale, eps, std_unbiased, lens_alpha, lens_d_estimate, lens_groups)
     with torch.no_grad():
-        return _group_advantages(rewards, group_size, group_ids, estimator, old_logps, mask, correct, scale, eps,
-                                 std_unbiased, lens_alpha, lens_d_estimate, lens_groups)
+        cdt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+        seq_stats = sequence_log_stats(old_logps, mask, cdt) if estimator == "lens" else None
+        if process_group is None:
+            return _group_advantages(rewards, group_size, group_ids, estimator, seq_stats, correct, *options)
+        return _distributed_group_advantages(process_group, rewards, group_size, group_ids, estimator, seq_stats,
+                                             correct, nan_rewards, options)
 
 
-def _group_advantages(rewards, group_size, group_ids, estimator, old_logps, mask, correct, scale, eps,
+def sequence_log_stats(old_logps, mask, cdt):
+    """(sum_t m l_old, sum_t m) of each completion, in the compute dtype: all LENS needs of old_logps."""
+    lp = old_logps.to(cdt)
+    m = torch.ones_like(lp) if mask is None else mask.to(cdt)
+    lp = torch.where(m > 0, lp, torch.zeros((), dtype=cdt, device=lp.device))
+    return lp.sum(-1), m.sum(-1)
+
+
+def _distributed_group_advantages(group, rewards, group_size, group_ids, estimator, seq_stats, correct,
+                                  nan_rewards, options):
+    from .distributed import gather_rows
+
+    local = [rewards]
+    local += [] if group_ids is None else [group_ids]
+    local += [] if correct is None else [correct]
+    local += [] if seq_stats is None else list(seq_stats)
+    gathered, offset = gather_rows(group, local)
+    whole = iter(gathered)
+    rewards_all = next(whole)
+    ids_all = None if group_ids is None else next(whole)
+    correct_all = None if correct is None else next(whole)
+    stats_all = None if seq_stats is None else (next(whole), next(whole))
+    _check_batch(rewards_all, group_size, estimator, correct_all, nan_rewards,
+                 where="completions summed over the process group")
+    adv, metrics = _group_advantages(rewards_all, group_size, ids_all, estimator, stats_all, correct_all, *options)
+    stop = offset + rewards.shape[0]
+    if "confidence" in metrics:
+        metrics["confidence"] = metrics["confidence"][offset:stop]
+    return adv[offset:stop], metrics
+
+
+def _group_advantages(rewards, group_size, group_ids, estimator, seq_stats, correct, scale, eps,
                       std_unbiased, lens_alpha, lens_d_estimate, lens_groups):
     n = rewards.shape[0]
     device = rewards.device
@@ -197,11 +250,8 @@ def _group_advantages(rewards, group_size, group_ids, estimator, old_logps, mask
     lens_on_neg = estimator == "lens" and lens_groups != "mixed"
     lens_on_mixed = estimator == "lens" and lens_groups != "negative"
     if estimator == "lens":
-        lp = old_logps.to(cdt)
-        m = torch.ones_like(lp) if mask is None else mask.to(cdt)
-        lp = torch.where(m > 0, lp, zero)
-        seq_sum = lp.sum(-1)
-        seq_mean = seq_sum / m.sum(-1).clamp(min=1.0)
+        seq_sum, length = seq_stats
+        seq_mean = seq_sum / length.clamp(min=1.0)
         pbar = torch.exp(seq_mean)
         log_q = seq_mean if lens_d_estimate == "mean" else seq_sum
         max_p = torch.zeros(n, dtype=cdt, device=device).scatter_reduce_(

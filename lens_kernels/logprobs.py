@@ -17,9 +17,15 @@ from ._validation import (
     check_tensor,
     check_vocab_stride,
 )
+from .distributed import (
+    check_vocab_parallel,
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 
 
-def validate_logits_inputs(logits, targets, mask, temperature):
+def validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=False):
+    """Boundary checks; with ``vocab_sharded`` the target range is checked by the combine instead."""
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3), expected="[B, T, V] or [N, V]")
     check_vocab_stride("logits", logits)
     lead = tuple(logits.shape[:-1])
@@ -32,11 +38,12 @@ def validate_logits_inputs(logits, targets, mask, temperature):
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a vocabulary of at least 1 (got V = 0)")
     temperature = check_temperature(temperature, targets)
-    check_targets(targets, logits.shape[-1], mask)
+    if not vocab_sharded:
+        check_targets(targets, logits.shape[-1], mask)
     return temperature
 
 
-def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature):
+def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature, vocab_sharded=False):
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3), expected="[B, T, H] or [N, H]")
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=(2,), expected="[V, H] (the lm_head weight)")
     if weight.shape[1] != hidden.shape[-1]:
@@ -57,7 +64,8 @@ def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature):
     check_same_device([("hidden", hidden), ("weight", weight), ("bias", bias), ("targets", targets),
                        ("mask", mask)])
     temperature = check_temperature(temperature, targets)
-    check_targets(targets, weight.shape[0], mask)
+    if not vocab_sharded:
+        check_targets(targets, weight.shape[0], mask)
     return temperature
 
 
@@ -70,6 +78,8 @@ def token_logprobs(
     return_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probabilities of the target tokens, and optionally the entropy, in fp32.
 
@@ -84,11 +94,21 @@ def token_logprobs(
         inplace_backward: write dL/dlogits into the logits buffer in backward (zero extra memory);
             the logits are destroyed.
         backend: "auto", "torch", "triton" or "cuda".
+        process_group, vocab_start: vocab parallelism. ``logits`` holds the columns
+            [vocab_start, vocab_start + V_s) of the full logits, the other shards sit on the other
+            ranks of ``process_group`` (the tensor-parallel group), and ``targets`` holds global ids.
+            Every rank gets the log-probs and entropy of the full vocabulary; the gradient stays
+            local to the shard. See ``lens_kernels.distributed``.
 
     Returns:
         (logps [B, T] fp32, entropy [B, T] fp32 or None); fp64 for fp64 logits. l <= 0 always.
     """
-    temperature = validate_logits_inputs(logits, targets, mask, temperature)
+    check_vocab_parallel("process_group", process_group, vocab_start)
+    temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=process_group is not None)
+    if process_group is not None:
+        return vocab_parallel_token_logprobs(logits, targets, group=process_group, vocab_start=vocab_start,
+                                             temperature=temperature, mask=mask, return_entropy=return_entropy,
+                                             inplace_backward=inplace_backward, backend=backend)
     impl = backends.get("token_logprobs", logits, backend)
     return impl(logits, targets, mask=mask, temperature=temperature, return_entropy=return_entropy,
                 inplace_grad=inplace_backward)
@@ -104,6 +124,8 @@ def linear_token_logprobs(
     mask: Optional[torch.Tensor] = None,
     return_entropy: bool = False,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``token_logprobs(hidden @ weight.T + bias, targets)`` without ever materializing [N, V].
 
@@ -112,11 +134,21 @@ def linear_token_logprobs(
         weight: [V, H] lm_head weight, same dtype. A frozen weight (requires_grad=False) gets no dW.
         targets: [B, T] or [N] token ids. bias: optional [V]. temperature, mask, return_entropy: as
             in ``token_logprobs``.
+        process_group, vocab_start: vocab parallelism: ``weight`` [V_s, H] (and ``bias`` [V_s]) are
+            the lm_head rows [vocab_start, vocab_start + V_s), ``hidden`` is the same on every rank of
+            ``process_group``, ``targets`` are global ids. dW and db stay local; d_hidden is summed
+            over the group in backward (one all-reduce of [N, H]).
 
     Returns:
         (logps fp32, entropy fp32 or None), differentiable w.r.t. hidden, weight and bias.
     """
-    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
+    check_vocab_parallel("process_group", process_group, vocab_start)
+    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature,
+                                         vocab_sharded=process_group is not None)
+    if process_group is not None:
+        return vocab_parallel_linear_token_logprobs(hidden, weight, targets, group=process_group,
+                                                    vocab_start=vocab_start, bias=bias, temperature=temperature,
+                                                    mask=mask, return_entropy=return_entropy, backend=backend)
     impl = backends.get("linear_token_logprobs", hidden, backend)
     return impl(hidden, weight, targets, bias=bias, mask=mask, temperature=temperature,
                 return_entropy=return_entropy)

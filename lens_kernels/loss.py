@@ -9,6 +9,12 @@ from . import backends
 from ._validation import FLOAT_DTYPES, check_mask, check_same_device, check_shape, check_tensor
 from .backends import torch_ops
 from .config import LossConfig
+from .distributed import (
+    check_vocab_parallel,
+    data_parallel_normalizers,
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 from .logprobs import validate_hidden_inputs, validate_logits_inputs
 
 HIDDEN_MODES = ("fast", "lean")
@@ -75,6 +81,7 @@ def policy_loss(
     config: Optional[LossConfig] = None,
     num_tokens=None,
     num_sequences=None,
+    process_group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The GRPO-family policy loss from precomputed token log-probs (SPEC 2.2).
 
@@ -89,7 +96,13 @@ def policy_loss(
         is_weights: [B] or [B, T] importance-sampling weights from the rollout engine (vLLM TIS).
         config: a ``LossConfig``; default GRPO-style PPO clip with token-mean aggregation.
         num_tokens / num_sequences: global normalizers (numbers or 0-d tensors); default the local
-            counts of the mask.
+            counts of the mask (with ``process_group``, the counts over the group).
+        process_group: the data-parallel group (``torch.distributed``). The default normalizers
+            become the token / sequence counts over the group (one all-reduce, no host sync) and the
+            loss is multiplied by the group size, so that after the usual DP gradient averaging the
+            parameters get the gradient of the single-process loss over the whole batch. The returned
+            loss averaged over the group is the global loss; the metrics are this rank's.
+            ``config.dp_size`` must stay 1.0.
 
     Returns:
         (loss 0-d tensor, metrics) with metrics ``policy_loss``, ``kl``, ``entropy``,
@@ -105,6 +118,9 @@ def policy_loss(
         raise ValueError("entropy [B, T] is required when config.entropy_coef != 0 (the entropy bonus)")
     if logps.dtype in (torch.float16, torch.bfloat16):
         logps = logps.float()
+    if process_group is not None:
+        config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
+                                                                      num_sequences)
     return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                  num_tokens, num_sequences)
 
@@ -125,6 +141,9 @@ def policy_loss_from_logits(
     grad_scale: float = 1.0,
     inplace: bool = False,
     backend: str = "auto",
+    process_group=None,
+    vocab_group=None,
+    vocab_start: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The fused loss head: log-probs, entropy and the policy loss from logits in one op.
 
@@ -139,16 +158,31 @@ def policy_loss_from_logits(
             rescaled exactly, at the cost of one extra pass and a warning.
         inplace: write dL/dlogits into the logits buffer (zero extra memory; logits are destroyed).
         backend: "auto", "torch", "triton" or "cuda".
+        process_group: the data-parallel group, as in ``policy_loss``.
+        vocab_group, vocab_start: vocab parallelism: ``logits`` holds the columns
+            [vocab_start, vocab_start + V_s), the other shards sit on the other ranks of
+            ``vocab_group`` (the tensor-parallel group), ``targets`` are global ids. The gradient
+            stays local to the shard. This path is the 3-pass one (partials, combine, gradient).
 
     Returns:
         (loss, metrics) as in ``policy_loss``; metrics include the mean entropy.
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, V] for the policy loss")
-    temperature = validate_logits_inputs(logits, targets, mask, temperature)
+    check_vocab_parallel("vocab_group", vocab_group, vocab_start)
+    temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=vocab_group is not None)
     config, num_tokens, num_sequences = validate_loss_inputs(
         tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
         num_tokens, num_sequences)
     _check_grad_scale(grad_scale)
+    if process_group is not None:
+        config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
+                                                                      num_sequences)
+    if vocab_group is not None:
+        logps, entropy = vocab_parallel_token_logprobs(logits, targets, group=vocab_group, vocab_start=vocab_start,
+                                                       temperature=temperature, mask=mask, return_entropy=True,
+                                                       inplace_backward=inplace, backend=backend)
+        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                                     num_tokens, num_sequences)
     impl = backends.get("policy_loss_from_logits", logits, backend)
     return impl(logits, targets, mask, advantages, old_logps=old_logps, ref_logps=ref_logps,
                 is_weights=is_weights, temperature=temperature, config=config, num_tokens=num_tokens,
@@ -173,6 +207,9 @@ def policy_loss_from_hidden(
     grad_scale: float = 1.0,
     mode: str = "fast",
     backend: str = "auto",
+    process_group=None,
+    vocab_group=None,
+    vocab_start: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The loss head from the last hidden states and the lm_head weight, never materializing [B, T, V].
 
@@ -180,19 +217,35 @@ def policy_loss_from_hidden(
         hidden: [B, T, H]; weight: [V, H] (same dtype); bias: optional [V].
         mode: "fast" (no recompute of the logits in backward where the backend supports it) or
             "lean" (recompute in backward, the smallest memory). Gradients are exact in both.
+        process_group: the data-parallel group, as in ``policy_loss``.
+        vocab_group, vocab_start: vocab parallelism: ``weight`` [V_s, H] and ``bias`` [V_s] are the
+            lm_head rows [vocab_start, vocab_start + V_s); dW and db stay local, d_hidden is summed
+            over ``vocab_group`` in backward. ``mode`` is ignored there (the shard path recomputes).
         Other arguments as in ``policy_loss_from_logits``.
 
     Returns:
         (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias.
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H] for the policy loss")
-    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
+    check_vocab_parallel("vocab_group", vocab_group, vocab_start)
+    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature,
+                                         vocab_sharded=vocab_group is not None)
     if mode not in HIDDEN_MODES:
         raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
     config, num_tokens, num_sequences = validate_loss_inputs(
         tuple(targets.shape), hidden.device, advantages, mask, old_logps, ref_logps, is_weights, config,
         num_tokens, num_sequences)
     _check_grad_scale(grad_scale)
+    if process_group is not None:
+        config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
+                                                                      num_sequences)
+    if vocab_group is not None:
+        logps, entropy = vocab_parallel_linear_token_logprobs(hidden, weight, targets, group=vocab_group,
+                                                              vocab_start=vocab_start, bias=bias,
+                                                              temperature=temperature, mask=mask,
+                                                              return_entropy=True, backend=backend)
+        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+                                     num_tokens, num_sequences)
     impl = backends.get("policy_loss_from_hidden", hidden, backend)
     return impl(hidden, weight, targets, mask, advantages, bias=bias, old_logps=old_logps, ref_logps=ref_logps,
                 is_weights=is_weights, temperature=temperature, config=config, num_tokens=num_tokens,

@@ -23,6 +23,12 @@ OPS = (
     "linear_token_logprobs",
     "policy_loss_from_logits",
     "policy_loss_from_hidden",
+    # Local partials and gradients of a vocabulary shard; the collective combine lives in
+    # lens_kernels.distributed (see its docstring for the contract a fused backend implements).
+    "vocab_shard_partials",
+    "vocab_shard_grad",
+    "linear_vocab_shard_partials",
+    "linear_vocab_shard_grad",
 )
 BACKENDS = ("torch", "triton", "cuda")
 

@@ -67,9 +67,13 @@ def _slice_tau(tau, start: int, stop: int):
 # Row math shared by the logits and the hidden paths. ``y`` is an owned [r, V] buffer in the
 # compute dtype holding the raw logits; it is overwritten.
 # ---------------------------------------------------------------------------------------------
-def _rows_stats(y: torch.Tensor, targets: torch.Tensor, tau):
-    """Leaves y = z / tau - m_i (row max m_i) and returns (logp, m_i, log_l, entropy) of each row,
-    with log_l = log sum exp(z / tau - m_i), so that log p = y - log_l without recomputing y."""
+def _rows_partials(y: torch.Tensor, targets: torch.Tensor, tau):
+    """Softmax partials of each row of y = z / tau (y is overwritten with y - m_i).
+
+    Returns (m_i, l_i, ey_i, target_shifted): the row max, l_i = sum_v exp(y - m_i),
+    ey_i = sum_v exp(y - m_i) (y - m_i) and y[target] - m_i. Partials of vocabulary shards combine
+    across ranks (``lens_kernels.distributed``); ``_rows_forward`` combines those of a whole row.
+    """
     if torch.is_tensor(tau) or tau != 1.0:
         y.div_(tau)
     m_i = y.amax(dim=-1, keepdim=True)
@@ -77,21 +81,35 @@ def _rows_stats(y: torch.Tensor, targets: torch.Tensor, tau):
     target_shifted = y.gather(1, targets.unsqueeze(1)).squeeze(1)
     e = torch.exp(y)
     l_i = e.sum(dim=-1)
-    log_l = torch.log(l_i)
     # sum_v e_v y_v as a batched dot: no third [r, V] buffer
     ey = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
-    entropy = log_l - ey / l_i
-    return target_shifted - log_l, m_i.squeeze(1), log_l, entropy
+    return m_i.squeeze(1), l_i, ey, target_shifted
+
+
+def finish_partials(m_i, l_i, ey, target_shifted):
+    """(logp, lse, entropy) from the partials of whole rows: log p_t, logsumexp(z / tau), -sum p log p."""
+    log_l = torch.log(l_i)
+    return target_shifted - log_l, m_i + log_l, log_l - ey / l_i
 
 
 def _rows_forward(y: torch.Tensor, targets: torch.Tensor, tau):
-    """Returns (logp, lse, entropy) of each row: log p_t, logsumexp(z / tau), -sum p log p."""
-    logp, m_i, log_l, entropy = _rows_stats(y, targets, tau)
-    return logp, m_i + log_l, entropy
+    """Returns (logp, lse, entropy) of each row."""
+    return finish_partials(*_rows_partials(y, targets, tau))
 
 
-def _rows_backward(y: torch.Tensor, targets, tau, lse, entropy, g_logp, g_entropy):
-    """Overwrites y (raw logits) with dL/dz = (1/tau) [g_l (onehot - p) - g_H p (log p + H)]."""
+def _rows_stats(y: torch.Tensor, targets: torch.Tensor, tau):
+    """Leaves y = z / tau - m_i (row max m_i) and returns (logp, m_i, log_l, entropy) of each row,
+    with log_l = log sum exp(z / tau - m_i), so that log p = y - log_l without recomputing y."""
+    m_i, l_i, ey, target_shifted = _rows_partials(y, targets, tau)
+    log_l = torch.log(l_i)
+    return target_shifted - log_l, m_i, log_l, log_l - ey / l_i
+
+
+def _rows_backward(y: torch.Tensor, targets, tau, lse, entropy, g_logp, g_entropy, g_target=None):
+    """Overwrites y (raw logits) with dL/dz = (1/tau) [g_t onehot - g_l p - g_H p (log p + H)].
+
+    g_t = g_l for whole rows; a vocabulary shard passes g_t = 0 on rows whose target it does not hold.
+    """
     if torch.is_tensor(tau) or tau != 1.0:
         y.div_(tau)
     y.sub_(lse.unsqueeze(1))  # log p
@@ -101,7 +119,7 @@ def _rows_backward(y: torch.Tensor, targets, tau, lse, entropy, g_logp, g_entrop
         y.mul_(p).neg_()
     else:
         torch.mul(p, g_logp.unsqueeze(1), out=y).neg_()
-    y.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1))
+    y.scatter_add_(1, targets.unsqueeze(1), (g_logp if g_target is None else g_target).unsqueeze(1))
     if torch.is_tensor(tau) or tau != 1.0:
         y.div_(tau)
     return y
@@ -116,33 +134,95 @@ def _flat_keep(targets: torch.Tensor, mask: Optional[torch.Tensor]):
 
 
 # ---------------------------------------------------------------------------------------------
+# Row-chunked partials and gradients of a logits tensor, whole or a vocabulary shard of it
+# ---------------------------------------------------------------------------------------------
+def grad_coefficients(lse, g_logp, g_entropy, keep):
+    """g_l and g_H as flat [N] vectors in the compute dtype; masked tokens get exact zeros."""
+    cdt = lse.dtype
+    n = lse.numel()
+    g_l = torch.zeros(n, dtype=cdt, device=lse.device) if g_logp is None else g_logp.reshape(-1).to(cdt)
+    g_h = None if g_entropy is None else g_entropy.reshape(-1).to(cdt)
+    if keep is not None:
+        g_l = g_l * keep
+        g_h = None if g_h is None else g_h * keep
+    return g_l, g_h
+
+
+def _new_partials(n: int, cdt: torch.dtype, device):
+    return tuple(torch.empty(n, dtype=cdt, device=device) for _ in range(4))
+
+
+def vocab_shard_partials(logits, targets, temperature=1.0):
+    """Softmax partials of each row of a [..., V] logits tensor or of a vocabulary shard of it.
+
+    Args:
+        logits: [..., V] (a strided row view is walked without a copy).
+        targets: [...] int64 ids in [0, V); for rows whose target lies in another shard any id in
+            range (the combine ignores their target logit).
+        temperature: a float or a tensor broadcastable to ``targets``.
+
+    Returns:
+        (m_i, l_i, ey_i, target_shifted), four flat [N] tensors in the compute dtype (see
+        ``_rows_partials``).
+    """
+    n = targets.numel()
+    cdt = _compute_dtype(logits.dtype)
+    t = targets.reshape(-1)
+    parts = _new_partials(n, cdt, logits.device)
+    tau = _tau_rows(temperature, logits.shape[:-1], parts[0])
+    rows = rows_per_chunk(logits.shape[-1], 2 * torch.finfo(cdt).bits // 8)
+    for chunk, start in _chunks(logits, rows):
+        stop = start + chunk.shape[0]
+        y = chunk.to(cdt, copy=True)
+        for out, part in zip(parts, _rows_partials(y, t[start:stop], _slice_tau(tau, start, stop))):
+            out[start:stop] = part
+    return parts
+
+
+def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entropy=None, g_target=None,
+                     inplace=False):
+    """dL/dlogits of a [..., V] logits tensor (or shard) from the global lse and entropy.
+
+    lse, entropy, g_logp, g_entropy, g_target: flat [N] in the compute dtype (g_entropy may be None;
+    g_target defaults to g_logp). ``inplace`` writes the gradient into ``logits``. Returns the
+    gradient, shaped and typed as ``logits``.
+    """
+    vocab = logits.shape[-1]
+    cdt = lse.dtype
+    t = targets.reshape(-1)
+    tau = _tau_rows(temperature, logits.shape[:-1], lse)
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
+    for chunk, start in _chunks(logits, rows):
+        stop = start + chunk.shape[0]
+        y = chunk.to(cdt, copy=True)
+        dy = _rows_backward(y, t[start:stop], _slice_tau(tau, start, stop), lse[start:stop], entropy[start:stop],
+                            g_logp[start:stop], None if g_entropy is None else g_entropy[start:stop],
+                            None if g_target is None else g_target[start:stop])
+        if inplace:
+            chunk.copy_(dy)
+        else:
+            grad.view(-1, vocab)[start:stop].copy_(dy)
+        del y, dy  # free this chunk's buffer before the next one is allocated
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------
 # token_logprobs
 # ---------------------------------------------------------------------------------------------
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, mask, temperature, inplace_grad):
-        vocab = logits.shape[-1]
         lead = logits.shape[:-1]
-        n = targets.numel()
-        cdt = _compute_dtype(logits.dtype)
         t, keep = _flat_keep(targets, mask)
-        logp = torch.empty(n, dtype=cdt, device=logits.device)
-        lse = torch.empty_like(logp)
-        entropy = torch.empty_like(logp)
-        tau = _tau_rows(temperature, targets.shape, logp)
-        rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
-        for chunk, start in _chunks(logits, rows):
-            stop = start + chunk.shape[0]
-            y = chunk.to(cdt, copy=True)
-            logp[start:stop], lse[start:stop], entropy[start:stop] = _rows_forward(
-                y, t[start:stop], _slice_tau(tau, start, stop))
+        logp, lse, entropy = finish_partials(*vocab_shard_partials(logits, t, temperature))
         if keep is not None:
-            zero = torch.zeros((), dtype=cdt, device=logp.device)
+            zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
             logp = torch.where(keep, logp, zero)
             entropy = torch.where(keep, entropy, zero)
         ctx.save_for_backward(logits, t, lse, entropy, keep if keep is not None else torch.empty(0))
         ctx.has_keep = keep is not None
-        ctx.tau = tau
+        ctx.temperature = temperature
         ctx.inplace_grad = inplace_grad
         ctx.set_materialize_grads(False)
         return logp.view(lead), entropy.view(lead)
@@ -152,26 +232,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits, t, lse, entropy, keep = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None
-        cdt = lse.dtype
-        n = lse.numel()
-        g_l = torch.zeros(n, dtype=cdt, device=lse.device) if g_logp is None else g_logp.reshape(-1).to(cdt)
-        g_h = None if g_entropy is None else g_entropy.reshape(-1).to(cdt)
-        if ctx.has_keep:  # masked tokens: exact-zero gradient rows
-            g_l = g_l * keep
-            g_h = None if g_h is None else g_h * keep
-        vocab = logits.shape[-1]
-        grad = logits if ctx.inplace_grad else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
-        for chunk, start in _chunks(logits, rows):
-            stop = start + chunk.shape[0]
-            y = chunk.to(cdt, copy=True)
-            dy = _rows_backward(y, t[start:stop], _slice_tau(ctx.tau, start, stop), lse[start:stop],
-                                entropy[start:stop], g_l[start:stop], None if g_h is None else g_h[start:stop])
-            if ctx.inplace_grad:
-                chunk.copy_(dy)
-            else:
-                grad.view(-1, vocab)[start:stop].copy_(dy)
-            del y, dy  # free this chunk's buffer before the next one is allocated
+        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
+        grad = vocab_shard_grad(logits, t, ctx.temperature, lse, entropy, g_l, g_h, inplace=ctx.inplace_grad)
         return grad, None, None, None, None
 
 
@@ -183,72 +245,93 @@ def token_logprobs(logits, targets, mask=None, temperature=1.0, return_entropy=F
 # ---------------------------------------------------------------------------------------------
 # linear_token_logprobs: logits of a row chunk, never [N, V]
 # ---------------------------------------------------------------------------------------------
+def _linear_rows(weight, hidden):
+    return rows_per_chunk(weight.shape[0], 2 * torch.finfo(_compute_dtype(hidden.dtype)).bits // 8
+                          + hidden.element_size())
+
+
+def linear_vocab_shard_partials(hidden, weight, bias, targets, temperature=1.0):
+    """``vocab_shard_partials(hidden @ weight.T + bias, targets)`` a row chunk at a time.
+
+    hidden [..., H]; weight [V, H] (the whole lm_head or a shard of its rows); bias [V] or None.
+    """
+    h = hidden.reshape(-1, weight.shape[1])
+    n = h.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    t = targets.reshape(-1)
+    parts = _new_partials(n, cdt, hidden.device)
+    tau = _tau_rows(temperature, hidden.shape[:-1], parts[0])
+    rows = _linear_rows(weight, hidden)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        y = F.linear(h[start:stop], weight, bias).to(cdt)
+        for out, part in zip(parts, _rows_partials(y, t[start:stop], _slice_tau(tau, start, stop))):
+            out[start:stop] = part
+    return parts
+
+
+def linear_vocab_shard_grad(hidden, weight, bias, targets, temperature, lse, entropy, g_logp, g_entropy=None,
+                            g_target=None, needs=(True, True, True)):
+    """(d_hidden, d_weight, d_bias) of ``linear_vocab_shard_partials``' logits; ``needs`` says which
+    to compute (None for the others). For a shard, d_hidden is this shard's part of the sum over shards.
+    """
+    need_h, need_w, need_b = needs
+    h = hidden.reshape(-1, weight.shape[1])
+    n = h.shape[0]
+    t = targets.reshape(-1)
+    cdt = lse.dtype
+    tau = _tau_rows(temperature, hidden.shape[:-1], lse)
+    rows = _linear_rows(weight, hidden)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    d_hidden = torch.empty_like(h) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        hs = h[start:stop]
+        y = F.linear(hs, weight, bias).to(cdt)
+        dz = _rows_backward(y, t[start:stop], _slice_tau(tau, start, stop), lse[start:stop], entropy[start:stop],
+                            g_logp[start:stop], None if g_entropy is None else g_entropy[start:stop],
+                            None if g_target is None else g_target[start:stop])
+        dz_in = dz.to(h.dtype)
+        if need_h:
+            torch.matmul(dz_in, weight, out=d_hidden[start:stop])
+        if need_w:
+            d_weight.add_((dz_in.t() @ hs).to(acc))
+        if d_bias is not None:
+            d_bias.add_(dz.sum(0).to(acc))
+        del y, dz, dz_in
+    d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
+    d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+    d_bias = None if d_bias is None else d_bias.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mask, temperature):
-        vocab, width = weight.shape
         lead = hidden.shape[:-1]
-        h = hidden.reshape(-1, width)
-        n = h.shape[0]
-        cdt = _compute_dtype(hidden.dtype)
         t, keep = _flat_keep(targets, mask)
-        logp = torch.empty(n, dtype=cdt, device=hidden.device)
-        lse = torch.empty_like(logp)
-        entropy = torch.empty_like(logp)
-        tau = _tau_rows(temperature, targets.shape, logp)
-        elem = torch.finfo(cdt).bits // 8
-        rows = rows_per_chunk(vocab, 2 * elem + hidden.element_size())
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            y = F.linear(h[start:stop], weight, bias).to(cdt)
-            logp[start:stop], lse[start:stop], entropy[start:stop] = _rows_forward(
-                y, t[start:stop], _slice_tau(tau, start, stop))
+        logp, lse, entropy = finish_partials(*linear_vocab_shard_partials(hidden, weight, bias, t, temperature))
         if keep is not None:
-            zero = torch.zeros((), dtype=cdt, device=logp.device)
+            zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
             logp = torch.where(keep, logp, zero)
             entropy = torch.where(keep, entropy, zero)
-        ctx.save_for_backward(h, weight, bias, t, lse, entropy, keep if keep is not None else torch.empty(0))
+        ctx.save_for_backward(hidden, weight, bias, t, lse, entropy, keep if keep is not None else torch.empty(0))
         ctx.has_keep = keep is not None
-        ctx.tau = tau
-        ctx.rows = rows
-        ctx.hidden_shape = hidden.shape
+        ctx.temperature = temperature
         ctx.set_materialize_grads(False)
         return logp.view(lead), entropy.view(lead)
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        h, weight, bias, t, lse, entropy, keep = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_entropy is None) or not (need_h or need_w or need_b):
+        hidden, weight, bias, t, lse, entropy, keep = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if (g_logp is None and g_entropy is None) or not any(needs):
             return None, None, None, None, None, None
-        cdt = lse.dtype
-        n = lse.numel()
-        g_l = torch.zeros(n, dtype=cdt, device=lse.device) if g_logp is None else g_logp.reshape(-1).to(cdt)
-        g_h = None if g_entropy is None else g_entropy.reshape(-1).to(cdt)
-        if ctx.has_keep:
-            g_l = g_l * keep
-            g_h = None if g_h is None else g_h * keep
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        d_hidden = torch.empty_like(h) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        d_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
-        for start in range(0, n, ctx.rows):
-            stop = min(n, start + ctx.rows)
-            hs = h[start:stop]
-            y = F.linear(hs, weight, bias).to(cdt)
-            dz = _rows_backward(y, t[start:stop], _slice_tau(ctx.tau, start, stop), lse[start:stop],
-                                entropy[start:stop], g_l[start:stop], None if g_h is None else g_h[start:stop])
-            dz_in = dz.to(h.dtype)
-            if need_h:
-                torch.matmul(dz_in, weight, out=d_hidden[start:stop])
-            if need_w:
-                d_weight.add_((dz_in.t() @ hs).to(acc))
-            if d_bias is not None:
-                d_bias.add_(dz.sum(0).to(acc))
-            del y, dz, dz_in
-        d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
-        d_weight = None if d_weight is None else d_weight.to(weight.dtype)
-        d_bias = None if d_bias is None else d_bias.to(bias.dtype)
+        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None)
+        d_hidden, d_weight, d_bias = linear_vocab_shard_grad(hidden, weight, bias, t, ctx.temperature, lse, entropy,
+                                                             g_l, g_h, needs=needs)
         return d_hidden, d_weight, d_bias, None, None, None
 
 
