@@ -1,0 +1,124 @@
+"""``lens-bench``: our loss heads against the peers, side by side, in one run on one device.
+
+    lens-bench --quick                 # GPU: headline + a small grid; CPU: small shapes, torch providers
+    lens-bench --headline              # the headline shape only (N=16384, V=151936, H=2048, bf16)
+    lens-bench --paths logits,hidden --exclude compile --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .cases import PATHS, cpu_cases, grid_cases, headline_cases
+from .providers import providers_for
+from .report import format_table, header_lines, legend, matplotlib_missing, write_json, write_markdown, write_plots
+from .runner import apply_floor, environment, run_all
+from .timing import measure_floor
+
+CPU_NOTE = ("CPU mode: small shapes, torch providers only (ours-torch, eager, compile); Liger and CCE are "
+            "Triton GPU kernels and are measured on a CUDA GPU only. CPU times say nothing about GPU speed.")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lens-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small grid (GPU: headline + a few shapes)")
+    size.add_argument("--headline", action="store_true", help="the headline case only (GPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to run (ours = all our backends; eager, compile, liger, cce)")
+    p.add_argument("--exclude", default=None, help="comma-separated providers to leave out")
+    p.add_argument("--grid-exclude", default=None,
+                   help="providers to leave out of the grid cases only (e.g. compile, whose compile time "
+                        "is paid per shape)")
+    p.add_argument("--warmup-ms", type=float, default=None, help="warm-up per measurement")
+    p.add_argument("--rep-ms", type=float, default=None, help="timed repetitions per measurement")
+    p.add_argument("--out", default="lens_bench_out", help="folder for the JSON, markdown and plots")
+    p.add_argument("--no-files", action="store_true", help="print the table only")
+    return p.parse_args(argv)
+
+
+def _split(value: Optional[str]) -> Optional[List[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def select_cases(args, device: torch.device):
+    paths = set(_split(args.paths) or PATHS)
+    unknown = paths - set(PATHS)
+    if unknown:
+        raise SystemExit(f"lens-bench: --paths must be among {list(PATHS)}, got {sorted(unknown)}")
+    if device.type != "cuda":
+        main, grid = cpu_cases(quick=args.quick), []
+    elif args.headline:
+        main, grid = headline_cases(), []
+    else:
+        main, grid = headline_cases(), grid_cases(quick=args.quick)
+    keep = lambda cases: [c for c in cases if c.path in paths]  # noqa: E731
+    return keep(main), keep(grid)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("lens-bench: --device cuda but torch sees no CUDA GPU")
+    notes = []
+    if device.type != "cuda":
+        notes.append(CPU_NOTE)
+    warmup = args.warmup_ms if args.warmup_ms is not None else (25.0 if device.type == "cuda" else 10.0)
+    rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.type == "cuda" else 60.0)
+    main_cases, grid = select_cases(args, device)
+    providers = providers_for(device, _split(args.providers), _split(args.exclude))
+    grid_providers = providers_for(device, _split(args.providers),
+                                   (_split(args.exclude) or []) + (_split(args.grid_exclude) or []))
+    for line in notes:
+        print(line)
+    print(f"lens-bench on {device}: {len(main_cases) + len(grid)} cases, providers "
+          f"{', '.join(p.name for p in providers)}", flush=True)
+
+    start = time.perf_counter()
+    floor = measure_floor(device, quick=args.quick)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    rows = run_all(main_cases, providers, device, warmup, rep, log)
+    rows += run_all(grid, grid_providers, device, warmup, rep, log)
+    apply_floor(rows, floor)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {
+        "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": "lens-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "environment": environment(device),
+        "floor": floor,
+        "notes": notes,
+        "wall_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    print()
+    print("\n".join(header_lines(result)))
+    print(format_table(rows))
+    print("\n".join(legend()))
+    if not args.no_files:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["device"]).strip("-")
+        stem = f"lens-bench_{now.strftime('%Y-%m-%d_%H%M')}_{slug}"
+        plots: List[str] = []
+        missing = matplotlib_missing()
+        if missing:
+            print(missing)
+        else:
+            plots = write_plots(rows, out, stem)
+        write_json(result, out / f"{stem}.json")
+        write_markdown(result, out / f"{stem}.md", plots)
+        print(f"wrote {out / stem}.json, .md" + (f" and {len(plots)} plots" if plots else ""))
+    print(f"lens-bench: {result['wall_s']:.1f} s")
+    return 0

@@ -1,0 +1,281 @@
+"""Providers: who computes a case. Ours (one per backend, discovered), and the peers side by side.
+
+A provider turns (case, inputs) into a callable that runs the op once and returns its outputs:
+``(loss, grads)`` for the forward + backward paths, ``(logps,)`` for the forward-only paths and
+``(advantages,)`` for ``advantages``. Building it raises ``Unavailable`` when the provider cannot
+run here (a package that is not installed, a GPU-only kernel on CPU); the runner reports that in the
+provider's row and goes on.
+
+Every provider computes the same loss: the token-level PPO-clip GRPO loss with eps_low = eps_high =
+0.2, no KL, token-mean over the loss mask (TRL's ``bnpo``, Liger's ``bnpo``), at the case's
+temperature, against old log-probs.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from .. import (
+    LossConfig,
+    available_backends,
+    backend_for,
+    group_advantages,
+    linear_token_logprobs,
+    policy_loss_from_hidden,
+    policy_loss_from_logits,
+    token_logprobs,
+)
+from .cases import Case
+
+CLIP_EPS = 0.2
+LOSS_CONFIG = LossConfig(policy_loss="ppo", epsilon_low=CLIP_EPS, loss_agg_mode="token-mean")
+
+OPS_OF_PATH = {
+    "logits": "policy_loss_from_logits",
+    "logits-fwd": "token_logprobs",
+    "hidden": "policy_loss_from_hidden",
+    "hidden-fwd": "linear_token_logprobs",
+    "advantages": None,  # group_advantages has no backend choice (yet)
+}
+
+
+class Unavailable(Exception):
+    """The provider cannot run this case here; the message says why."""
+
+
+@dataclass
+class Provider:
+    name: str
+    kind: str  # "ours" or "peer"
+    paths: Tuple[str, ...]
+    build: Callable[[Case, Dict[str, torch.Tensor]], Callable[[], tuple]]
+    needs_cuda: bool = False
+    note: str = ""
+
+
+def grad_leaves(case: Case, inputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors whose gradients a forward + backward provider returns (and the check compares)."""
+    if case.path == "logits":
+        return [inputs["logits"]]
+    if case.path == "hidden":
+        return [inputs["hidden"], inputs["weight"]]
+    return []
+
+
+def _with_grads(case, inputs, loss_fn):
+    leaves = grad_leaves(case, inputs)
+
+    def run():
+        loss = loss_fn()
+        return loss, torch.autograd.grad(loss, leaves)
+
+    run.forward = loss_fn  # the forward alone, timed as the row's forward-only figure
+    return run
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+# -------------------------------------------------------------------------------------------------
+# Ours: one provider per backend that loads here; the public ops with backend=name.
+# -------------------------------------------------------------------------------------------------
+def _ours(backend: str) -> Provider:
+    def build(case, inp):
+        op = OPS_OF_PATH[case.path]
+        if op is None:
+            kwargs = {"backend": backend} if "backend" in inspect.signature(group_advantages).parameters else {}
+            if kwargs == {} and backend != "torch":
+                raise Unavailable("group_advantages takes no backend argument: reported once, as ours-torch")
+            return _no_grad(lambda: (group_advantages(inp["rewards"], group_size=case.group_size,
+                                                      estimator="lens", old_logps=inp["old_logps"],
+                                                      mask=inp["mask"], **kwargs)[0],))
+        probe = inp["logits"] if case.path.startswith("logits") else inp["hidden"]
+        try:
+            backend_for(op, probe, backend)
+        except RuntimeError as exc:
+            raise Unavailable(str(exc)) from None
+        tau = case.temperature
+        common = dict(old_logps=inp.get("old_logps"), temperature=tau, config=LOSS_CONFIG, backend=backend)
+        if case.path == "logits":
+            return _with_grads(case, inp, lambda: policy_loss_from_logits(
+                inp["logits"][:, :-1], inp["targets"], inp["mask"], inp["advantages"], **common)[0])
+        if case.path == "hidden":
+            return _with_grads(case, inp, lambda: policy_loss_from_hidden(
+                inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"], **common)[0])
+        if case.path == "logits-fwd":
+            return _no_grad(lambda: token_logprobs(inp["logits"][:, :-1], inp["targets"], temperature=tau,
+                                                   mask=inp["mask"], return_entropy=True, backend=backend))
+        return _no_grad(lambda: linear_token_logprobs(inp["hidden"], inp["weight"], inp["targets"],
+                                                      temperature=tau, mask=inp["mask"], return_entropy=True,
+                                                      backend=backend))
+
+    return Provider(f"ours-{backend}", "ours", tuple(OPS_OF_PATH), build,
+                    note="fwd paths also compute the entropy")
+
+
+# -------------------------------------------------------------------------------------------------
+# Eager torch as TRL computes it, and torch.compile of the same functions.
+# -------------------------------------------------------------------------------------------------
+def trl_selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's ``selective_log_softmax``: gather minus logsumexp in fp32/fp64; in bf16/fp16 a
+    log_softmax per row (sequence), in the logits dtype, to bound the memory of the upcast."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    rows = []
+    for row_logits, row_labels in zip(logits, index):
+        row_logps = F.log_softmax(row_logits, dim=-1)
+        rows.append(row_logps.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def trl_clipped_loss(logps, old_logps, advantages, mask):
+    """TRL's token-level PPO-clip loss, aggregated over the loss tokens (``bnpo``)."""
+    coef_1 = torch.exp(logps - old_logps)
+    coef_2 = torch.clamp(coef_1, 1 - CLIP_EPS, 1 + CLIP_EPS)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def eager_logits_loss(logits_buf, targets, old_logps, advantages, mask, temperature: float):
+    logits = logits_buf[:, :-1] / temperature
+    return trl_clipped_loss(trl_selective_log_softmax(logits, targets), old_logps, advantages, mask)
+
+
+def eager_logits_logps(logits_buf, targets, temperature: float):
+    return trl_selective_log_softmax(logits_buf[:, :-1] / temperature, targets)
+
+
+def eager_hidden_loss(hidden, weight, targets, old_logps, advantages, mask, temperature: float):
+    logits = (hidden @ weight.T) / temperature
+    return trl_clipped_loss(trl_selective_log_softmax(logits, targets), old_logps, advantages, mask)
+
+
+def eager_hidden_logps(hidden, weight, targets, temperature: float):
+    return trl_selective_log_softmax((hidden @ weight.T) / temperature, targets)
+
+
+def _torch_provider(name: str, compiled: bool) -> Provider:
+    def build(case, inp):
+        fns = (eager_logits_loss, eager_logits_logps, eager_hidden_loss, eager_hidden_logps)
+        if compiled:
+            torch._dynamo.reset()  # each case compiles afresh, so its row shows its own compile time
+            fns = tuple(_compile(fn) for fn in fns)
+        loss_logits, logps_logits, loss_hidden, logps_hidden = fns
+        tau = case.temperature
+        if case.path == "logits":
+            return _with_grads(case, inp, lambda: loss_logits(inp["logits"], inp["targets"], inp["old_logps"],
+                                                              inp["advantages"], inp["mask"], tau))
+        if case.path == "hidden":
+            return _with_grads(case, inp, lambda: loss_hidden(inp["hidden"], inp["weight"], inp["targets"],
+                                                              inp["old_logps"], inp["advantages"], inp["mask"], tau))
+        if case.path == "logits-fwd":
+            return _no_grad(lambda: (logps_logits(inp["logits"], inp["targets"], tau),))
+        return _no_grad(lambda: (logps_hidden(inp["hidden"], inp["weight"], inp["targets"], tau),))
+
+    note = "TRL-style: logits / T, per-row log_softmax + gather in the input dtype, then the clipped loss"
+    if compiled:
+        note = "torch.compile of the eager functions; the first call's compile time is in the row"
+    return Provider(name, "peer", ("logits", "logits-fwd", "hidden", "hidden-fwd"), build, note=note)
+
+
+def _compile(fn):
+    # The grid has more shapes than dynamo's default recompile limit, past which it would silently
+    # run eager and the row would lie.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    return torch.compile(fn, dynamic=False)
+
+
+# -------------------------------------------------------------------------------------------------
+# Liger-Kernel and Cut-Cross-Entropy (optional; Triton kernels, CUDA only)
+# -------------------------------------------------------------------------------------------------
+def _import(module: str, what: str):
+    try:
+        return __import__(module, fromlist=[what])
+    except Exception as exc:  # not installed, or broken against this torch/triton
+        raise Unavailable(f"{module} not importable ({type(exc).__name__}: {exc})") from None
+
+
+def _liger(case, inp):
+    tau = case.temperature
+    if case.path == "logits":
+        grpo = _import("liger_kernel.transformers.grpo_loss", "triton_grpo_loss")
+        return _with_grads(case, inp, lambda: grpo.triton_grpo_loss(
+            inp["logits"], inp["old_logps"], None, inp["targets"], inp["advantages"],
+            completion_mask=inp["mask"], temperature=tau, beta=0.0, eps_low=CLIP_EPS, eps_high=CLIP_EPS,
+            inplace=False, loss_type="bnpo", reduce=True)[0])
+    if case.path == "logits-fwd":
+        ops = _import("liger_kernel.ops.grpo_loss", "fused_selective_log_softmax")
+        return _no_grad(lambda: (ops.fused_selective_log_softmax(inp["logits"], inp["targets"], tau,
+                                                                 inp["mask"].to(torch.int64)),))
+    if case.path == "hidden":
+        chunked = _import("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
+        module = chunked.LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=CLIP_EPS,
+                                                  epsilon_high=CLIP_EPS, loss_type="bnpo", temperature=tau)
+        return _with_grads(case, inp, lambda: module(inp["hidden"], inp["weight"], inp["targets"], inp["mask"],
+                                                     inp["advantages"], old_per_token_logps=inp["old_logps"])[0])
+    raise Unavailable("Liger has no public hidden-states log-prob op")
+
+
+def _cce(case, inp):
+    if case.path not in ("hidden", "hidden-fwd"):
+        raise Unavailable("CCE computes from hidden states only")
+    cce = _import("cut_cross_entropy", "linear_cross_entropy")
+    tau = case.temperature
+
+    def logps():
+        # (X / T) W^T = logits / T; CCE's per-token cross-entropy is minus the log-prob.
+        return -cce.linear_cross_entropy(inp["hidden"] / tau, inp["weight"], inp["targets"], reduction="none")
+
+    if case.path == "hidden":
+        return _with_grads(case, inp, lambda: trl_clipped_loss(logps(), inp["old_logps"], inp["advantages"],
+                                                               inp["mask"]))
+    return _no_grad(lambda: (logps(),))
+
+
+PEERS = (
+    _torch_provider("eager", compiled=False),
+    _torch_provider("compile", compiled=True),
+    Provider("liger", "peer", ("logits", "logits-fwd", "hidden"), _liger, needs_cuda=True,
+             note="triton_grpo_loss (logits, inplace=False), fused_selective_log_softmax (no entropy), "
+                  "LigerFusedLinearGRPOLoss (hidden, chunked)"),
+    Provider("cce", "peer", ("hidden", "hidden-fwd"), _cce, needs_cuda=True,
+             note="linear_cross_entropy(reduction='none') as the log-prob producer (default gradient "
+                  "filtering), loss in torch"),
+)
+
+
+def providers_for(device: torch.device, only: Optional[List[str]] = None,
+                  exclude: Optional[List[str]] = None) -> List[Provider]:
+    """Ours (one per available backend), then the peers. On CPU the CUDA-only peers are left out."""
+    found = [_ours(name) for name in available_backends()]
+    found += [p for p in PEERS if device.type == "cuda" or not p.needs_cuda]
+    if only:
+        found = [p for p in found if p.name in only or (p.kind == "ours" and "ours" in only)]
+    if exclude:
+        found = [p for p in found if p.name not in exclude]
+    return found
+
+
+def timed_first_call(fn) -> Tuple[tuple, float]:
+    """Run once (this includes any compile or autotune) and return (outputs, seconds)."""
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
