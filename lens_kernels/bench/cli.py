@@ -24,6 +24,11 @@ from .timing import measure_floor
 
 CPU_NOTE = ("CPU mode: small shapes, torch providers only (ours-torch, eager, compile); Liger and CCE are "
             "Triton GPU kernels and are measured on a CUDA GPU only. CPU times say nothing about GPU speed.")
+# On CPU torch.compile builds C++ per case: about 15 s unloaded and about 60 s cold on a loaded 2-core
+# machine for the first one. --quick keeps it to the logits paths.
+CPU_QUICK_COMPILE_PATHS = ("logits", "logits-fwd")
+CPU_QUICK_NOTE = ("--quick on CPU: the compile row runs on the logits paths only (its C++ compile costs "
+                  "tens of seconds per case here); drop --quick to compile every case.")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -58,7 +63,12 @@ def select_cases(args, device: torch.device):
     if unknown:
         raise SystemExit(f"lens-bench: --paths must be among {list(PATHS)}, got {sorted(unknown)}")
     if device.type != "cuda":
-        main, grid = cpu_cases(quick=args.quick), []
+        cases = cpu_cases(quick=args.quick)
+        if args.quick:  # the grid's providers (no compile) run the rest
+            main = [c for c in cases if c.path in CPU_QUICK_COMPILE_PATHS]
+            grid = [c for c in cases if c.path not in CPU_QUICK_COMPILE_PATHS]
+        else:
+            main, grid = cases, []
     elif args.headline:
         main, grid = headline_cases(), []
     else:
@@ -73,14 +83,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lens-bench: --device cuda but torch sees no CUDA GPU")
     notes = []
+    grid_exclude = _split(args.grid_exclude) or []
     if device.type != "cuda":
         notes.append(CPU_NOTE)
+        if args.quick:
+            notes.append(CPU_QUICK_NOTE)
+            grid_exclude.append("compile")
     warmup = args.warmup_ms if args.warmup_ms is not None else (25.0 if device.type == "cuda" else 10.0)
     rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.type == "cuda" else 60.0)
     main_cases, grid = select_cases(args, device)
     providers = providers_for(device, _split(args.providers), _split(args.exclude))
     grid_providers = providers_for(device, _split(args.providers),
-                                   (_split(args.exclude) or []) + (_split(args.grid_exclude) or []))
+                                   (_split(args.exclude) or []) + grid_exclude)
     for line in notes:
         print(line)
     print(f"lens-bench on {device}: {len(main_cases) + len(grid)} cases, providers "
