@@ -1,0 +1,80 @@
+"""The harness itself: lens-bench --quick end to end on CPU, a failing or missing provider is a row and
+not a crash, and the correctness column catches wrong answers (NaN never passes)."""
+import json
+
+import pytest
+import torch
+
+from lens_kernels.bench import Case, Provider, Unavailable, compare, main, make_inputs, run_case, within_tolerance
+from lens_kernels.bench.cases import WORK_MODELS, headline_cases
+from lens_kernels.bench.providers import providers_for
+from lens_kernels.bench.runner import _reference_outputs
+
+CPU = torch.device("cpu")
+FAST = dict(warmup_ms=0.0, rep_ms=1.0, log=lambda line: None)
+
+
+def test_quick_cli_writes_table_json_and_markdown(tmp_path, capsys):
+    # compile is left out here: test_bench_loss_heads covers it once (its C++ build is the slow part).
+    assert main(["--quick", "--device", "cpu", "--exclude", "compile", "--out", str(tmp_path),
+                 "--warmup-ms", "0", "--rep-ms", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "CPU mode" in printed and "ours-torch" in printed and "eager" in printed
+    (json_file,) = tmp_path.glob("*.json")
+    result = json.loads(json_file.read_text())
+    assert result["environment"]["torch"] == torch.__version__
+    assert result["floor"]["copy_bytes_per_s"] > 0 and result["floor"]["matmul_flops_per_s"] > 0
+    rows = result["rows"]
+    assert {r["path"] for r in rows} == set(WORK_MODELS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["pct_floor"] > 0 and r["within_tol"], r
+        if r["kind"] == "ours":
+            assert r["vs_ours"] == pytest.approx(1.0)
+    assert {r["provider"] for r in rows if r["path"] == "logits"} == {"ours-torch", "eager"}
+    assert (tmp_path / json_file.name.replace(".json", ".md")).read_text().startswith("# lens-bench report")
+
+
+def test_failing_and_missing_providers_are_rows():
+    def broken(case, inputs):
+        def run():
+            raise RuntimeError("kernel exploded")
+        return run
+
+    def missing(case, inputs):
+        raise Unavailable("not installed")
+
+    case = Case("logits-fwd", B=2, T=8, V=37, dtype="float32")
+    providers = providers_for(CPU, only=["ours"]) + [
+        Provider("broken", "peer", ("logits-fwd",), broken), Provider("missing", "peer", ("logits-fwd",), missing)]
+    rows = {r["provider"]: r for r in run_case(case, providers, CPU, **FAST)}
+    assert rows["ours-torch"]["status"] == "ok"
+    assert rows["broken"]["status"] == "failed" and "kernel exploded" in rows["broken"]["reason"]
+    assert rows["missing"]["status"] == "unavailable" and rows["missing"]["reason"] == "not installed"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_correctness_column_catches_wrong_and_nan_answers(dtype):
+    case = Case("logits", B=3, T=8, V=53, dtype=dtype)
+    inputs = make_inputs(case, CPU)
+    inputs["logits"].requires_grad_(True)
+    loss, grads = _reference_outputs(case, inputs)
+    assert within_tolerance(case, compare(case, (loss, grads), (loss, grads), inputs["mask"]))
+    wrong_grad = (grads[0] * 1.2,)
+    assert not within_tolerance(case, compare(case, (loss, wrong_grad), (loss, grads), inputs["mask"]))
+    assert not within_tolerance(case, compare(case, (loss + 0.5, grads), (loss, grads), inputs["mask"]))
+    nan_loss = loss * float("nan")
+    assert not within_tolerance(case, compare(case, (nan_loss, grads), (loss, grads), inputs["mask"]))
+
+
+def test_inputs_are_realistic_and_models_positive():
+    case = Case("logits", B=4, T=16, V=101, dtype="float32")
+    inputs = make_inputs(case, CPU)
+    assert inputs["logits"].shape == (4, 17, 101) and inputs["logits"].abs().min() > 0
+    assert (inputs["old_logps"] <= 0).all() and torch.isfinite(inputs["old_logps"]).all()
+    assert not inputs["mask"][-1].any() and inputs["mask"][0].any()  # a fully masked row, and kept rows
+    for c in headline_cases():
+        amount, unit = c.work()
+        assert amount > 0 and unit in ("bytes", "flops")
+    # The headline logits case: 2 passes over 16384 x 151936 bf16 logits, about 9.96 GB.
+    assert headline_cases()[0].work()[0] == pytest.approx(2 * 16384 * 151936 * 2, rel=1e-3)
