@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from .cases import PATHS, cpu_cases, grid_cases, headline_cases
 from .providers import providers_for
-from .report import format_table, header_lines, legend, matplotlib_missing, write_json, write_markdown, write_plots
+from .report import (format_table, header_lines, legend, matplotlib_missing, short_table, write_json, write_markdown,
+                     write_plots)
 from .runner import apply_floor, environment, run_all
 from .timing import measure_floor
 
@@ -50,6 +52,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=None, help="timed repetitions per measurement")
     p.add_argument("--out", default="lens_bench_out", help="folder for the JSON, markdown and plots")
     p.add_argument("--no-files", action="store_true", help="print the table only")
+    p.add_argument("--summary", metavar="JSON", default=None,
+                   help="print a short table of a JSON written by an earlier run, and exit")
     return p.parse_args(argv)
 
 
@@ -77,8 +81,21 @@ def select_cases(args, device: torch.device):
     return keep(main), keep(grid)
 
 
+def _write_files(result: Dict, out: Path, stem: str, with_plots: bool) -> List[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(result["rows"], out, stem) if with_plots else []
+    write_json(result, out / f"{stem}.json")
+    write_markdown(result, out / f"{stem}.md", plots)
+    return plots
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.summary:
+        result = json.loads(Path(args.summary).read_text())
+        print("\n".join(header_lines(result)))
+        print(short_table(result["rows"]))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lens-bench: --device cuda but torch sees no CUDA GPU")
@@ -93,46 +110,48 @@ def main(argv: Optional[List[str]] = None) -> int:
     rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.type == "cuda" else 60.0)
     main_cases, grid = select_cases(args, device)
     providers = providers_for(device, _split(args.providers), _split(args.exclude))
-    grid_providers = providers_for(device, _split(args.providers),
-                                   (_split(args.exclude) or []) + grid_exclude)
+    grid_providers = providers_for(device, _split(args.providers), (_split(args.exclude) or []) + grid_exclude)
     for line in notes:
         print(line)
     print(f"lens-bench on {device}: {len(main_cases) + len(grid)} cases, providers "
           f"{', '.join(p.name for p in providers)}", flush=True)
 
     start = time.perf_counter()
-    floor = measure_floor(device, quick=args.quick)
-    log = lambda line: print(line, flush=True)  # noqa: E731
-    rows = run_all(main_cases, providers, device, warmup, rep, log)
-    rows += run_all(grid, grid_providers, device, warmup, rep, log)
-    apply_floor(rows, floor)
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": "lens-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(device),
-        "floor": floor,
+        "floor": measure_floor(device, quick=args.quick),
         "notes": notes,
-        "wall_s": time.perf_counter() - start,
-        "rows": rows,
+        "complete": False,
+        "rows": [],
     }
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["device"]).strip("-")
+    stem = f"lens-bench_{now.strftime('%Y-%m-%d_%H%M%S')}_{slug}"
+    out = Path(args.out)
+
+    def after_case(case_rows):
+        apply_floor(case_rows, result["floor"])
+        result["rows"] += case_rows
+        result["wall_s"] = time.perf_counter() - start
+        if not args.no_files:  # partial results survive a run cut short
+            _write_files(result, out, stem, with_plots=False)
+
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    run_all(main_cases, providers, device, warmup, rep, log, after_case)
+    run_all(grid, grid_providers, device, warmup, rep, log, after_case)
+    result["complete"] = True
+    result["wall_s"] = time.perf_counter() - start
     print()
     print("\n".join(header_lines(result)))
-    print(format_table(rows))
+    print(format_table(result["rows"]))
     print("\n".join(legend()))
     if not args.no_files:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["device"]).strip("-")
-        stem = f"lens-bench_{now.strftime('%Y-%m-%d_%H%M')}_{slug}"
-        plots: List[str] = []
         missing = matplotlib_missing()
         if missing:
             print(missing)
-        else:
-            plots = write_plots(rows, out, stem)
-        write_json(result, out / f"{stem}.json")
-        write_markdown(result, out / f"{stem}.md", plots)
+        plots = _write_files(result, out, stem, with_plots=missing is None)
         print(f"wrote {out / stem}.json, .md" + (f" and {len(plots)} plots" if plots else ""))
     print(f"lens-bench: {result['wall_s']:.1f} s")
     return 0

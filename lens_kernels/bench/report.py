@@ -57,6 +57,19 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def short_table(rows: List[Dict]) -> str:
+    """A compact view: case, provider, ms, % floor, vs ours, ok (or why the row has no time)."""
+    lines = [f"{'case':<44} {'provider':<12} {'ms':>9} {'%floor':>7} {'vs ours':>8}  ok"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['case'][:44]:<44} {r['provider']:<12} {r['status']}: {r['reason'][:60]}")
+            continue
+        vs = f"{r['vs_ours']:.2f}x" if r.get("vs_ours") is not None else "-"
+        lines.append(f"{r['case'][:44]:<44} {r['provider']:<12} {r['ms']:>9.3f} {_num(r.get('pct_floor'), '.1f'):>7} "
+                     f"{vs:>8}  {'ok' if r.get('within_tol') else 'MISMATCH'}")
+    return "\n".join(lines)
+
+
 def header_lines(result: Dict) -> List[str]:
     env, floor = result["environment"], result["floor"]
     lines = [f"device: {env['device']}  torch {env['torch']}  triton {env.get('triton')}  "

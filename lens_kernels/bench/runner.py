@@ -170,13 +170,19 @@ def apply_floor(rows: List[Dict], floor: Dict[str, float]) -> None:
 
 
 def run_all(cases: List[Case], providers: List[Provider], device: torch.device, warmup_ms: float,
-            rep_ms: float, log: Callable[[str], None] = print) -> List[Dict]:
+            rep_ms: float, log: Callable[[str], None] = print,
+            after_case: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
+    """Every case in turn; ``after_case(rows)`` sees the rows of each finished case, so that a run
+    cut short by a time limit still leaves its results behind."""
     rows = []
     for case in cases:
         log(f"{case.name}")
         start = time.perf_counter()
-        rows += run_case(case, providers, device, warmup_ms, rep_ms, log)
+        case_rows = run_case(case, providers, device, warmup_ms, rep_ms, log)
+        rows += case_rows
         log(f"  ({time.perf_counter() - start:.1f} s)")
+        if after_case is not None:
+            after_case(case_rows)
     return rows
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one GPU check of the benchmark suite, sized to finish in under 7 minutes on one H100/H200.
+#
+#   1. installs the peer wheels (Liger-Kernel, Cut-Cross-Entropy) from benchmarks/wheels/ if that
+#      git-ignored folder holds any: the GPU machine has no internet. Fill it beforehand with
+#        pip download --no-deps liger-kernel cut-cross-entropy -d benchmarks/wheels
+#      (both are pure-Python wheels) and carry the folder to the machine;
+#   2. runs the GPU tests (pytest -m gpu tests/, then the GPU cases of benchmarks/ once each);
+#   3. runs lens-bench on the headline case with every provider and on a small grid (no
+#      torch.compile there: its compile time is paid per shape), in one run;
+#   4. writes its log, the JSON, the markdown and the plots to $OUT (default: lens_bench_out/; at most
+#      7 files, as the device tool brings back 8), and prints a short table last.
+#
+# Without a CUDA GPU it degrades to a CPU dry run of the same steps (small shapes, torch providers),
+# which is how it is tested off the GPU machine. Each step has its own time limit, and lens-bench
+# writes its JSON after every case, so a step cut short still leaves its figures behind.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-lens_bench_out}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/device_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+start=$SECONDS
+step() { echo; echo "=== [$((SECONDS - start)) s] $*"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+
+step "peer wheels"
+shopt -s nullglob
+wheels=(benchmarks/wheels/*.whl)
+if ((${#wheels[@]})); then
+  # --target keeps the machine's own torch/triton untouched; --no-deps: both wheels need only those.
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lens_peers \
+    "${wheels[@]}" && export PYTHONPATH="$PYTHONPATH:/tmp/lens_peers"
+  "$PY" -c "import importlib.metadata as m; [print(p, m.version(p)) for p in ('liger-kernel', 'cut-cross-entropy')]" \
+    || echo "peer wheels did not import: their rows will say so"
+else
+  echo "no wheels in benchmarks/wheels/: the Liger and CCE rows will say 'unavailable'"
+fi
+
+TESTS=$([[ -d tests ]] && echo tests/)  # the core's test folder; absent on a branch without tests
+if [[ "$GPU" == 1 ]]; then
+  step "GPU tests (tests/, marker gpu)"
+  if [[ -n "$TESTS" ]]; then timeout 100 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider 2>&1 | tail -15; fi
+  step "benchmark cases, once each on the GPU (benchmarks/, marker gpu)"
+  timeout 60 "$PY" -m pytest -m gpu benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -15
+  step "lens-bench --quick: the headline with every provider, then a small grid without compile"
+  timeout 230 "$PY" -m lens_kernels.bench --quick --grid-exclude compile --out "$OUT" 2>&1 | tail -60
+else
+  step "no CUDA GPU: CPU dry run of the same steps"
+  timeout 120 "$PY" -m pytest -m gpu $TESTS benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -3
+  timeout 150 "$PY" -m lens_kernels.bench --quick --exclude compile --rep-ms 10 --out "$OUT" 2>&1 | tail -5
+fi
+
+step "short table"
+for f in "$OUT"/lens-bench_*.json; do
+  echo "--- $f"
+  "$PY" -m lens_kernels.bench --summary "$f"
+done
+echo "device_check: $((SECONDS - start)) s"
