@@ -8,7 +8,7 @@ import torch
 from lens_kernels.bench import Case, Provider, Unavailable, compare, main, make_inputs, run_case, within_tolerance
 from lens_kernels.bench.cases import WORK_MODELS, headline_cases
 from lens_kernels.bench.providers import providers_for
-from lens_kernels.bench.runner import _reference_outputs
+from lens_kernels.bench.runner import reference_outputs
 
 CPU = torch.device("cpu")
 FAST = dict(warmup_ms=0.0, rep_ms=1.0, log=lambda line: None)
@@ -58,7 +58,7 @@ def test_correctness_column_catches_wrong_and_nan_answers(dtype):
     case = Case("logits", B=3, T=8, V=53, dtype=dtype)
     inputs = make_inputs(case, CPU)
     inputs["logits"].requires_grad_(True)
-    loss, grads = _reference_outputs(case, inputs)
+    loss, grads = reference_outputs(case, inputs)
     assert within_tolerance(case, compare(case, (loss, grads), (loss, grads), inputs["mask"]))
     wrong_grad = (grads[0] * 1.2,)
     assert not within_tolerance(case, compare(case, (loss, wrong_grad), (loss, grads), inputs["mask"]))

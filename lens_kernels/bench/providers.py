@@ -273,6 +273,12 @@ def providers_for(device: torch.device, only: Optional[List[str]] = None,
     return found
 
 
+def case_provider_pairs(device: torch.device, cases: List[Case]) -> List[Tuple[Case, Provider]]:
+    """Every (case, provider) that applies on ``device``, in run order."""
+    providers = providers_for(device)
+    return [(case, p) for case in cases for p in providers if case.path in p.paths]
+
+
 def timed_first_call(fn) -> Tuple[tuple, float]:
     """Run once (this includes any compile or autotune) and return (outputs, seconds)."""
     start = time.perf_counter()

@@ -32,7 +32,7 @@ TOLERANCES = {
 }
 
 
-def _reference_outputs(case: Case, inp: Dict[str, torch.Tensor]):
+def reference_outputs(case: Case, inp: Dict[str, torch.Tensor]):
     tau, mask = case.temperature, inp["mask"]
     if case.path == "advantages":
         out = reference.group_advantages(inp["rewards"], group_size=case.group_size, estimator="lens",
@@ -104,7 +104,7 @@ def run_case(case: Case, providers: List[Provider], device: torch.device, warmup
         leaf.requires_grad_(True)
     base, base_name = None, None
     if reference_fits(case):
-        base, base_name = _reference_outputs(case, inp), "reference-fp64"
+        base, base_name = reference_outputs(case, inp), "reference-fp64"
     rows = []
     for provider in providers:
         if case.path not in provider.paths:
