@@ -72,7 +72,7 @@ def short_table(rows: List[Dict]) -> str:
 
 def header_lines(result: Dict) -> List[str]:
     env, floor = result["environment"], result["floor"]
-    lines = [f"device: {env['device']}  torch {env['torch']}  triton {env.get('triton')}  "
+    lines = [f"device: {env['device']}  load {env.get('load_average_1min', '-')}  torch {env['torch']}  triton {env.get('triton')}  "
              f"liger-kernel {env.get('liger_kernel')}  cut-cross-entropy {env.get('cut_cross_entropy')}",
              f"floor: copy {floor['copy_bytes_per_s'] / 1e12:.3g} TB/s (bytes read + written), "
              f"{floor['matmul_dtype']} matmul {floor['matmul_shape']}^3 {floor['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"]
@@ -103,7 +103,7 @@ def write_markdown(result: Dict, path: Path, plots: List[str]) -> None:
     lines += ["", *legend(), ""]
     for case, group in _grouped(result["rows"]).items():
         lines += [f"## {case}", "", f"baseline of the difference columns: {group[0].get('baseline') or '-'}", "",
-                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+                  "| " + " | ".join(c.replace("|", "/") for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row_cells(r)) + " |" for r in group]
         lines.append("")
     for plot in plots:

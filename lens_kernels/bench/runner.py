@@ -8,6 +8,7 @@ wrong answer is visible next to its time.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import traceback
 from typing import Callable, Dict, List, Optional
@@ -195,6 +196,8 @@ def environment(device: torch.device) -> Dict[str, Optional[str]]:
     env = {"lens_kernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device),
            "cuda": torch.version.cuda, "cpu_threads": str(torch.get_num_threads())}
+    if hasattr(os, "getloadavg"):  # CPU timings on a shared machine mean little under load: say how much
+        env["load_average_1min"] = f"{os.getloadavg()[0]:.2f}"
     for module in ("triton", "liger_kernel", "cut_cross_entropy"):
         try:
             from importlib.metadata import version
