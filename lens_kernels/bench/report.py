@@ -72,10 +72,13 @@ def short_table(rows: List[Dict]) -> str:
 
 def header_lines(result: Dict) -> List[str]:
     env, floor = result["environment"], result["floor"]
-    lines = [f"device: {env['device']}  load {env.get('load_average_1min', '-')}  torch {env['torch']}  triton {env.get('triton')}  "
-             f"liger-kernel {env.get('liger_kernel')}  cut-cross-entropy {env.get('cut_cross_entropy')}",
-             f"floor: copy {floor['copy_bytes_per_s'] / 1e12:.3g} TB/s (bytes read + written), "
-             f"{floor['matmul_dtype']} matmul {floor['matmul_shape']}^3 {floor['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"]
+    lines = [
+        f"device: {env['device']}  load {env.get('load_average_1min', '-')}  torch {env['torch']}  "
+        f"triton {env.get('triton')}  liger-kernel {env.get('liger_kernel')}  "
+        f"cut-cross-entropy {env.get('cut_cross_entropy')}",
+        f"floor: copy {floor['copy_bytes_per_s'] / 1e12:.3g} TB/s (bytes read + written), {floor['matmul_dtype']} "
+        f"matmul {floor['matmul_shape']}^3 {floor['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s",
+    ]
     lines += result.get("notes", [])
     return lines
 

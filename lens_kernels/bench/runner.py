@@ -130,7 +130,8 @@ def run_case(case: Case, providers: List[Provider], device: torch.device, warmup
         except Unavailable as exc:
             row.update(status="unavailable", reason=str(exc))
         except Exception as exc:  # a failing provider is a row, never a crash
-            row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+            row.update(status="failed", reason=f"{type(exc).__name__}: {first_line}")
             row["traceback"] = traceback.format_exc(limit=4)
         finally:
             fn = out = None
