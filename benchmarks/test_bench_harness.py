@@ -78,3 +78,14 @@ def test_inputs_are_realistic_and_models_positive():
         assert amount > 0 and unit in ("bytes", "flops")
     # The headline logits case: 2 passes over 16384 x 151936 bf16 logits, about 9.96 GB.
     assert headline_cases()[0].work()[0] == pytest.approx(2 * 16384 * 151936 * 2, rel=1e-3)
+
+
+def test_plots_of_time_and_memory_against_v_and_n(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lens_kernels.bench.report import write_plots
+
+    cases = [Case("logits", B=b, T=8, V=v, dtype="float32") for b in (2, 4) for v in (37, 75)]
+    rows = [r for c in cases for r in run_case(c, providers_for(CPU, only=["ours", "eager"]), CPU, **FAST)]
+    names = write_plots(rows, tmp_path, "t")
+    assert sorted(names) == ["t_logits_vs_N.png", "t_logits_vs_V.png"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)

@@ -134,12 +134,17 @@ def write_plots(rows: List[Dict], out_dir: Path, stem: str) -> List[str]:
             if len({r["shape"][axis] for r in series}) < 2:
                 continue
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+            with_memory = False
             for provider in sorted({r["provider"] for r in series}):
                 pts = sorted((r["shape"][axis], r["ms"], r.get("extra_gib")) for r in series
                              if r["provider"] == provider)
                 ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
                 if all(p[2] is not None for p in pts):
                     ax_m.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=provider)
+                    with_memory = True
+            if not with_memory:
+                ax_m.text(0.5, 0.5, "no memory figures (measured on GPU only)", ha="center",
+                          transform=ax_m.transAxes)
             ax_t.set(xlabel=axis, ylabel="ms (fwd+bwd)", title=f"{path}: time vs {axis} ({fixed}={anchor})")
             ax_m.set(xlabel=axis, ylabel="extra GiB", title=f"{path}: memory vs {axis} ({fixed}={anchor})")
             ax_t.legend()
