@@ -17,6 +17,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .. import linear_token_logprobs, token_logprobs
+
 PATHS = ("logits", "logits-fwd", "hidden", "hidden-fwd", "advantages")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -171,7 +173,7 @@ def cpu_cases(quick: bool) -> List[Case]:
 
 
 # -------------------------------------------------------------------------------------------------
-# Inputs. Every provider of a case gets the same tensors (cloned where a provider may write them).
+# Inputs. Every provider of a case gets the same tensors; none writes them (no provider runs inplace).
 # -------------------------------------------------------------------------------------------------
 def make_inputs(case: Case, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     """Fresh random inputs of ``case`` on ``device``: realistic values, never zeros.
@@ -181,8 +183,6 @@ def make_inputs(case: Case, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     noise, so that ratios sit near 1 and a few tokens clip, as in a real step. Rows have random
     lengths (right padding) and one row is fully masked.
     """
-    from .. import token_logprobs  # the public op, for realistic old log-probs
-
     device = torch.device(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     B, T = case.B, case.T
@@ -199,21 +199,17 @@ def make_inputs(case: Case, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     mask = torch.arange(T)[None, :] < lengths[:, None]
     advantages = torch.randn(B, generator=gen)
     dtype = case.torch_dtype
-    out = dict(mask=mask, advantages=advantages)
+    targets = torch.randint(0, case.V, (B, T), generator=gen)
+    out = {k: v.to(device) for k, v in dict(mask=mask, advantages=advantages, targets=targets).items()}
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 1)  # big tensors are drawn on the device
     if case.path.startswith("logits"):
-        out["targets"] = torch.randint(0, case.V, (B, T), generator=gen)
-        out = {k: v.to(device) for k, v in out.items()}
-        # Generate in chunks on the device: the headline buffer is 5 GB in bf16.
+        # One sequence at a time: the headline buffer is 5 GB in bf16.
         logits = torch.empty(B, T + 1, case.V, dtype=dtype, device=device)
-        dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
         for b in range(B):
             logits[b].normal_(0.0, 2.0, generator=dev_gen)
         out["logits"] = logits
         view = logits[:, :-1]
     else:
-        out["targets"] = torch.randint(0, case.V, (B, T), generator=gen)
-        out = {k: v.to(device) for k, v in out.items()}
-        dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
         out["hidden"] = torch.randn(B, T, case.H, generator=dev_gen, device=device, dtype=dtype)
         out["weight"] = torch.randn(case.V, case.H, generator=dev_gen, device=device, dtype=dtype)
         out["weight"].mul_(case.H ** -0.5 * 2.0)
@@ -221,12 +217,10 @@ def make_inputs(case: Case, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     if case.fwd_bwd:
         with torch.no_grad():
             if view is not None:
-                current, _ = token_logprobs(view, out["targets"], temperature=case.temperature, mask=mask.to(device))
+                current, _ = token_logprobs(view, out["targets"], temperature=case.temperature, mask=out["mask"])
             else:
-                from .. import linear_token_logprobs
-
                 current, _ = linear_token_logprobs(out["hidden"], out["weight"], out["targets"],
-                                                   temperature=case.temperature, mask=mask.to(device))
+                                                   temperature=case.temperature, mask=out["mask"])
         noise = torch.randn(B, T, generator=gen).to(device) * 0.05
         out["old_logps"] = torch.clamp(current + noise, max=0.0).float()
     return out
