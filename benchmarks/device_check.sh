@@ -7,7 +7,8 @@
 #      (both are pure-Python wheels) and carry the folder to the machine;
 #   2. runs the GPU tests (pytest -m gpu tests/, then the GPU cases of benchmarks/ once each);
 #   3. runs lens-bench on the headline case with every provider and on a small grid (no
-#      torch.compile there: its compile time is paid per shape), in one run;
+#      torch.compile there: its compile time is paid per shape), in one run; then our logits loss
+#      head once more with the triton kernel's row variant forced (LENS_KERNELS_TRITON_VARIANT=row);
 #   4. writes its log, the JSON, the markdown and the plots to $OUT (default: lens_bench_out/; at most
 #      7 files, as the device tool brings back 8), and prints a short table last.
 #
@@ -46,11 +47,14 @@ fi
 TESTS=$([[ -d tests ]] && echo tests/)  # the core's test folder; absent on a branch without tests
 if [[ "$GPU" == 1 ]]; then
   step "GPU tests (tests/, marker gpu)"
-  if [[ -n "$TESTS" ]]; then timeout 100 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider 2>&1 | tail -15; fi
+  if [[ -n "$TESTS" ]]; then timeout 90 "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider 2>&1 | tail -15; fi
   step "benchmark cases, once each on the GPU (benchmarks/, marker gpu)"
-  timeout 60 "$PY" -m pytest -m gpu benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -15
+  timeout 50 "$PY" -m pytest -m gpu benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -15
   step "lens-bench --quick: the headline with every provider, then a small grid without compile"
-  timeout 230 "$PY" -m lens_kernels.bench --quick --grid-exclude compile --out "$OUT" 2>&1 | tail -60
+  timeout 210 "$PY" -m lens_kernels.bench --quick --grid-exclude compile --out "$OUT" 2>&1 | tail -100
+  step "the triton loss head's row variant at the headline (the 3-pass baseline of the split design)"
+  LENS_KERNELS_TRITON_VARIANT=row timeout 40 "$PY" -m lens_kernels.bench --headline --paths logits \
+    --providers ours --no-files 2>&1 | grep -E "^(==|provider|ours-)|failed|unavailable"
 else
   step "no CUDA GPU: CPU dry run of the same steps"
   timeout 120 "$PY" -m pytest -m gpu $TESTS benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -3

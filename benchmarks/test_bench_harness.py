@@ -15,8 +15,9 @@ FAST = dict(warmup_ms=0.0, rep_ms=1.0, log=lambda line: None)
 
 
 def test_quick_cli_writes_table_json_and_markdown(tmp_path, capsys):
-    # compile is left out here: test_bench_loss_heads covers it once (its C++ build is the slow part).
-    assert main(["--quick", "--device", "cpu", "--exclude", "compile", "--out", str(tmp_path),
+    # compile is left out here: test_bench_loss_heads covers it once (its C++ build is the slow part);
+    # so are the GPU backends, which would run interpreted if TRITON_INTERPRET=1 is set.
+    assert main(["--quick", "--device", "cpu", "--exclude", "compile,ours-triton,ours-cuda", "--out", str(tmp_path),
                  "--warmup-ms", "0", "--rep-ms", "2"]) == 0
     printed = capsys.readouterr().out
     assert "CPU mode" in printed and "ours-torch" in printed and "eager" in printed
@@ -29,8 +30,8 @@ def test_quick_cli_writes_table_json_and_markdown(tmp_path, capsys):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["ms"] > 0 and r["pct_floor"] > 0 and r["within_tol"], r
-        if r["kind"] == "ours":
-            assert r["vs_ours"] == pytest.approx(1.0)
+    for case in {r["case"] for r in rows}:  # the ratio is against our fastest backend of the case
+        assert min(r["vs_ours"] for r in rows if r["case"] == case and r["kind"] == "ours") == pytest.approx(1.0)
     assert {r["provider"] for r in rows if r["path"] == "logits"} == {"ours-torch", "eager"}
     assert (tmp_path / json_file.name.replace(".json", ".md")).read_text().startswith("# lens-bench report")
 
@@ -85,7 +86,7 @@ def test_plots_of_time_and_memory_against_v_and_n(tmp_path):
     from lens_kernels.bench.report import write_plots
 
     cases = [Case("logits", B=b, T=8, V=v, dtype="float32") for b in (2, 4) for v in (37, 75)]
-    rows = [r for c in cases for r in run_case(c, providers_for(CPU, only=["ours", "eager"]), CPU, **FAST)]
+    rows = [r for c in cases for r in run_case(c, providers_for(CPU, only=["ours-torch", "eager"]), CPU, **FAST)]
     names = write_plots(rows, tmp_path, "t")
     assert sorted(names) == ["t_logits_vs_N.png", "t_logits_vs_V.png"]
     assert all((tmp_path / n).stat().st_size > 1000 for n in names)

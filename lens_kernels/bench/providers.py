@@ -263,14 +263,31 @@ PEERS = (
 
 def providers_for(device: torch.device, only: Optional[List[str]] = None,
                   exclude: Optional[List[str]] = None) -> List[Provider]:
-    """Ours (one per available backend), then the peers. On CPU the CUDA-only peers are left out."""
-    found = [_ours(name) for name in available_backends()]
+    """Ours (one per available backend that runs some op on ``device``), then the peers. On CPU the
+    CUDA-only peers are left out."""
+    found = [_ours(name) for name in available_backends() if _runs_on(name, device)]
     found += [p for p in PEERS if device.type == "cuda" or not p.needs_cuda]
     if only:
         found = [p for p in found if p.name in only or (p.kind == "ours" and "ours" in only)]
     if exclude:
         found = [p for p in found if p.name not in exclude]
     return found
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    try:
+        probe = torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # CUDA asked for on a machine without it: list them all
+        return True
+    for op in OPS_OF_PATH.values():
+        if op is None:
+            continue
+        try:
+            backend_for(op, probe, backend)
+            return True
+        except RuntimeError:
+            pass
+    return False
 
 
 def case_provider_pairs(device: torch.device, cases: List[Case]) -> List[Tuple[Case, Provider]]:
