@@ -36,8 +36,9 @@ shopt -s nullglob
 wheels=(benchmarks/wheels/*.whl)
 if ((${#wheels[@]})); then
   # --target keeps the machine's own torch/triton untouched; --no-deps: both wheels need only those.
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lens_peers \
-    "${wheels[@]}" && export PYTHONPATH="$PYTHONPATH:/tmp/lens_peers"
+  PEERS_DIR="$(mktemp -d)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PEERS_DIR" \
+    "${wheels[@]}" && export PYTHONPATH="$PYTHONPATH:$PEERS_DIR"
   "$PY" -c "import importlib.metadata as m; [print(p, m.version(p)) for p in ('liger-kernel', 'cut-cross-entropy')]" \
     || echo "peer wheels did not import: their rows will say so"
 else
