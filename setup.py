@@ -39,14 +39,18 @@ def _cuda_extension():
         print("lens_kernels: building the pure-Python package (" + "; ".join(reasons) + ")")
         return None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
+    # No -std here: torch picks the standard its headers need (C++20 from torch 2.13 on); the
+    # torch-free kernels compile as C++17 or later.
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     if "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]:
+        # sm_90a machine code beside torch's sm_90: the cluster kernel is plain sm_90, sm_90a leaves
+        # room for wgmma/setmaxnreg paths
         nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a"]
     ext = CUDAExtension(
         name="lens_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ext, BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 

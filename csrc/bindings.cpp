@@ -1,0 +1,358 @@
+// Torch bindings of the CUDA kernels: ops in the ``lens_kernels`` namespace, registered with
+// TORCH_LIBRARY so that torch.compile sees them (their fake implementations are registered in
+// lens_kernels/backends/cuda.py). Kept apart from the .cu files, which stay torch-free and compile
+// in seconds, while anything including torch takes minutes.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "lens_kernels.h"
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+lens::DType to_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return lens::DType::kFloat32;
+    case at::kHalf: return lens::DType::kFloat16;
+    case at::kBFloat16: return lens::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16 for the cuda backend, got ",
+                       t.scalar_type());
+  }
+}
+
+// [B, T, V] or [N, V] with stride 1 on V.
+lens::RowLayout row_layout(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, name, " must be [B, T, V] or [N, V], got ", t.sizes());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have stride 1 along V, got strides ",
+              t.strides());
+  if (t.dim() == 3) return lens::RowLayout{std::max<int64_t>(1, t.size(1)), t.stride(0), t.stride(1)};
+  return lens::RowLayout{1, t.stride(0), 0};
+}
+
+int64_t num_rows(const Tensor& t) { return t.numel() == 0 ? 0 : t.numel() / t.size(-1); }
+
+void check_cuda(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got device ", t.device());
+}
+
+// Per-row vectors: contiguous, on the logits' device, [rows], of one dtype.
+void check_rows(const Tensor& t, const char* name, int64_t rows, at::ScalarType dtype, const Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() == rows, name, " must be contiguous with ", rows,
+              " elements (one per row), got shape ", t.sizes());
+}
+
+template <typename Ptr>
+Ptr* opt_ptr(const optional<Tensor>& t, const char* name, int64_t rows, at::ScalarType dtype, const Tensor& like) {
+  if (!t.has_value()) return nullptr;
+  check_rows(*t, name, rows, dtype, like);
+  return t->data_ptr<Ptr>();
+}
+
+void throw_if_failed(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "lens_kernels cuda op ", op, " failed: ", cudaGetErrorString(err));
+}
+
+// Inputs common to every row op: logits, targets, mask, temperature.
+struct RowInputs {
+  int64_t rows;
+  int64_t vocab;
+  lens::RowLayout layout;
+  lens::DType dtype;
+  const int64_t* targets;
+  const bool* mask;
+  const float* tau_rows;
+};
+
+RowInputs row_inputs(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
+                     const optional<Tensor>& tau_rows) {
+  check_cuda(logits, "logits");
+  RowInputs in;
+  in.layout = row_layout(logits, "logits");
+  in.dtype = to_dtype(logits, "logits");
+  in.rows = num_rows(logits);
+  in.vocab = logits.size(-1);
+  check_rows(targets, "targets", in.rows, at::kLong, logits);
+  in.targets = targets.data_ptr<int64_t>();
+  in.mask = opt_ptr<bool>(mask, "mask", in.rows, at::kBool, logits);
+  in.tau_rows = opt_ptr<float>(tau_rows, "tau_rows", in.rows, at::kFloat, logits);
+  return in;
+}
+
+Tensor per_row(const Tensor& logits, int64_t rows) {
+  return at::empty({rows}, logits.options().dtype(at::kFloat));
+}
+
+// ---------------------------------------------------------------------------------------------
+// token_logprobs
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(const Tensor& logits, const Tensor& targets,
+                                                              const optional<Tensor>& mask,
+                                                              const optional<Tensor>& tau_rows, double tau,
+                                                              bool seq_sums) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowInputs in = row_inputs(logits, targets, mask, tau_rows);
+  Tensor logp = per_row(logits, in.rows), entropy = per_row(logits, in.rows), lse = per_row(logits, in.rows);
+  const int64_t n_seq = seq_sums ? (logits.dim() == 3 ? logits.size(0) : in.rows) : 0;
+  Tensor seq_sum = at::zeros({n_seq}, logits.options().dtype(at::kFloat));
+  lens::LogprobFwdArgs a{};
+  a.logits = logits.data_ptr();
+  a.targets = in.targets;
+  a.mask = in.mask;
+  a.tau_rows = in.tau_rows;
+  a.tau = static_cast<float>(tau);
+  a.rows = in.rows;
+  a.vocab = in.vocab;
+  a.layout = in.layout;
+  a.dtype = in.dtype;
+  a.logp = logp.data_ptr<float>();
+  a.entropy = entropy.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  a.seq_sum = seq_sums ? seq_sum.data_ptr<float>() : nullptr;
+  throw_if_failed(lens::launch_token_logprobs_fwd(a, c10::cuda::getCurrentCUDAStream()), "token_logprobs_fwd");
+  return {logp, entropy, lse, seq_sum};
+}
+
+void run_token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
+                            const optional<Tensor>& tau_rows, double tau, const Tensor& lse, const Tensor& entropy,
+                            const Tensor& g_logp, const optional<Tensor>& g_entropy, const Tensor& grad) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowInputs in = row_inputs(logits, targets, mask, tau_rows);
+  check_rows(lse, "lse", in.rows, at::kFloat, logits);
+  check_rows(entropy, "entropy", in.rows, at::kFloat, logits);
+  check_rows(g_logp, "g_logp", in.rows, at::kFloat, logits);
+  lens::LogprobBwdArgs a{};
+  a.logits = logits.data_ptr();
+  a.targets = in.targets;
+  a.mask = in.mask;
+  a.tau_rows = in.tau_rows;
+  a.tau = static_cast<float>(tau);
+  a.lse = lse.data_ptr<float>();
+  a.entropy = entropy.data_ptr<float>();
+  a.g_logp = g_logp.data_ptr<float>();
+  a.g_entropy = opt_ptr<float>(g_entropy, "g_entropy", in.rows, at::kFloat, logits);
+  a.rows = in.rows;
+  a.vocab = in.vocab;
+  a.layout = in.layout;
+  a.dtype = in.dtype;
+  a.grad = grad.data_ptr();
+  a.grad_layout = row_layout(grad, "grad");
+  throw_if_failed(lens::launch_token_logprobs_bwd(a, c10::cuda::getCurrentCUDAStream()), "token_logprobs_bwd");
+}
+
+Tensor token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
+                          const optional<Tensor>& tau_rows, double tau, const Tensor& lse, const Tensor& entropy,
+                          const Tensor& g_logp, const optional<Tensor>& g_entropy) {
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  run_token_logprobs_bwd(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy, grad);
+  return grad;
+}
+
+void token_logprobs_bwd_(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
+                         const optional<Tensor>& tau_rows, double tau, const Tensor& lse, const Tensor& entropy,
+                         const Tensor& g_logp, const optional<Tensor>& g_entropy) {
+  run_token_logprobs_bwd(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy, logits);
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused policy loss
+// ---------------------------------------------------------------------------------------------
+// ``params`` in this order (LossConfig; <= 0 turns an optional bound off):
+constexpr int kNumLossParams = 13;
+
+lens::LossParams loss_params(c10::ArrayRef<double> p) {
+  TORCH_CHECK(p.size() == kNumLossParams, "params must hold ", kNumLossParams,
+              " numbers [policy_loss, epsilon_low, epsilon_high, delta, dual_clip, cispo_ratio_cap, "
+              "sapo_temperature_pos, sapo_temperature_neg, log_ratio_clamp, beta, kl_estimator, kl_clamp, "
+              "grad_scale], got ", p.size());
+  lens::LossParams q{};
+  q.policy_loss = static_cast<lens::PolicyLoss>(static_cast<int>(p[0]));
+  q.epsilon_low = static_cast<float>(p[1]);
+  q.epsilon_high = static_cast<float>(p[2]);
+  q.delta = static_cast<float>(p[3]);
+  q.dual_clip = static_cast<float>(p[4]);
+  q.cispo_ratio_cap = static_cast<float>(p[5]);
+  q.sapo_temperature_pos = static_cast<float>(p[6]);
+  q.sapo_temperature_neg = static_cast<float>(p[7]);
+  q.log_ratio_clamp = static_cast<float>(p[8]);
+  q.beta = static_cast<float>(p[9]);
+  q.kl_estimator = static_cast<lens::KLEstimator>(static_cast<int>(p[10]));
+  q.kl_clamp = static_cast<float>(p[11]);
+  q.grad_scale = static_cast<float>(p[12]);
+  TORCH_CHECK(static_cast<int>(q.policy_loss) >= 0 && static_cast<int>(q.policy_loss) <= 2,
+              "params[0] (policy_loss) must be 0 (ppo), 1 (cispo) or 2 (sapo), got ", p[0]);
+  TORCH_CHECK(static_cast<int>(q.kl_estimator) >= 0 && static_cast<int>(q.kl_estimator) <= 2,
+              "params[10] (kl_estimator) must be 0 (k1), 1 (k2) or 2 (k3), got ", p[10]);
+  return q;
+}
+
+void run_fused_policy_loss(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
+                           const optional<Tensor>& tau_rows, double tau, const Tensor& advantages,
+                           const Tensor& loss_weight, const optional<Tensor>& entropy_weight,
+                           const optional<Tensor>& old_logp, const optional<Tensor>& ref_logp,
+                           const optional<Tensor>& is_weights, c10::ArrayRef<double> params, int64_t path,
+                           const Tensor& grad, const Tensor& logp, const Tensor& entropy, const Tensor& g_logp) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowInputs in = row_inputs(logits, targets, mask, tau_rows);
+  lens::FusedLossArgs a{};
+  a.logits = logits.data_ptr();
+  a.targets = in.targets;
+  a.mask = in.mask;
+  a.tau_rows = in.tau_rows;
+  a.tau = static_cast<float>(tau);
+  check_rows(advantages, "advantages", in.rows, at::kFloat, logits);
+  check_rows(loss_weight, "loss_weight", in.rows, at::kFloat, logits);
+  a.advantages = advantages.data_ptr<float>();
+  a.loss_weight = loss_weight.data_ptr<float>();
+  a.entropy_weight = opt_ptr<float>(entropy_weight, "entropy_weight", in.rows, at::kFloat, logits);
+  a.old_logp = opt_ptr<float>(old_logp, "old_logp", in.rows, at::kFloat, logits);
+  a.ref_logp = opt_ptr<float>(ref_logp, "ref_logp", in.rows, at::kFloat, logits);
+  a.is_weights = opt_ptr<float>(is_weights, "is_weights", in.rows, at::kFloat, logits);
+  a.params = loss_params(params);
+  TORCH_CHECK(a.params.beta == 0.f || a.ref_logp != nullptr, "ref_logp is required when beta != 0 (the KL term)");
+  TORCH_CHECK(path >= -1 && path <= 2, "path must be -1 (auto), 0 (stream), 1 (smem row) or 2 (cluster), got ", path);
+  a.path = static_cast<lens::RowPath>(path);
+  a.rows = in.rows;
+  a.vocab = in.vocab;
+  a.layout = in.layout;
+  a.dtype = in.dtype;
+  a.grad = grad.data_ptr();
+  a.grad_layout = row_layout(grad, "grad");
+  a.logp = logp.data_ptr<float>();
+  a.entropy = entropy.data_ptr<float>();
+  a.g_logp = g_logp.data_ptr<float>();
+  throw_if_failed(lens::launch_fused_policy_loss(a, c10::cuda::getCurrentCUDAStream()), "fused_policy_loss");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_policy_loss(
+    const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask, const optional<Tensor>& tau_rows,
+    double tau, const Tensor& advantages, const Tensor& loss_weight, const optional<Tensor>& entropy_weight,
+    const optional<Tensor>& old_logp, const optional<Tensor>& ref_logp, const optional<Tensor>& is_weights,
+    c10::ArrayRef<double> params, int64_t path) {
+  const int64_t rows = num_rows(logits);
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  Tensor logp = per_row(logits, rows), entropy = per_row(logits, rows), g_logp = per_row(logits, rows);
+  run_fused_policy_loss(logits, targets, mask, tau_rows, tau, advantages, loss_weight, entropy_weight, old_logp,
+                        ref_logp, is_weights, params, path, grad, logp, entropy, g_logp);
+  return {grad, logp, entropy, g_logp};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_policy_loss_(
+    const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask, const optional<Tensor>& tau_rows,
+    double tau, const Tensor& advantages, const Tensor& loss_weight, const optional<Tensor>& entropy_weight,
+    const optional<Tensor>& old_logp, const optional<Tensor>& ref_logp, const optional<Tensor>& is_weights,
+    c10::ArrayRef<double> params, int64_t path) {
+  const int64_t rows = num_rows(logits);
+  Tensor logp = per_row(logits, rows), entropy = per_row(logits, rows), g_logp = per_row(logits, rows);
+  run_fused_policy_loss(logits, targets, mask, tau_rows, tau, advantages, loss_weight, entropy_weight, old_logp,
+                        ref_logp, is_weights, params, path, logits, logp, entropy, g_logp);
+  return {logp, entropy, g_logp};
+}
+
+int64_t fused_loss_path(int64_t vocab, int64_t dtype, int64_t requested) {
+  return static_cast<int64_t>(
+      lens::fused_loss_path(vocab, static_cast<lens::DType>(dtype), static_cast<lens::RowPath>(requested)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// group advantages
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> group_advantages(const Tensor& rewards, const Tensor& group,
+                                                    const optional<Tensor>& correct,
+                                                    const optional<Tensor>& old_logp,
+                                                    const optional<Tensor>& old_mask, int64_t estimator,
+                                                    int64_t scale, int64_t lens_groups, bool lens_d_sequence,
+                                                    bool std_unbiased, double eps, double lens_alpha) {
+  check_cuda(rewards, "rewards");
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  const int64_t n = rewards.numel();
+  check_rows(rewards, "rewards", n, at::kFloat, rewards);
+  check_rows(group, "group", n, at::kLong, rewards);
+  TORCH_CHECK(estimator >= 0 && estimator <= 3, "estimator must be 0..3 (grpo, dr_grpo, rloo, lens), got ", estimator);
+  TORCH_CHECK(scale >= 0 && scale <= 2, "scale must be 0..2 (group, batch, none), got ", scale);
+  TORCH_CHECK(lens_groups >= 0 && lens_groups <= 2, "lens_groups must be 0..2 (all, negative, mixed), got ",
+              lens_groups);
+  lens::GroupAdvArgs a{};
+  a.rewards = rewards.data_ptr<float>();
+  a.group = group.data_ptr<int64_t>();
+  a.correct = opt_ptr<bool>(correct, "correct", n, at::kBool, rewards);
+  a.n = n;
+  a.estimator = static_cast<lens::Estimator>(estimator);
+  a.scale = static_cast<lens::Scale>(scale);
+  a.lens_groups = static_cast<lens::LensGroups>(lens_groups);
+  a.lens_d_sequence = lens_d_sequence;
+  a.std_unbiased = std_unbiased;
+  a.eps = static_cast<float>(eps);
+  a.lens_alpha = static_cast<float>(lens_alpha);
+  Tensor confidence = at::zeros({a.estimator == lens::Estimator::kLENS ? n : 0}, rewards.options());
+  if (a.estimator == lens::Estimator::kLENS) {
+    TORCH_CHECK(old_logp.has_value(), "old_logp [N, T] is required for estimator lens");
+    TORCH_CHECK(old_logp->dim() == 2 && old_logp->size(0) == n && old_logp->scalar_type() == at::kFloat &&
+                    old_logp->is_contiguous() && old_logp->device() == rewards.device(),
+                "old_logp must be a contiguous float32 [N, T] tensor on ", rewards.device(), " with N = ", n,
+                ", got ", old_logp->sizes(), " ", old_logp->scalar_type());
+    a.old_logp = old_logp->data_ptr<float>();
+    a.seq_len = old_logp->size(1);
+    a.old_stride = old_logp->stride(0);
+    if (old_mask.has_value()) {
+      TORCH_CHECK(old_mask->sizes() == old_logp->sizes() && old_mask->scalar_type() == at::kBool &&
+                      old_mask->is_contiguous() && old_mask->device() == rewards.device(),
+                  "old_mask must be a contiguous bool tensor shaped like old_logp ", old_logp->sizes(), ", got ",
+                  old_mask->sizes(), " ", old_mask->scalar_type());
+      a.old_mask = old_mask->data_ptr<bool>();
+    }
+    a.confidence = confidence.data_ptr<float>();
+  }
+  Tensor workspace = at::empty({lens::kAdvWorkspacePerItem * n}, rewards.options());
+  Tensor advantages = at::empty({n}, rewards.options());
+  Tensor metrics = at::empty({lens::kAdvMetrics}, rewards.options());
+  a.workspace = workspace.data_ptr<float>();
+  a.advantages = advantages.data_ptr<float>();
+  a.metrics = metrics.data_ptr<float>();
+  throw_if_failed(lens::launch_group_advantages(a, c10::cuda::getCurrentCUDAStream()), "group_advantages");
+  return {advantages, confidence, metrics};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lens_kernels, m) {
+  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
+        "bool seq_sums) -> (Tensor logp, Tensor entropy, Tensor lse, Tensor seq_sum)");
+  m.def("token_logprobs_bwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
+        "Tensor lse, Tensor entropy, Tensor g_logp, Tensor? g_entropy) -> Tensor");
+  m.def("token_logprobs_bwd_(Tensor(a!) logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
+        "Tensor lse, Tensor entropy, Tensor g_logp, Tensor? g_entropy) -> ()");
+  m.def("fused_policy_loss(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
+        "Tensor advantages, Tensor loss_weight, Tensor? entropy_weight, Tensor? old_logp, Tensor? ref_logp, "
+        "Tensor? is_weights, float[] params, int path) -> (Tensor grad, Tensor logp, Tensor entropy, Tensor g_logp)");
+  m.def("fused_policy_loss_(Tensor(a!) logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
+        "Tensor advantages, Tensor loss_weight, Tensor? entropy_weight, Tensor? old_logp, Tensor? ref_logp, "
+        "Tensor? is_weights, float[] params, int path) -> (Tensor logp, Tensor entropy, Tensor g_logp)");
+  m.def("group_advantages(Tensor rewards, Tensor group, Tensor? correct, Tensor? old_logp, Tensor? old_mask, "
+        "int estimator, int scale, int lens_groups, bool lens_d_sequence, bool std_unbiased, float eps, "
+        "float lens_alpha) -> (Tensor advantages, Tensor confidence, Tensor metrics)");
+  m.def("fused_loss_path(int vocab, int dtype, int requested) -> int", &fused_loss_path);
+}
+
+TORCH_LIBRARY_IMPL(lens_kernels, CUDA, m) {
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd);
+  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_);
+  m.impl("fused_policy_loss", &fused_policy_loss);
+  m.impl("fused_policy_loss_", &fused_policy_loss_);
+  m.impl("group_advantages", &group_advantages);
+}
+
+// An importable module: ``import lens_kernels._C`` loads the library and so registers the ops.
+static struct PyModuleDef lens_kernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lens_kernels_module); }

@@ -1,0 +1,155 @@
+// Host API of the lens_kernels CUDA kernels: plain structs of raw pointers and a launcher per op.
+// Torch-free, so that the kernels compile in about a second and the standalone test binary
+// (csrc/test/test_kernels.cu) links them without torch; csrc/bindings.cpp adapts torch tensors.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace lens {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Rows of a [B, T, V] or [N, V] view with stride 1 on V: row r = b * inner + t sits at element
+// offset b * stride_outer + t * stride_inner. A logits[:, :-1] slice is read in place this way.
+struct RowLayout {
+  int64_t inner;         // T (1 for [N, V])
+  int64_t stride_outer;  // elements between consecutive b
+  int64_t stride_inner;  // elements between consecutive t
+};
+
+// Which kernel variant runs a row-wise op (SPEC 5).
+enum class RowPath : int {
+  kAuto = -1,
+  kStream = 0,   // one CTA per row, every sweep reads global memory (any arch, any V)
+  kSmemRow = 1,  // one CTA per row, the row cached in shared memory between the two sweeps
+  kCluster = 2,  // sm_90: a thread-block cluster per row, the row split over its CTAs' shared memory
+};
+
+// Forward log-probs: logp = z_t / tau - logsumexp(z / tau), entropy, lse, optional sequence sums.
+struct LogprobFwdArgs {
+  // data
+  const void* logits;       // [rows, vocab] view, dtype ``dtype``
+  const int64_t* targets;   // [rows]; ignored on masked rows
+  const bool* mask;         // [rows] or nullptr (all kept); masked rows skip the vocab loop
+  const float* tau_rows;    // [rows] temperature per row, or nullptr to use ``tau``
+  float tau;
+  // shapes and layout
+  int64_t rows;
+  int64_t vocab;
+  RowLayout layout;
+  DType dtype;
+  // outputs (fp32, [rows]); masked rows get logp = entropy = 0
+  float* logp;
+  float* entropy;
+  float* lse;               // logsumexp(z / tau), kept for backward
+  float* seq_sum;           // [rows / layout.inner] += sum of kept logp, or nullptr; zeroed by the caller
+};
+
+// Backward of token_logprobs: dz = (1/tau) [g_l (onehot - p) - g_H p (log p + H)].
+struct LogprobBwdArgs {
+  const void* logits;
+  const int64_t* targets;
+  const bool* mask;         // masked rows get an exact-zero gradient row
+  const float* tau_rows;
+  float tau;
+  const float* lse;         // from forward
+  const float* entropy;     // from forward (read only when g_entropy is given)
+  const float* g_logp;      // [rows] upstream gradient of logp
+  const float* g_entropy;   // [rows] or nullptr
+  int64_t rows;
+  int64_t vocab;
+  RowLayout layout;
+  DType dtype;
+  void* grad;               // output, dtype ``dtype``; may be ``logits`` itself (in place)
+  RowLayout grad_layout;
+};
+
+// The per-token policy loss options of LossConfig (SPEC 2.2) that the fused kernel evaluates.
+enum class PolicyLoss : int { kPPO = 0, kCISPO = 1, kSAPO = 2 };
+enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2 };
+
+struct LossParams {
+  PolicyLoss policy_loss;
+  float epsilon_low;
+  float epsilon_high;
+  float delta;            // <= 0: off
+  float dual_clip;        // <= 0: off
+  float cispo_ratio_cap;
+  float sapo_temperature_pos;
+  float sapo_temperature_neg;
+  float log_ratio_clamp;  // <= 0: off
+  float beta;             // KL weight; 0: off
+  KLEstimator kl_estimator;
+  float kl_clamp;         // <= 0: off
+  float grad_scale;       // the upstream gradient the written dL/dz assumes (SPEC 5 grad-scale contract)
+};
+
+// The 2-pass fused policy loss of token-level ratios: per row, log-prob and entropy (pass 1), the
+// per-token gradient coefficients, then dL/dz written (pass 2) from the row held on chip.
+struct FusedLossArgs {
+  const void* logits;
+  const int64_t* targets;
+  const bool* mask;
+  const float* tau_rows;
+  float tau;
+  // per-token inputs, fp32 [rows]
+  const float* advantages;
+  const float* loss_weight;     // aggregation weight w of the loss (LossConfig.loss_agg_mode, dp_size)
+  const float* entropy_weight;  // dL/dH per token (-entropy_coef * w_H), or nullptr
+  const float* old_logp;        // nullptr: on-policy (rho = 1 with its gradient)
+  const float* ref_logp;        // required when params.beta != 0
+  const float* is_weights;      // nullptr: none
+  LossParams params;
+  int64_t rows;
+  int64_t vocab;
+  RowLayout layout;
+  DType dtype;
+  RowPath path;                 // kAuto picks the fastest variant the device can run
+  // outputs
+  void* grad;                   // dL/dz (dtype ``dtype``), may be ``logits`` (in place)
+  RowLayout grad_layout;
+  float* logp;                  // [rows]
+  float* entropy;               // [rows]
+  float* g_logp;                // [rows] dL/dl per token (grad_scale excluded), for metrics and tests
+};
+
+// Group advantages of a rollout batch in one launch (SPEC 2.1, 5): GRPO, Dr. GRPO, RLOO and LENS.
+enum class Estimator : int { kGRPO = 0, kDrGRPO = 1, kRLOO = 2, kLENS = 3 };
+enum class Scale : int { kGroup = 0, kBatch = 1, kNone = 2 };
+enum class LensGroups : int { kAll = 0, kNegative = 1, kMixed = 2 };
+
+constexpr int kAdvMetrics = 16;  // layout of GroupAdvArgs::metrics, see group_advantages.cu
+
+struct GroupAdvArgs {
+  const float* rewards;     // [n]; NaN = left out (advantage 0)
+  const int64_t* group;     // [n] dense group index in [0, n)
+  const bool* correct;      // [n] or nullptr (correct = reward > 0)
+  const float* old_logp;    // [n, seq_len] (LENS), row stride ``old_stride``
+  const bool* old_mask;     // [n, seq_len] or nullptr
+  int64_t n;
+  int64_t seq_len;
+  int64_t old_stride;
+  Estimator estimator;
+  Scale scale;
+  LensGroups lens_groups;
+  bool lens_d_sequence;     // D_imp from the raw sequence probability instead of pbar
+  bool std_unbiased;
+  float eps;
+  float lens_alpha;
+  float* workspace;         // fp32 [kAdvWorkspacePerItem * n], any contents
+  float* advantages;        // [n]
+  float* confidence;        // [n] pbar (LENS), or nullptr
+  float* metrics;           // [kAdvMetrics] sums, see group_advantages.cu
+};
+constexpr int kAdvWorkspacePerItem = 10;
+
+cudaError_t launch_token_logprobs_fwd(const LogprobFwdArgs& args, cudaStream_t stream);
+cudaError_t launch_token_logprobs_bwd(const LogprobBwdArgs& args, cudaStream_t stream);
+cudaError_t launch_fused_policy_loss(const FusedLossArgs& args, cudaStream_t stream);
+cudaError_t launch_group_advantages(const GroupAdvArgs& args, cudaStream_t stream);
+
+// The variant launch_fused_policy_loss runs for this shape on the current device (kAuto resolved).
+RowPath fused_loss_path(int64_t vocab, DType dtype, RowPath requested);
+
+}  // namespace lens

@@ -1,0 +1,97 @@
+// Per-token policy-loss terms for token-level ratios: the value and the closed-form dL/dl of
+// torch_ops.token_coefficients and torch_ops.kl_and_grad, branch for branch (ties of min/clamp
+// split the gradient exactly as torch does). Host and device, so that the standalone test binary
+// can check the kernel's coefficients against the same function evaluated on the CPU.
+#pragma once
+
+#include <math.h>
+
+#include "lens_kernels.h"
+
+#if defined(__CUDACC__)
+#define LENS_HD __host__ __device__ __forceinline__
+#else
+#define LENS_HD inline
+#endif
+
+namespace lens {
+
+struct TokenTerms {
+  float loss;  // w * f + beta * w * kl (the entropy bonus is added by the caller from H)
+  float g_l;   // dL/dl
+  float rho;   // the importance ratio (metrics)
+};
+
+LENS_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+// l: log-prob of the current policy; l_old: of the sampling policy (has_old false: on-policy,
+// l_old = l, so rho = 1 with the gradient of rho); l_ref: of the reference policy (used when
+// beta != 0); A: advantage; w: aggregation weight; isw: importance-sampling weight.
+LENS_HD TokenTerms token_terms(float l, float l_old, bool has_old, float l_ref, float A, float w, float isw,
+                               const LossParams& p) {
+  float log_r = has_old ? l - l_old : 0.f;
+  bool inside = true;
+  if (p.log_ratio_clamp > 0.f) {
+    inside = log_r >= -p.log_ratio_clamp && log_r <= p.log_ratio_clamp;
+    log_r = clampf(log_r, -p.log_ratio_clamp, p.log_ratio_clamp);
+  }
+  const float rho = expf(log_r);
+  const float drho = inside ? rho : 0.f;  // d rho / d log-ratio, 0 where the clamp is active
+  float f, df, direct = 0.f;
+  if (p.policy_loss == PolicyLoss::kPPO) {
+    const float lo = 1.f - p.epsilon_low, hi = 1.f + p.epsilon_high;
+    const bool has_delta = p.delta > 0.f;
+    const float t1 = (has_delta ? fminf(rho, p.delta) : rho) * A;
+    const float d1 = has_delta ? (rho <= p.delta ? A : 0.f) : A;
+    const float t2 = clampf(rho, lo, hi) * A;
+    const float d2 = (rho >= lo && rho <= hi) ? A : 0.f;
+    f = -fminf(t1, t2);
+    df = -(t1 < t2 ? d1 : (t2 < t1 ? d2 : 0.5f * (d1 + d2)));
+    if (p.dual_clip > 0.f && A < 0.f) {
+      const float bound = -p.dual_clip * A;
+      df = f > bound ? 0.f : (f == bound ? 0.5f * df : df);
+      f = fminf(f, bound);
+    }
+  } else if (p.policy_loss == PolicyLoss::kCISPO) {
+    const float capped = fminf(rho, p.cispo_ratio_cap);
+    f = -capped * A * l;
+    df = 0.f;
+    direct = -capped * A;
+  } else {  // SAPO
+    const float tau = A > 0.f ? p.sapo_temperature_pos : p.sapo_temperature_neg;
+    const float s = 1.f / (1.f + expf(-tau * (rho - 1.f)));
+    f = -(4.f / tau) * s * A;
+    df = -4.f * s * (1.f - s) * A;
+  }
+  f *= isw;
+  df *= isw;
+  direct *= isw;
+  TokenTerms out;
+  out.rho = rho;
+  out.loss = w * f;
+  out.g_l = w * direct + w * df * drho;
+  if (p.beta != 0.f) {
+    const float d = l_ref - l;
+    float kl, dkl;
+    if (p.kl_estimator == KLEstimator::kK1) {
+      kl = -d;
+      dkl = 1.f;
+    } else if (p.kl_estimator == KLEstimator::kK2) {
+      kl = 0.5f * d * d;
+      dkl = -d;
+    } else {
+      const float ed = expf(d);
+      kl = ed - d - 1.f;
+      dkl = 1.f - ed;
+    }
+    if (p.kl_clamp > 0.f) {
+      dkl = (kl >= -p.kl_clamp && kl <= p.kl_clamp) ? dkl : 0.f;
+      kl = clampf(kl, -p.kl_clamp, p.kl_clamp);
+    }
+    out.loss += p.beta * w * kl;
+    out.g_l += p.beta * w * dkl;
+  }
+  return out;
+}
+
+}  // namespace lens

@@ -1,0 +1,96 @@
+// token_logprobs: forward (log-prob, entropy, lse and optional per-sequence sums in one read of the
+// logits) and backward (dL/dz in one read and one write, optionally in place). The math is
+// torch_ops._rows_forward / _rows_backward; reference.py is the oracle the tests compare against.
+#include "common.cuh"
+
+namespace lens {
+
+constexpr int kRowThreads = 512;
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one CTA per row, one pass over the row (online softmax with the shifted entropy sum).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(LogprobFwdArgs a) {
+  __shared__ SoftmaxState scratch[kThreads / 32];
+  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    // masked rows never touch their logits (their targets may be padding ids)
+    if (a.mask != nullptr && !a.mask[row]) {
+      if (threadIdx.x == 0) {
+        a.logp[row] = 0.f;
+        a.entropy[row] = 0.f;
+        a.lse[row] = 0.f;
+      }
+      continue;
+    }
+    const T* z = logits + row_offset(row, a.layout);
+    const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
+    SoftmaxState state = SoftmaxState::empty();
+    sweep_read<T, kThreads>(z, 0, a.vocab, [&](int64_t, float x) { state.add(x * inv_tau); });
+    state = block_merge<kThreads>(state, scratch);
+    if (threadIdx.x == 0) {
+      const float y_t = to_float(z[a.targets[row]]) * inv_tau;
+      const float lse = state.log_sum();
+      // rounding can push y_t - lse a hair above 0 when one logit dominates; a log-prob never is
+      const float logp = fminf(y_t - lse, 0.f);
+      a.logp[row] = logp;
+      a.entropy[row] = fmaxf(state.entropy(), 0.f);
+      a.lse[row] = lse;
+      if (a.seq_sum != nullptr) atomicAdd(a.seq_sum + row / a.layout.inner, logp);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: dz = (1/tau) [g_l (onehot - p) - g_H p (log p + H)], one read and one write per row.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kThreads, bool kHasEntropyGrad>
+__global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(LogprobBwdArgs a) {
+  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  T* grad = static_cast<T*>(a.grad);  // not __restrict__: it may be the logits buffer (in place)
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    T* out = grad + row_offset(row, a.grad_layout);
+    if (a.mask != nullptr && !a.mask[row]) {
+      sweep_zero<T, kThreads>(out, 0, a.vocab);
+      continue;
+    }
+    const T* z = logits + row_offset(row, a.layout);
+    const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
+    const int64_t target = a.targets[row];
+    const float lse = a.lse[row];
+    const float g_l = a.g_logp[row];
+    const float g_h = kHasEntropyGrad ? a.g_entropy[row] : 0.f;
+    const float entropy = kHasEntropyGrad ? a.entropy[row] : 0.f;
+    sweep_write<T, kThreads>(z, out, 0, a.vocab, [&](int64_t v, float x) {
+      return softmax_grad(x, v == target, inv_tau, lse, entropy, g_l, g_h);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------
+cudaError_t launch_token_logprobs_fwd(const LogprobFwdArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  if (args.vocab < 1 || args.layout.inner < 1) return cudaErrorInvalidValue;
+  LENS_DISPATCH_DTYPE(args.dtype, T, {
+    token_logprobs_fwd_kernel<T, kRowThreads><<<row_grid(args.rows), kRowThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  })
+}
+
+cudaError_t launch_token_logprobs_bwd(const LogprobBwdArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  if (args.vocab < 1 || args.layout.inner < 1 || args.grad_layout.inner < 1) return cudaErrorInvalidValue;
+  LENS_DISPATCH_DTYPE(args.dtype, T, {
+    if (args.g_entropy != nullptr) {
+      token_logprobs_bwd_kernel<T, kRowThreads, true><<<row_grid(args.rows), kRowThreads, 0, stream>>>(args);
+    } else {
+      token_logprobs_bwd_kernel<T, kRowThreads, false><<<row_grid(args.rows), kRowThreads, 0, stream>>>(args);
+    }
+    return cudaGetLastError();
+  })
+}
+
+}  // namespace lens
