@@ -167,28 +167,12 @@ void token_logprobs_bwd_(const Tensor& logits, const Tensor& targets, const opti
 // ---------------------------------------------------------------------------------------------
 // fused policy loss
 // ---------------------------------------------------------------------------------------------
-// ``params`` in this order (LossConfig; <= 0 turns an optional bound off):
-constexpr int kNumLossParams = 13;
-
 lens::LossParams loss_params(c10::ArrayRef<double> p) {
-  TORCH_CHECK(p.size() == kNumLossParams, "params must hold ", kNumLossParams,
+  TORCH_CHECK(p.size() == lens::kNumLossParams, "params must hold ", lens::kNumLossParams,
               " numbers [policy_loss, epsilon_low, epsilon_high, delta, dual_clip, cispo_ratio_cap, "
               "sapo_temperature_pos, sapo_temperature_neg, log_ratio_clamp, beta, kl_estimator, kl_clamp, "
               "grad_scale], got ", p.size());
-  lens::LossParams q{};
-  q.policy_loss = static_cast<lens::PolicyLoss>(static_cast<int>(p[0]));
-  q.epsilon_low = static_cast<float>(p[1]);
-  q.epsilon_high = static_cast<float>(p[2]);
-  q.delta = static_cast<float>(p[3]);
-  q.dual_clip = static_cast<float>(p[4]);
-  q.cispo_ratio_cap = static_cast<float>(p[5]);
-  q.sapo_temperature_pos = static_cast<float>(p[6]);
-  q.sapo_temperature_neg = static_cast<float>(p[7]);
-  q.log_ratio_clamp = static_cast<float>(p[8]);
-  q.beta = static_cast<float>(p[9]);
-  q.kl_estimator = static_cast<lens::KLEstimator>(static_cast<int>(p[10]));
-  q.kl_clamp = static_cast<float>(p[11]);
-  q.grad_scale = static_cast<float>(p[12]);
+  const lens::LossParams q = lens::loss_params_from_array(p.data());
   TORCH_CHECK(static_cast<int>(q.policy_loss) >= 0 && static_cast<int>(q.policy_loss) <= 2,
               "params[0] (policy_loss) must be 0 (ppo), 1 (cispo) or 2 (sapo), got ", p[0]);
   TORCH_CHECK(static_cast<int>(q.kl_estimator) >= 0 && static_cast<int>(q.kl_estimator) <= 2,

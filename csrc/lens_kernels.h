@@ -85,6 +85,29 @@ struct LossParams {
   float grad_scale;       // the upstream gradient the written dL/dz assumes (SPEC 5 grad-scale contract)
 };
 
+// LossParams from the flat list of numbers the torch op takes (bindings.cpp, cuda.py _loss_params),
+// in this order: policy_loss, epsilon_low, epsilon_high, delta, dual_clip, cispo_ratio_cap,
+// sapo_temperature_pos, sapo_temperature_neg, log_ratio_clamp, beta, kl_estimator, kl_clamp, grad_scale.
+constexpr int kNumLossParams = 13;
+
+inline LossParams loss_params_from_array(const double* p) {
+  LossParams q{};
+  q.policy_loss = static_cast<PolicyLoss>(static_cast<int>(p[0]));
+  q.epsilon_low = static_cast<float>(p[1]);
+  q.epsilon_high = static_cast<float>(p[2]);
+  q.delta = static_cast<float>(p[3]);
+  q.dual_clip = static_cast<float>(p[4]);
+  q.cispo_ratio_cap = static_cast<float>(p[5]);
+  q.sapo_temperature_pos = static_cast<float>(p[6]);
+  q.sapo_temperature_neg = static_cast<float>(p[7]);
+  q.log_ratio_clamp = static_cast<float>(p[8]);
+  q.beta = static_cast<float>(p[9]);
+  q.kl_estimator = static_cast<KLEstimator>(static_cast<int>(p[10]));
+  q.kl_clamp = static_cast<float>(p[11]);
+  q.grad_scale = static_cast<float>(p[12]);
+  return q;
+}
+
 // The 2-pass fused policy loss of token-level ratios: per row, log-prob and entropy (pass 1), the
 // per-token gradient coefficients, then dL/dz written (pass 2) from the row held on chip.
 struct FusedLossArgs {
