@@ -1,0 +1,202 @@
+"""The CUDA kernels (lens_kernels._C) on a GPU, against the float64 reference.
+
+Fresh random inputs, outputs that must be written (NaN poison in the standalone binary; here every
+value is compared), bf16/fp16/fp32 with per-dtype tolerances, odd V, strided logits[:, :-1] views,
+masked rows and a fully masked sequence, every fused-loss kernel variant the device runs, in place,
+the grad-scale contract, GSPO's 3-pass path, the group-advantage kernel, and torch.compile.
+Skipped without a CUDA GPU and the built extension (benchmarks/device_check.sh runs them).
+"""
+import warnings
+
+import pytest
+import torch
+
+import lens_kernels as lk
+from lens_kernels import reference
+from lens_kernels.backends import cuda as cuda_backend
+from lens_kernels.config import LossConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and lk.HAS_CUDA_EXT),
+                       reason="needs a CUDA GPU and the built extension lens_kernels._C"),
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# log-prob / entropy: fp32 accumulation over V terms; gradient: rounding of the output dtype,
+# relative to the largest gradient element
+LOGP_TOL = dict(rtol=1e-5, atol=3e-4)
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+SHAPES = [(2, 5, 7), (3, 9, 1000), (2, 6, 4099), (1, 3, 151936)]
+
+
+def _batch(B, T, V, dtype, strided, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    buf = 3.0 * torch.randn(B, T + 1, V, device="cuda", generator=gen)
+    logits = (buf if strided else buf[:, :T].contiguous()).to(dtype)
+    logits = logits[:, :T] if strided else logits
+    targets = torch.randint(0, V, (B, T), device="cuda", generator=gen)
+    mask = torch.rand(B, T, device="cuda", generator=gen) > 0.2
+    mask[-1] = False if B > 1 else mask[-1]  # a fully masked sequence
+    targets = torch.where(mask, targets, torch.full_like(targets, -100))  # padding ids under the mask
+    return logits, targets, mask, gen
+
+
+def _grad_close(got, want, dtype):
+    assert not torch.isnan(got).any()
+    err = (got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30)
+    assert err <= GRAD_TOL[dtype], f"relative gradient error {err:.3e} > {GRAD_TOL[dtype]}"
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_logprobs_forward_backward(dtype, shape, strided):
+    logits, targets, mask, gen = _batch(*shape, dtype, strided, seed=hash((str(dtype), shape, strided)) % 2 ** 31)
+    temperature = 0.5 + torch.rand(shape[:2], device="cuda", generator=gen)
+    x = logits.detach().requires_grad_(True)
+    logp, entropy = lk.token_logprobs(x, targets, mask=mask, temperature=temperature, return_entropy=True,
+                                      backend="cuda")
+    x64 = logits.detach().double().requires_grad_(True)
+    ref_logp, ref_entropy = reference.token_logprobs(x64, targets, temperature.double(), mask)
+    assert logp.dtype == torch.float32 and (logp <= 0).all() and not torch.isnan(logp).any()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), **LOGP_TOL)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), **LOGP_TOL)
+    g_l, g_h = torch.randn(shape[:2], device="cuda", generator=gen), torch.randn(shape[:2], device="cuda", generator=gen)
+    (logp * g_l + entropy * g_h).sum().backward()
+    (ref_logp * g_l + ref_entropy * g_h).sum().backward()
+    _grad_close(x.grad, x64.grad, dtype)
+    assert (x.grad[~mask] == 0).all(), "masked rows must get an exact-zero gradient"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_logprobs_inplace_backward(dtype):
+    logits, targets, mask, gen = _batch(2, 7, 4099, dtype, False, seed=7)
+    x64 = logits.double().requires_grad_(True)
+    ref_logp, _ = reference.token_logprobs(x64, targets, 1.0, mask)
+    ref_logp.sum().backward()
+    x = logits.clone().requires_grad_(True)
+    buf = x.detach()
+    logp, _ = lk.token_logprobs(x, targets, mask=mask, inplace_backward=True, backend="cuda")
+    logp.sum().backward()
+    _grad_close(x.grad, x64.grad, dtype)
+    assert x.grad.data_ptr() == buf.data_ptr(), "inplace_backward must write dL/dlogits into the logits buffer"
+
+
+def test_sequence_logprob_sums():
+    logits, targets, mask, _ = _batch(3, 11, 1003, torch.bfloat16, True, seed=3)
+    logp, entropy, seq_sum = cuda_backend.sequence_logprobs(logits, targets, mask)
+    ref_logp, ref_entropy = reference.token_logprobs(logits, targets, 1.0, mask)
+    torch.testing.assert_close(logp.double(), ref_logp, **LOGP_TOL)
+    torch.testing.assert_close(seq_sum.double(), ref_logp.sum(-1), rtol=1e-5, atol=1e-3)
+
+
+CONFIGS = {
+    "grpo": LossConfig(loss_agg_mode="seq-mean-token-mean"),
+    "dapo_dual_clip_kl": LossConfig(epsilon_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0, beta=0.04,
+                                    kl_clamp=10.0),
+    "delta_entropy_token_sum": LossConfig(delta=2.0, entropy_coef=0.01, loss_agg_mode="token-sum"),
+    "cispo_k2": LossConfig(policy_loss="cispo", cispo_ratio_cap=2.0, beta=0.02, kl_estimator="k2"),
+    "sapo_dr_grpo": LossConfig(policy_loss="sapo", loss_agg_mode="seq-mean-token-sum-norm", loss_norm_length=16),
+    "gspo_3pass": LossConfig(ratio_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4),
+}
+
+
+@pytest.mark.parametrize("path", ["stream", "smem_row", "cluster"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_policy_loss_matches_reference(name, dtype, path):
+    cfg = CONFIGS[name]
+    V = 151936 if path == "cluster" else 4099
+    if cuda_backend.fused_loss_path(V, dtype, path) != path:
+        pytest.skip(f"the {path} variant does not run V={V} {dtype} on this device")
+    B, T = 2, 6
+    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=hash((name, str(dtype), path)) % 2 ** 31)
+    adv = torch.randn(B, device="cuda", generator=gen)
+    ref_lp, _ = reference.token_logprobs(logits, targets, 1.0, mask)
+    old = (ref_lp + 0.3 * torch.randn(B, T, device="cuda", generator=gen, dtype=torch.float64)).float()
+    ref = (ref_lp + 0.3 * torch.randn(B, T, device="cuda", generator=gen, dtype=torch.float64)).float()
+    isw = 0.5 + torch.rand(B, T, device="cuda", generator=gen)
+    kwargs = dict(old_logps=old, ref_logps=ref, is_weights=isw, config=cfg)
+    x = logits.detach().requires_grad_(True)
+    loss, metrics = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, path=path, **kwargs)
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_(True)
+    ref_loss, ref_metrics = reference.policy_loss_from_logits(x64, targets, mask, adv, **kwargs)
+    ref_loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-4, atol=1e-6)
+    for key in ("policy_loss", "clip_frac", "ratio_mean", "ratio_max", "entropy"):
+        torch.testing.assert_close(metrics[key].double(), ref_metrics[key].double(), rtol=1e-3, atol=1e-5)
+    _grad_close(x.grad, x64.grad, dtype)
+    assert (x.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_policy_loss_in_place_and_grad_scale(dtype):
+    logits, targets, mask, gen = _batch(2, 5, 1001, dtype, False, seed=11)
+    adv = torch.randn(2, device="cuda", generator=gen)
+    cfg = LossConfig(entropy_coef=0.01)
+    x64 = logits.double().requires_grad_(True)
+    ref_loss, _ = reference.policy_loss_from_logits(x64, targets, mask, adv, config=cfg)
+    (0.25 * ref_loss).backward()
+    # the declared scale: no warning, dL/dz written once, into the logits buffer
+    x = logits.clone().requires_grad_(True)
+    buf = x.detach()
+    loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg, grad_scale=0.25, inplace=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (0.25 * loss).backward()
+    assert x.grad.data_ptr() == buf.data_ptr()
+    _grad_close(x.grad, x64.grad, dtype)
+    # an undeclared scale: a warning and an exact rescale
+    cuda_backend._warned_rescale = False
+    y = logits.clone().requires_grad_(True)
+    loss, _ = cuda_backend.policy_loss_from_logits(y, targets, mask, adv, config=cfg)
+    with pytest.warns(UserWarning, match="grad_scale"):
+        (0.25 * loss).backward()
+    _grad_close(y.grad, x64.grad, dtype)
+
+
+@pytest.mark.parametrize("estimator,options", [
+    ("grpo", {}), ("grpo", {"scale": "batch", "eps": 1e-6}), ("dr_grpo", {}), ("rloo", {}),
+    ("lens", {}), ("lens", {"lens_d_estimate": "sequence"}), ("lens", {"lens_groups": "negative"}),
+    ("lens", {"lens_groups": "mixed", "std_unbiased": False}),
+])
+def test_group_advantages_kernel_matches_torch(estimator, options):
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    G, groups, T = 8, 96, 33
+    n = G * groups
+    group = torch.randperm(n, device="cuda", generator=gen) % groups  # shuffled groups of G
+    p_correct = torch.tensor([0.0, 1.0, 0.5, 0.2], device="cuda")[group % 4]  # negative, all-correct, mixed
+    rewards = (torch.rand(n, device="cuda", generator=gen) < p_correct).float()
+    rewards[3] = float("nan")
+    group_ids = group * 7 + 3  # sparse ids
+    old = -2.0 * torch.rand(n, T, device="cuda", generator=gen)
+    mask = torch.rand(n, T, device="cuda", generator=gen) > 0.2
+    kwargs = dict(group_ids=group_ids, estimator=estimator, old_logps=old, mask=mask, nan_rewards="zero_advantage",
+                  **options)
+    adv, metrics = cuda_backend.group_advantages(rewards, **kwargs)
+    want, want_metrics = lk.group_advantages(rewards, **kwargs)
+    assert not torch.isnan(adv).any()
+    torch.testing.assert_close(adv, want, rtol=1e-4, atol=1e-5)
+    assert set(metrics) == set(want_metrics)
+    for key in want_metrics:
+        torch.testing.assert_close(metrics[key], want_metrics[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ops_trace_under_torch_compile():
+    logits, targets, mask, _ = _batch(2, 4, 1000, torch.bfloat16, False, seed=1)
+    t, keep = targets.reshape(-1).contiguous(), mask.reshape(-1).contiguous()
+
+    def f(z):
+        logp, entropy, _, _ = torch.ops.lens_kernels.token_logprobs_fwd(z, t, keep, None, 1.0, False)
+        return logp.sum() + entropy.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(logits), f(logits))
+
+
+def test_backend_selection():
+    logits, targets, mask, _ = _batch(1, 2, 11, torch.float32, False, seed=2)
+    assert lk.backend_for("token_logprobs", logits, "cuda") == "cuda"
+    assert lk.backend_for("token_logprobs", logits) in ("triton", "cuda")
