@@ -89,6 +89,20 @@ RowInputs row_inputs(const Tensor& logits, const Tensor& targets, const optional
   return in;
 }
 
+// The fields every row op's arguments share.
+template <typename Args>
+void set_row_inputs(Args& a, const Tensor& logits, const RowInputs& in, double tau) {
+  a.logits = logits.data_ptr();
+  a.targets = in.targets;
+  a.mask = in.mask;
+  a.tau_rows = in.tau_rows;
+  a.tau = static_cast<float>(tau);
+  a.rows = in.rows;
+  a.vocab = in.vocab;
+  a.layout = in.layout;
+  a.dtype = in.dtype;
+}
+
 Tensor per_row(const Tensor& logits, int64_t rows) {
   return at::empty({rows}, logits.options().dtype(at::kFloat));
 }
@@ -106,15 +120,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(const Tensor& logi
   const int64_t n_seq = seq_sums ? (logits.dim() == 3 ? logits.size(0) : in.rows) : 0;
   Tensor seq_sum = at::zeros({n_seq}, logits.options().dtype(at::kFloat));
   lens::LogprobFwdArgs a{};
-  a.logits = logits.data_ptr();
-  a.targets = in.targets;
-  a.mask = in.mask;
-  a.tau_rows = in.tau_rows;
-  a.tau = static_cast<float>(tau);
-  a.rows = in.rows;
-  a.vocab = in.vocab;
-  a.layout = in.layout;
-  a.dtype = in.dtype;
+  set_row_inputs(a, logits, in, tau);
   a.logp = logp.data_ptr<float>();
   a.entropy = entropy.data_ptr<float>();
   a.lse = lse.data_ptr<float>();
@@ -132,19 +138,11 @@ void run_token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const o
   check_rows(entropy, "entropy", in.rows, at::kFloat, logits);
   check_rows(g_logp, "g_logp", in.rows, at::kFloat, logits);
   lens::LogprobBwdArgs a{};
-  a.logits = logits.data_ptr();
-  a.targets = in.targets;
-  a.mask = in.mask;
-  a.tau_rows = in.tau_rows;
-  a.tau = static_cast<float>(tau);
+  set_row_inputs(a, logits, in, tau);
   a.lse = lse.data_ptr<float>();
   a.entropy = entropy.data_ptr<float>();
   a.g_logp = g_logp.data_ptr<float>();
   a.g_entropy = opt_ptr<float>(g_entropy, "g_entropy", in.rows, at::kFloat, logits);
-  a.rows = in.rows;
-  a.vocab = in.vocab;
-  a.layout = in.layout;
-  a.dtype = in.dtype;
   a.grad = grad.data_ptr();
   a.grad_layout = row_layout(grad, "grad");
   throw_if_failed(lens::launch_token_logprobs_bwd(a, c10::cuda::getCurrentCUDAStream()), "token_logprobs_bwd");
@@ -189,11 +187,7 @@ void run_fused_policy_loss(const Tensor& logits, const Tensor& targets, const op
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowInputs in = row_inputs(logits, targets, mask, tau_rows);
   lens::FusedLossArgs a{};
-  a.logits = logits.data_ptr();
-  a.targets = in.targets;
-  a.mask = in.mask;
-  a.tau_rows = in.tau_rows;
-  a.tau = static_cast<float>(tau);
+  set_row_inputs(a, logits, in, tau);
   check_rows(advantages, "advantages", in.rows, at::kFloat, logits);
   check_rows(loss_weight, "loss_weight", in.rows, at::kFloat, logits);
   a.advantages = advantages.data_ptr<float>();
@@ -206,10 +200,6 @@ void run_fused_policy_loss(const Tensor& logits, const Tensor& targets, const op
   TORCH_CHECK(a.params.beta == 0.f || a.ref_logp != nullptr, "ref_logp is required when beta != 0 (the KL term)");
   TORCH_CHECK(path >= -1 && path <= 2, "path must be -1 (auto), 0 (stream), 1 (smem row) or 2 (cluster), got ", path);
   a.path = static_cast<lens::RowPath>(path);
-  a.rows = in.rows;
-  a.vocab = in.vocab;
-  a.layout = in.layout;
-  a.dtype = in.dtype;
   a.grad = grad.data_ptr();
   a.grad_layout = row_layout(grad, "grad");
   a.logp = logp.data_ptr<float>();

@@ -47,6 +47,40 @@ __device__ __forceinline__ void atomic_min_float(float* addr, float v) {
   else atomicMax(reinterpret_cast<unsigned int*>(addr), __float_as_uint(v));
 }
 
+// One completion's reward as the phases read it: NaN rewards are left out (v = 0).
+struct Completion {
+  bool valid;
+  float v;   // 1 if valid
+  float r0;  // the reward, 0 if NaN
+  float c;   // correct (given, or reward > 0), 0 if NaN
+  int64_t g;
+};
+
+__device__ __forceinline__ Completion load_completion(const GroupAdvArgs& a, int64_t i) {
+  Completion x;
+  const float r = a.rewards[i];
+  x.valid = !isnan(r);
+  x.v = x.valid ? 1.f : 0.f;
+  x.r0 = x.valid ? r : 0.f;
+  x.c = (a.correct != nullptr ? (a.correct[i] ? 1.f : 0.f) : (x.r0 > 0.f ? 1.f : 0.f)) * x.v;
+  x.g = a.group[i];
+  return x;
+}
+
+// Kinds of a group from its valid count and correct count.
+struct GroupKind {
+  bool neg, all, mixed;
+};
+
+__device__ __forceinline__ GroupKind group_kind(float count, float k) {
+  const bool exists = count > 0.f;
+  GroupKind kind;
+  kind.neg = exists && k == 0.f;
+  kind.all = exists && k == count;
+  kind.mixed = exists && !kind.neg && !kind.all;
+  return kind;
+}
+
 __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvArgs a) {
   __shared__ float scratch[kAdvThreads / 32];
   __shared__ float metric[kAdvMetrics];
@@ -98,12 +132,10 @@ __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvA
 
   // group counts, maxima and D_imp sums
   for (int64_t i = threadIdx.x; i < n; i += kAdvThreads) {
-    const float r = a.rewards[i];
-    const bool valid = !isnan(r);
-    const float v = valid ? 1.f : 0.f;
-    const float r0 = valid ? r : 0.f;
-    const float c = (a.correct != nullptr ? (a.correct[i] ? 1.f : 0.f) : (r0 > 0.f ? 1.f : 0.f)) * v;
-    const int64_t g = a.group[i];
+    const Completion it = load_completion(a, i);
+    const bool valid = it.valid;
+    const float v = it.v, r0 = it.r0, c = it.c;
+    const int64_t g = it.g;
     atomicAdd(&slot(kCount, g), v);
     atomicAdd(&slot(kCorrect, g), c);
     if (valid) {
@@ -120,17 +152,14 @@ __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvA
   // calibrated rewards x (LENS) and group totals
   float batch_total = 0.f, batch_valid = 0.f;
   for (int64_t i = threadIdx.x; i < n; i += kAdvThreads) {
-    const float r = a.rewards[i];
-    const bool valid = !isnan(r);
-    const float v = valid ? 1.f : 0.f;
-    const float r0 = valid ? r : 0.f;
-    const int64_t g = a.group[i];
+    const Completion it = load_completion(a, i);
+    const float v = it.v, r0 = it.r0, c = it.c;
+    const int64_t g = it.g;
     float x = r0;
     if (lens) {
-      const float c = (a.correct != nullptr ? (a.correct[i] ? 1.f : 0.f) : (r0 > 0.f ? 1.f : 0.f)) * v;
-      const float count = slot(kCount, g), k = slot(kCorrect, g);
-      const bool exists = count > 0.f;
-      const bool neg = exists && k == 0.f, all = exists && k == count, mixed = exists && !neg && !all;
+      const float count = slot(kCount, g);
+      const GroupKind kind = group_kind(count, slot(kCorrect, g));
+      const bool neg = kind.neg, mixed = kind.mixed;
       const float pbar = slot(kCalibrated, i);
       const float max_p = slot(kMaxConf, g);
       const float d_imp = count / slot(kSumInvQ, g);
@@ -168,15 +197,13 @@ __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvA
 
   // advantages and per-completion metrics
   for (int64_t i = threadIdx.x; i < n; i += kAdvThreads) {
-    const float r = a.rewards[i];
-    const bool valid = !isnan(r);
-    const float v = valid ? 1.f : 0.f;
-    const float r0 = valid ? r : 0.f;
-    const float c = (a.correct != nullptr ? (a.correct[i] ? 1.f : 0.f) : (r0 > 0.f ? 1.f : 0.f)) * v;
-    const int64_t g = a.group[i];
-    const float count = slot(kCount, g), k = slot(kCorrect, g);
-    const bool exists = count > 0.f;
-    const bool neg = exists && k == 0.f, all = exists && k == count, mixed = exists && !neg && !all;
+    const Completion it = load_completion(a, i);
+    const bool valid = it.valid;
+    const float c = it.c;
+    const int64_t g = it.g;
+    const float count = slot(kCount, g);
+    const GroupKind kind = group_kind(count, slot(kCorrect, g));
+    const bool neg = kind.neg, all = kind.all, mixed = kind.mixed;
     const float x = slot(kCalibrated, i);
     const float total = slot(kTotal, g);
     const float mean = total / fmaxf(count, 1.f);
