@@ -144,7 +144,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // ---------------------------------------------------------------------------------------------
 // Row sweeps. A row segment [begin, end) is walked by the threads of a block with 16-byte loads,
 // kUnroll vectors in flight per thread, after a scalar head up to the first aligned address and
-// before a scalar tail. ``op(index, value)`` sees every element exactly once. With ``cache`` (a
+// before a scalar tail. ``op(index, value)`` sees every element exactly once. Plain loads, not
+// __ldg: the fused loss may later overwrite the row in the same kernel (in place). With ``cache`` (a
 // row-indexed view of shared memory with the row's 16-byte alignment, see ``cache_view``) the raw
 // elements are also kept on chip for a second sweep.
 // ---------------------------------------------------------------------------------------------
@@ -155,8 +156,9 @@ constexpr int kUnroll = 4;
 template <typename T>
 __device__ __forceinline__ T* cache_view(T* smem, const T* row, int64_t begin) {
   const int64_t lead = static_cast<int64_t>((reinterpret_cast<uintptr_t>(row + begin) & 15u) / sizeof(T));
-  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(smem) +
-                              static_cast<uintptr_t>((lead - begin) * static_cast<int64_t>(sizeof(T))));
+  // plain pointer arithmetic, no integer round trip, so that the compiler keeps the shared address
+  // space and emits ld.shared/st.shared (only indices in [begin, end) are ever dereferenced)
+  return smem + (lead - begin);
 }
 
 // Shared-memory elements a cached segment of n elements needs (the alignment lead included).
@@ -182,7 +184,7 @@ __device__ __forceinline__ void sweep_read(const T* __restrict__ row, int64_t be
   for (; k + (kUnroll - 1) * kThreads < n_vec; k += kUnroll * kThreads) {
     Vec<T> v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u].raw = __ldg(vrow + k + u * kThreads);
+    for (int u = 0; u < kUnroll; ++u) v[u].raw = vrow[k + u * kThreads];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (cache != nullptr) reinterpret_cast<uint4*>(cache + vbegin)[k + u * kThreads] = v[u].raw;
@@ -192,7 +194,7 @@ __device__ __forceinline__ void sweep_read(const T* __restrict__ row, int64_t be
   }
   for (; k < n_vec; k += kThreads) {
     Vec<T> v;
-    v.raw = __ldg(vrow + k);
+    v.raw = vrow[k];
     if (cache != nullptr) reinterpret_cast<uint4*>(cache + vbegin)[k] = v.raw;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) op(vbegin + k * kVec + j, to_float(v.elem[j]));
@@ -207,8 +209,9 @@ __device__ __forceinline__ void sweep_read(const T* __restrict__ row, int64_t be
 // out[i] = op(i, src[i]) over [begin, end). Vector stores when src and out share their alignment
 // (always for in-place, and for contiguous rows with V a multiple of the vector); scalar otherwise.
 // ``src`` may be shared memory (the cached row) or global memory.
+// Neither pointer is __restrict__: in place, src and out are the same row.
 template <typename T, int kThreads, typename Op>
-__device__ __forceinline__ void sweep_write(const T* src, T* __restrict__ out, int64_t begin, int64_t end, Op&& op) {
+__device__ __forceinline__ void sweep_write(const T* src, T* out, int64_t begin, int64_t end, Op&& op) {
   constexpr int kVec = Vec<T>::kSize;
   const int64_t head = head_elems(src + begin);
   if (head != head_elems(out + begin)) {
@@ -262,6 +265,13 @@ __device__ __forceinline__ void sweep_zero(T* __restrict__ out, int64_t begin, i
 // Row r of a [B, T, V] (or [N, V]) view: int64 offsets, so 16k x 152k logits never overflow.
 __device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayout& layout) {
   return (row / layout.inner) * layout.stride_outer + (row % layout.inner) * layout.stride_inner;
+}
+
+// Targets are validated on the host only on request (a device check would sync): a target outside
+// [0, V) gives NaN instead of an out-of-bounds read.
+template <typename T>
+__device__ __forceinline__ float target_logit(const T* row, int64_t target, int64_t vocab, float inv_tau) {
+  return (target >= 0 && target < vocab) ? to_float(row[target]) * inv_tau : NAN;
 }
 
 __device__ __forceinline__ float row_temperature(int64_t row, const float* tau_rows, float tau) {

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(LogprobFwd
     sweep_read<T, kThreads>(z, 0, a.vocab, [&](int64_t, float x) { state.add(x * inv_tau); });
     state = block_merge<kThreads>(state, scratch);
     if (threadIdx.x == 0) {
-      const float y_t = to_float(z[a.targets[row]]) * inv_tau;
+      const float y_t = target_logit(z, a.targets[row], a.vocab, inv_tau);
       const float lse = state.log_sum();
       // rounding can push y_t - lse a hair above 0 when one logit dominates; a log-prob never is
       const float logp = fminf(y_t - lse, 0.f);
@@ -47,8 +47,9 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(LogprobFwd
 // ---------------------------------------------------------------------------------------------
 template <typename T, int kThreads, bool kHasEntropyGrad>
 __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(LogprobBwdArgs a) {
-  const T* __restrict__ logits = static_cast<const T*>(a.logits);
-  T* grad = static_cast<T*>(a.grad);  // not __restrict__: it may be the logits buffer (in place)
+  // in place, grad is logits: neither pointer may be __restrict__
+  const T* logits = static_cast<const T*>(a.logits);
+  T* grad = static_cast<T*>(a.grad);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     T* out = grad + row_offset(row, a.grad_layout);
     if (a.mask != nullptr && !a.mask[row]) {

@@ -10,6 +10,7 @@ Tests that need nvcc skip without it; GPU tests of the kernels are in test_cuda_
 """
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,34 @@ def test_nvcc_compiles_for_sm80_and_sm90a(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stderr[-4000:]
     assert out.stat().st_size > 0
+
+
+def _ptx_entries(source, tmp_path):
+    """{kernel name: its PTX} of ``source`` for compute_90a (no ptxas: seconds)."""
+    out = tmp_path / (source.stem + ".ptx")
+    cmd = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "-I", str(CSRC), "-arch=compute_90a", "-ptx", str(source),
+           "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    parts = out.read_text().split(".visible .entry ")[1:]
+    return {part.split("(", 1)[0]: part for part in parts}
+
+
+@needs_nvcc
+def test_row_kernels_use_16_byte_accesses_and_the_cluster_exchange(tmp_path):
+    kernels = {**_ptx_entries(CSRC / "policy_loss.cu", tmp_path), **_ptx_entries(CSRC / "token_logprobs.cu", tmp_path)}
+    fused = {name: ptx for name, ptx in kernels.items() if "fused_loss" in name}
+    assert len(fused) == 9, sorted(kernels)  # stream, smem-row and cluster variants of 3 dtypes
+    for name, ptx in kernels.items():
+        assert re.search(r"ld\.global(\.\w+)*\.v4", ptx), f"{name}: no 16-byte global loads"
+        assert "__local_depot" not in ptx, f"{name}: a register array went to local memory"
+        if "bwd" in name or "fused_loss" in name:
+            assert re.search(r"st\.global(\.\w+)*\.v4", ptx), f"{name}: no 16-byte global stores"
+    for name, ptx in fused.items():
+        cached = "cluster" in name or "Lb1E" in name  # the row (or its segment) held in shared memory
+        assert bool(re.search(r"ld\.shared\.v4", ptx)) == cached, f"{name}: shared-memory row cache"
+        exchanges = "mapa" in ptx and "barrier.cluster" in ptx  # distributed shared memory + cluster barrier
+        assert exchanges == ("cluster" in name), f"{name}: cluster exchange"
 
 
 # ---------------------------------------------------------------------------------------------
