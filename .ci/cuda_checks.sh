@@ -51,10 +51,14 @@ cmake_build() {
   cmake --build "$WORK/cmake" -j "$MAX_JOBS" >>"$WORK/cmake.log" || { tail -50 "$WORK/cmake.log"; return 1; }
   test -x "$WORK/cmake/lens_kernels_test"
   # the binary carries sm_80 and sm_90a machine code
-  if command -v cuobjdump >/dev/null || [[ -x "$CUDA_HOME/bin/cuobjdump" ]]; then
+  local cuobjdump
+  cuobjdump=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
+  if [[ -x "$cuobjdump" ]]; then
     local archs
-    archs=$("$CUDA_HOME/bin/cuobjdump" --list-elf "$WORK/cmake/lens_kernels_test" 2>/dev/null || true)
+    archs=$("$cuobjdump" --list-elf "$WORK/cmake/lens_kernels_test" 2>/dev/null || true)
     grep -q "sm_80" <<<"$archs" && grep -q "sm_90a" <<<"$archs"
+  else
+    echo "[cuda_checks] no cuobjdump: the embedded architectures are not listed"
   fi
 }
 
