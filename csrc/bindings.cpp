@@ -233,6 +233,20 @@ std::tuple<Tensor, Tensor, Tensor> fused_policy_loss_(
   return {logp, entropy, g_logp};
 }
 
+void rescale_grad_(const Tensor& grad, const Tensor& ratio) {
+  check_cuda(grad, "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  check_rows(ratio, "ratio", 1, at::kFloat, grad);
+  lens::RescaleArgs a{};
+  a.grad = grad.data_ptr();
+  a.layout = row_layout(grad, "grad");
+  a.ratio = ratio.data_ptr<float>();
+  a.rows = num_rows(grad);
+  a.vocab = grad.size(-1);
+  a.dtype = to_dtype(grad, "grad");
+  throw_if_failed(lens::launch_rescale_grad(a, c10::cuda::getCurrentCUDAStream()), "rescale_grad_");
+}
+
 int64_t fused_loss_path(int64_t vocab, int64_t dtype, int64_t requested) {
   return static_cast<int64_t>(
       lens::fused_loss_path(vocab, static_cast<lens::DType>(dtype), static_cast<lens::RowPath>(requested)));
@@ -315,6 +329,7 @@ TORCH_LIBRARY(lens_kernels, m) {
   m.def("group_advantages(Tensor rewards, Tensor group, Tensor? correct, Tensor? old_logp, Tensor? old_mask, "
         "int estimator, int scale, int lens_groups, bool lens_d_sequence, bool std_unbiased, float eps, "
         "float lens_alpha) -> (Tensor advantages, Tensor confidence, Tensor metrics)");
+  m.def("rescale_grad_(Tensor(a!) grad, Tensor ratio) -> ()");
   m.def("fused_loss_path(int vocab, int dtype, int requested) -> int", &fused_loss_path);
 }
 
@@ -325,6 +340,7 @@ TORCH_LIBRARY_IMPL(lens_kernels, CUDA, m) {
   m.impl("fused_policy_loss", &fused_policy_loss);
   m.impl("fused_policy_loss_", &fused_policy_loss_);
   m.impl("group_advantages", &group_advantages);
+  m.impl("rescale_grad_", &rescale_grad_);
 }
 
 // An importable module: ``import lens_kernels._C`` loads the library and so registers the ops.

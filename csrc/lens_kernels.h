@@ -167,10 +167,22 @@ struct GroupAdvArgs {
 };
 constexpr int kAdvWorkspacePerItem = 10;
 
+// Grad-scale contract (SPEC 5): grad *= ratio, ratio = grad_output / grad_scale read on the device.
+// Each row leaves at once when ratio == 1, so the declared scale costs no pass and no host sync.
+struct RescaleArgs {
+  void* grad;
+  RowLayout layout;
+  const float* ratio;  // [1]
+  int64_t rows;
+  int64_t vocab;
+  DType dtype;
+};
+
 cudaError_t launch_token_logprobs_fwd(const LogprobFwdArgs& args, cudaStream_t stream);
 cudaError_t launch_token_logprobs_bwd(const LogprobBwdArgs& args, cudaStream_t stream);
 cudaError_t launch_fused_policy_loss(const FusedLossArgs& args, cudaStream_t stream);
 cudaError_t launch_group_advantages(const GroupAdvArgs& args, cudaStream_t stream);
+cudaError_t launch_rescale_grad(const RescaleArgs& args, cudaStream_t stream);
 
 // The variant launch_fused_policy_loss runs for this shape on the current device (kAuto resolved).
 RowPath fused_loss_path(int64_t vocab, DType dtype, RowPath requested);

@@ -70,6 +70,21 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(LogprobBwd
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rescale of a gradient written in forward (the fused loss) when backward's grad_output differs
+// from the declared grad_scale; a no-op costing one scalar load per row otherwise.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) rescale_grad_kernel(RescaleArgs a) {
+  const float ratio = *a.ratio;
+  if (ratio == 1.f) return;
+  T* grad = static_cast<T*>(a.grad);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    T* g = grad + row_offset(row, a.layout);
+    sweep_write<T, kThreads>(g, g, 0, a.vocab, [&](int64_t, float x) { return x * ratio; });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
 cudaError_t launch_token_logprobs_fwd(const LogprobFwdArgs& args, cudaStream_t stream) {
@@ -90,6 +105,15 @@ cudaError_t launch_token_logprobs_bwd(const LogprobBwdArgs& args, cudaStream_t s
     } else {
       token_logprobs_bwd_kernel<T, kRowThreads, false><<<row_grid(args.rows), kRowThreads, 0, stream>>>(args);
     }
+    return cudaGetLastError();
+  })
+}
+
+cudaError_t launch_rescale_grad(const RescaleArgs& args, cudaStream_t stream) {
+  if (args.rows == 0) return cudaSuccess;
+  if (args.vocab < 1 || args.layout.inner < 1) return cudaErrorInvalidValue;
+  LENS_DISPATCH_DTYPE(args.dtype, T, {
+    rescale_grad_kernel<T, kRowThreads><<<row_grid(args.rows), kRowThreads, 0, stream>>>(args);
     return cudaGetLastError();
   })
 }

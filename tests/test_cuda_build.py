@@ -177,7 +177,7 @@ def test_cuda_backend_names_what_is_missing():
     reason = cuda_backend.unavailable_reason()
     assert "lens_kernels._C" in reason and "LENS_KERNELS_BUILD_CUDA=1" in reason and "CUDA build of torch" in reason
     with pytest.raises(RuntimeError, match="lens_kernels._C"):
-        cuda_backend.sequence_logprobs(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long))
+        cuda_backend.token_logprobs_with_sequence_sums(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long))
 
 
 def test_auto_preference_is_one_table_over_known_backends():

@@ -51,7 +51,7 @@ for path in ("stream", "smem_row", "cluster"):
     ms = tt.do_bench(step, warmup=25, rep=200, return_mode="median")
     print(f"fused loss fwd+bwd {path}: {ms:.3f} ms = {2 * logits.numel() * 2 / ms / 1e9:.2f} TB/s over 2 passes "
           f"({ms_copy / ms:.0%} of copy)")
-ms = tt.do_bench(lambda: cb.sequence_logprobs(logits.detach(), targets, mask), warmup=25, rep=200,
+ms = tt.do_bench(lambda: cb.token_logprobs_with_sequence_sums(logits.detach(), targets, mask), warmup=25, rep=200,
                  return_mode="median")
 print(f"log-probs fwd: {ms:.3f} ms = {logits.numel() * 2 / ms / 1e9:.2f} TB/s over 1 pass ({ms_copy / 2 / ms:.0%} of copy)")
 EOF

@@ -6,17 +6,22 @@ for the backend explains what is missing. The ops have the signatures of ``torch
 - ``token_logprobs``: one read of the logits forward (log-prob, entropy, lse), one read and one
   write backward (in place with ``inplace_grad``).
 - ``policy_loss_from_logits``: for token-level ratios, the 2-pass fused kernel writes dL/dlogits in
-  forward (the grad-scale contract of SPEC 5); the loss value and metrics come from the kernel's
-  log-probs through ``torch_ops.policy_loss`` (a few [B, T] ops, the same formulas). Sequence-level
-  ratios (GSPO) and fp64 logits take the 3-pass path: ``token_logprobs`` then ``policy_loss``.
+  forward; the loss value and metrics come from the kernel's log-probs through
+  ``torch_ops.policy_loss`` (a few [B, T] ops, the same formulas). Grad-scale contract (SPEC 5): the
+  gradient assumes the upstream ``grad_scale``; backward multiplies it by grad_output / grad_scale on
+  the device, a kernel whose rows leave at once when that ratio is 1 (no extra pass, no host sync;
+  as ``torch_ops.upstream_correction`` on GPU, no warning). Sequence-level ratios (GSPO) take the
+  3-pass path: ``token_logprobs`` then ``policy_loss``.
 - ``group_advantages``: the whole batch in one launch, same contract as ``lk.group_advantages``.
+- ``token_logprobs_with_sequence_sums``: log-probs, entropy and per-sequence sums in one launch.
+
+fp16/bf16/fp32 only (``DTYPES``): ``backend="auto"`` sends fp64 to ``torch``.
 
 The kernels are torch ops (``torch.ops.lens_kernels.*``) with fake implementations, so that
 ``torch.compile`` traces through them.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -25,6 +30,7 @@ from ..config import LossConfig
 from . import torch_ops
 
 DEVICES = ("cuda",)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:  # built by setup.py only when a CUDA toolkit and a CUDA build of torch are present
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.lens_kernels)
@@ -95,6 +101,10 @@ if HAS_CUDA_EXT:  # shapes of the outputs, for torch.compile and meta tensors
         vec = logits.new_empty((_rows(logits),), dtype=torch.float32)
         return vec, torch.empty_like(vec), torch.empty_like(vec)
 
+    @torch.library.register_fake("lens_kernels::rescale_grad_")
+    def _(grad, ratio):
+        return None
+
     @torch.library.register_fake("lens_kernels::group_advantages")
     def _(rewards, group, correct, old_logp, old_mask, estimator, scale, lens_groups, lens_d_sequence,
           std_unbiased, eps, lens_alpha):
@@ -120,11 +130,9 @@ def _row_inputs(targets, mask, temperature):
     return t, keep, None, float(temperature)
 
 
-def _per_token(x: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """[B] or [B, T] -> fp32 [B * T]."""
-    if x is None:
-        return None
-    return _flat(torch_ops._as_tokens(x.to(torch.float32), like), torch.float32)
+def _per_token(x: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
+    """[B] or [B, T] -> contiguous fp32 [B * T]."""
+    return None if x is None else torch_ops._per_token(x, shape, torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +167,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 
 def token_logprobs(logits, targets, mask=None, temperature=1.0, return_entropy=False, inplace_grad=False):
-    if logits.dtype == torch.float64:  # the kernels are fp32-accumulating for 16/32-bit inputs only
-        return torch_ops.token_logprobs(logits, targets, mask, temperature, return_entropy, inplace_grad)
     logp, entropy = TokenLogprobsFunction.apply(logits, targets, mask, temperature, inplace_grad)
     return logp, (entropy if return_entropy else None)
 
 
-def sequence_logprobs(logits, targets, mask=None, temperature=1.0):
+def token_logprobs_with_sequence_sums(logits, targets, mask=None, temperature=1.0):
     """No-grad log-probs, entropy and per-sequence sums of the kept log-probs in one launch (old and
     reference policy passes, LENS confidence). logits [B, T, V]; returns ([B, T], [B, T], [B])."""
     t, keep, tau_rows, tau = _row_inputs(targets, mask, temperature)
@@ -184,9 +190,6 @@ def _loss_params(cfg: LossConfig, grad_scale: float) -> list:
             float(_KL_CODES[cfg.kl_estimator]), off(cfg.kl_clamp), float(grad_scale)]
 
 
-_warned_rescale = False
-
-
 class FusedPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
@@ -202,8 +205,9 @@ class FusedPolicyLossFunction(torch.autograd.Function):
                 mask_f, cfg.entropy_agg_mode, **agg)
             entropy_weight = _flat(-cfg.entropy_coef * w_h, torch.float32)
         t, keep_flat, tau_rows, tau = _row_inputs(targets, mask, temperature)
-        args = (t, keep_flat, tau_rows, tau, _per_token(advantages, mask_f), _flat(w, torch.float32), entropy_weight,
-                _flat(old_logps, torch.float32), _flat(ref_logps, torch.float32), _per_token(is_weights, mask_f),
+        args = (t, keep_flat, tau_rows, tau, _per_token(advantages, mask.shape), _flat(w, torch.float32),
+                entropy_weight, _flat(old_logps, torch.float32), _flat(ref_logps, torch.float32),
+                _per_token(is_weights, mask.shape),
                 _loss_params(cfg, grad_scale), PATHS[path])
         if inplace:
             logp, entropy, _ = _ops().fused_policy_loss_(logits, *args)
@@ -216,27 +220,25 @@ class FusedPolicyLossFunction(torch.autograd.Function):
                                               num_sequences)
         ctx.grad = grad  # not saved_tensors: it may be the logits buffer, overwritten on purpose
         ctx.grad_scale = grad_scale
+        ctx.used = False
         metrics = torch.stack([metrics[name] for name in torch_ops.METRIC_NAMES])
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        global _warned_rescale
-        grad, ctx.grad = ctx.grad, None
         none = (None,) * 13
         if grad_loss is None:
             return (None,) + none
-        # Grad-scale contract: dL/dz was written for an upstream gradient of grad_scale. Checking
-        # costs one scalar sync per backward; a mismatch costs one extra pass, never a wrong result.
-        ratio = grad_loss.to(torch.float32) / ctx.grad_scale
-        if bool(ratio != 1.0):
-            if not _warned_rescale:
-                _warned_rescale = True
-                warnings.warn("lens_kernels: backward received a grad_output different from the declared "
-                              "grad_scale; rescaling dL/dlogits costs one extra pass (pass grad_scale= to the "
-                              "loss to avoid it)", stacklevel=2)
-            grad.mul_(ratio.to(grad.dtype))
+        if ctx.used:
+            raise RuntimeError("the fused cuda policy loss computes its gradient once, in forward; it cannot be "
+                               "backpropagated twice (retain_graph); recompute the loss instead")
+        ctx.used = True
+        grad, ctx.grad = ctx.grad, None
+        # dL/dz was written for an upstream gradient of grad_scale: rescale on the device, where
+        # the ratio is read; rows leave at once when it is 1
+        ratio = (grad_loss.detach().to(torch.float32) / ctx.grad_scale).reshape(1)
+        _ops().rescale_grad_(grad, ratio)
         return (grad,) + none
 
 
@@ -244,7 +246,7 @@ def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, r
                             temperature=1.0, config: LossConfig = LossConfig(), num_tokens=None,
                             num_sequences=None, grad_scale=1.0, inplace=False, path="auto"):
     needs_fused_grad = logits.requires_grad and torch.is_grad_enabled()
-    if config.needs_sequence_stats or logits.dtype == torch.float64 or not needs_fused_grad:
+    if config.needs_sequence_stats or not needs_fused_grad:
         # 3-pass design (SPEC 5): a token's loss depends on its whole sequence (GSPO), or no gradient
         logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
         return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
