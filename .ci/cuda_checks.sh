@@ -100,7 +100,7 @@ from lens_kernels.backends import cuda
 assert lk.HAS_CUDA_EXT and cuda.unavailable_reason() is None
 ops = torch.ops.lens_kernels
 for name in ('token_logprobs_fwd', 'token_logprobs_bwd', 'token_logprobs_bwd_', 'fused_policy_loss',
-             'fused_policy_loss_', 'group_advantages', 'fused_loss_path'):
+             'fused_policy_loss_', 'group_advantages', 'rescale_grad_', 'fused_loss_path'):
     print(getattr(ops, name).default._schema)
 print('platform wheel', '$(basename "$wheel")', 'imports with the ops registered')"
   cd "$ROOT"
