@@ -167,43 +167,45 @@ __host__ __device__ constexpr int64_t cache_elems(int64_t n) {
   return n + 16 / static_cast<int64_t>(sizeof(T));
 }
 
-template <typename T, int kThreads, typename Op>
-__device__ __forceinline__ void sweep_read(const T* __restrict__ row, int64_t begin, int64_t end, Op&& op,
-                                           T* cache = nullptr) {
-  constexpr int kVec = Vec<T>::kSize;
-  const int64_t head = min(head_elems(row + begin), end - begin);
-  for (int64_t i = begin + threadIdx.x; i < begin + head; i += kThreads) {
-    const T x = row[i];
-    if (cache != nullptr) cache[i] = x;
-    op(i, to_float(x));
-  }
-  const int64_t vbegin = begin + head;
-  const int64_t n_vec = (end - vbegin) / kVec;
-  const uint4* vrow = reinterpret_cast<const uint4*>(row + vbegin);
+// body(k, v) for each 16-byte vector k in [0, n_vec) this thread owns (k = threadIdx.x + i *
+// kThreads, coalesced across the warp), with kUnroll loads issued before the first use.
+template <typename T, int kThreads, typename Body>
+__device__ __forceinline__ void for_each_vector(const uint4* src, int64_t n_vec, Body&& body) {
   int64_t k = threadIdx.x;
   for (; k + (kUnroll - 1) * kThreads < n_vec; k += kUnroll * kThreads) {
     Vec<T> v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u].raw = vrow[k + u * kThreads];
+    for (int u = 0; u < kUnroll; ++u) v[u].raw = src[k + u * kThreads];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (cache != nullptr) reinterpret_cast<uint4*>(cache + vbegin)[k + u * kThreads] = v[u].raw;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) op(vbegin + (k + u * kThreads) * kVec + j, to_float(v[u].elem[j]));
-    }
+    for (int u = 0; u < kUnroll; ++u) body(k + u * kThreads, v[u]);
   }
   for (; k < n_vec; k += kThreads) {
     Vec<T> v;
-    v.raw = vrow[k];
-    if (cache != nullptr) reinterpret_cast<uint4*>(cache + vbegin)[k] = v.raw;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) op(vbegin + k * kVec + j, to_float(v.elem[j]));
+    v.raw = src[k];
+    body(k, v);
   }
-  for (int64_t i = vbegin + n_vec * kVec + threadIdx.x; i < end; i += kThreads) {
+}
+
+template <typename T, int kThreads, typename Op>
+__device__ __forceinline__ void sweep_read(const T* __restrict__ row, int64_t begin, int64_t end, Op&& op,
+                                           T* cache = nullptr) {
+  constexpr int kVec = Vec<T>::kSize;
+  auto scalar = [&](int64_t i) {
     const T x = row[i];
     if (cache != nullptr) cache[i] = x;
     op(i, to_float(x));
-  }
+  };
+  const int64_t head = min(head_elems(row + begin), end - begin);
+  for (int64_t i = begin + threadIdx.x; i < begin + head; i += kThreads) scalar(i);
+  const int64_t vbegin = begin + head;
+  const int64_t n_vec = (end - vbegin) / kVec;
+  const uint4* vrow = reinterpret_cast<const uint4*>(row + vbegin);
+  for_each_vector<T, kThreads>(vrow, n_vec, [&](int64_t k, Vec<T>& v) {
+    if (cache != nullptr) reinterpret_cast<uint4*>(cache + vbegin)[k] = v.raw;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) op(vbegin + k * kVec + j, to_float(v.elem[j]));
+  });
+  for (int64_t i = vbegin + n_vec * kVec + threadIdx.x; i < end; i += kThreads) scalar(i);
 }
 
 // out[i] = op(i, src[i]) over [begin, end). Vector stores when src and out share their alignment
@@ -213,39 +215,24 @@ __device__ __forceinline__ void sweep_read(const T* __restrict__ row, int64_t be
 template <typename T, int kThreads, typename Op>
 __device__ __forceinline__ void sweep_write(const T* src, T* out, int64_t begin, int64_t end, Op&& op) {
   constexpr int kVec = Vec<T>::kSize;
+  auto scalar = [&](int64_t i) { out[i] = from_float<T>(op(i, to_float(src[i]))); };
   const int64_t head = head_elems(src + begin);
   if (head != head_elems(out + begin)) {
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) out[i] = from_float<T>(op(i, to_float(src[i])));
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) scalar(i);
     return;
   }
   const int64_t h = min(head, end - begin);
-  for (int64_t i = begin + threadIdx.x; i < begin + h; i += kThreads) out[i] = from_float<T>(op(i, to_float(src[i])));
+  for (int64_t i = begin + threadIdx.x; i < begin + h; i += kThreads) scalar(i);
   const int64_t vbegin = begin + h;
   const int64_t n_vec = (end - vbegin) / kVec;
   const uint4* vsrc = reinterpret_cast<const uint4*>(src + vbegin);
   uint4* vout = reinterpret_cast<uint4*>(out + vbegin);
-  int64_t k = threadIdx.x;
-  for (; k + (kUnroll - 1) * kThreads < n_vec; k += kUnroll * kThreads) {
-    Vec<T> v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u].raw = vsrc[k + u * kThreads];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j)
-        v[u].elem[j] = from_float<T>(op(vbegin + (k + u * kThreads) * kVec + j, to_float(v[u].elem[j])));
-      vout[k + u * kThreads] = v[u].raw;
-    }
-  }
-  for (; k < n_vec; k += kThreads) {
-    Vec<T> v;
-    v.raw = vsrc[k];
+  for_each_vector<T, kThreads>(vsrc, n_vec, [&](int64_t k, Vec<T>& v) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) v.elem[j] = from_float<T>(op(vbegin + k * kVec + j, to_float(v.elem[j])));
     vout[k] = v.raw;
-  }
-  for (int64_t i = vbegin + n_vec * kVec + threadIdx.x; i < end; i += kThreads)
-    out[i] = from_float<T>(op(i, to_float(src[i])));
+  });
+  for (int64_t i = vbegin + n_vec * kVec + threadIdx.x; i < end; i += kThreads) scalar(i);
 }
 
 // Writes zeros over [begin, end): the exact-zero gradient of a masked row, without reading it.
@@ -260,6 +247,14 @@ __device__ __forceinline__ void sweep_zero(T* __restrict__ out, int64_t begin, i
   uint4* vout = reinterpret_cast<uint4*>(out + vbegin);
   for (int64_t k = threadIdx.x; k < n_vec; k += kThreads) vout[k] = make_uint4(0u, 0u, 0u, 0u);
   for (int64_t i = vbegin + n_vec * kVec + threadIdx.x; i < end; i += kThreads) out[i] = zero;
+}
+
+// Masked rows skip the vocab loop: their gradient row is written as exact zeros, never read.
+template <typename T, int kThreads, typename Args>
+__device__ __forceinline__ bool zero_if_masked(const Args& a, int64_t row, T* out) {
+  if (a.mask == nullptr || a.mask[row]) return false;
+  sweep_zero<T, kThreads>(out, 0, a.vocab);
+  return true;
 }
 
 // Row r of a [B, T, V] (or [N, V]) view: int64 offsets, so 16k x 152k logits never overflow.

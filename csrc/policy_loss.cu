@@ -76,8 +76,7 @@ __global__ void __launch_bounds__(kThreads) fused_loss_row_kernel(FusedLossArgs 
   T* grad = static_cast<T*>(a.grad);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     T* out = grad + row_offset(row, a.grad_layout);
-    if (a.mask != nullptr && !a.mask[row]) {
-      sweep_zero<T, kThreads>(out, 0, a.vocab);
+    if (zero_if_masked<T, kThreads>(a, row, out)) {
       if (threadIdx.x == 0) write_masked_outputs(a, row);
       continue;
     }

@@ -52,10 +52,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(LogprobBwd
   T* grad = static_cast<T*>(a.grad);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     T* out = grad + row_offset(row, a.grad_layout);
-    if (a.mask != nullptr && !a.mask[row]) {
-      sweep_zero<T, kThreads>(out, 0, a.vocab);
-      continue;
-    }
+    if (zero_if_masked<T, kThreads>(a, row, out)) continue;
     const T* z = logits + row_offset(row, a.layout);
     const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
     const int64_t target = a.targets[row];
