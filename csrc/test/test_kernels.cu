@@ -31,6 +31,9 @@ using namespace lens;
 static int g_failures = 0;
 static std::mt19937_64 g_rng(20261126);
 
+// The larger error, with NaN counted as infinite (std::max would drop a NaN argument).
+static double worst(double e, double x) { return std::isnan(x) ? INFINITY : std::max(e, x); }
+
 static void report(const std::string& name, double err, double tol) {
   const bool ok = std::isfinite(err) && err <= tol;
   if (!ok) ++g_failures;
@@ -201,19 +204,19 @@ static void check_case(const Case& c, RowPath path, bool inplace, int device_maj
   for (int64_t r = 0; r < rows; ++r) {
     const double* gz = grad_all.data() + (inplace ? ((r / c.T) * Tp + r % c.T) * V : r * V);
     if (!mask[r]) {
-      e_logp = std::max(e_logp, std::fabs((double)logp[r]) + (std::isnan(logp[r]) ? INFINITY : 0));
-      e_gl = std::max(e_gl, std::fabs((double)gl[r]) + (std::isnan(gl[r]) ? INFINITY : 0));
-      for (int64_t v = 0; v < V; ++v) e_grad = std::max(e_grad, gz[v] != 0.0 ? INFINITY : 0.0);  // exact zeros
+      e_logp = worst(e_logp, std::fabs((double)logp[r]) + (std::isnan(logp[r]) ? INFINITY : 0));
+      e_gl = worst(e_gl, std::fabs((double)gl[r]) + (std::isnan(gl[r]) ? INFINITY : 0));
+      for (int64_t v = 0; v < V; ++v) e_grad = worst(e_grad, gz[v] != 0.0 ? INFINITY : 0.0);  // exact zeros
       continue;
     }
     const RowRef& R = rr[r];
     if (!(logp[r] <= 0.f)) e_logp = INFINITY;  // a log-prob is never positive, never NaN
-    e_logp = std::max(e_logp, std::fabs(logp[r] - R.logp) / (1.0 + std::fabs(R.logp)));
-    e_ent = std::max(e_ent, std::fabs(ent[r] - R.entropy) / (1.0 + std::fabs(R.entropy)));
+    e_logp = worst(e_logp, std::fabs(logp[r] - R.logp) / (1.0 + std::fabs(R.logp)));
+    e_ent = worst(e_ent, std::fabs(ent[r] - R.entropy) / (1.0 + std::fabs(R.entropy)));
     // the coefficients from the kernel's own log-prob (checked above): a reference log-prob a
     // rounding away could sit on the other side of a clip boundary
     const TokenTerms t = token_terms(logp[r], old[r], true, ref[r], adv[r], w[r], 1.f, a.params);
-    e_gl = std::max(e_gl, std::fabs(gl[r] - t.g_l) / (1e-3 / rows + std::fabs(t.g_l)));
+    e_gl = worst(e_gl, std::fabs(gl[r] - t.g_l) / (1e-3 / rows + std::fabs(t.g_l)));
     const double inv_tau = 1.0 / tau[r];
     const double* z = h.value.data() + ((r / c.T) * Tp + r % c.T) * V;
     for (int64_t v = 0; v < V; ++v) {
@@ -221,7 +224,7 @@ static void check_case(const Case& c, RowPath path, bool inplace, int device_maj
       const double g = a.params.grad_scale * inv_tau *
                        ((double)t.g_l * ((v == targets[r] ? 1.0 : 0.0) - p) - (double)ew[r] * p * (lp + R.entropy));
       max_ref_grad = std::max(max_ref_grad, std::fabs(g));
-      e_grad = std::max(e_grad, std::isnan(gz[v]) ? INFINITY : std::fabs(gz[v] - g));
+      e_grad = worst(e_grad, std::isnan(gz[v]) ? INFINITY : std::fabs(gz[v] - g));
     }
   }
   report("fused_loss logp   " + tag, e_logp, 3e-5);
@@ -244,13 +247,13 @@ static void check_case(const Case& c, RowPath path, bool inplace, int device_maj
     double el = 0, ee = 0, es = 0;
     std::vector<double> seq(c.B, 0.0);
     for (int64_t r = 0; r < rows; ++r) {
-      if (!mask[r]) { el = std::max(el, lp[r] == 0.f && en[r] == 0.f ? 0.0 : INFINITY); continue; }
+      if (!mask[r]) { el = worst(el, lp[r] == 0.f && en[r] == 0.f ? 0.0 : INFINITY); continue; }
       if (!(lp[r] <= 0.f)) el = INFINITY;
-      el = std::max(el, std::fabs(lp[r] - rr[r].logp) / (1.0 + std::fabs(rr[r].logp)));
-      ee = std::max(ee, std::fabs(en[r] - rr[r].entropy) / (1.0 + std::fabs(rr[r].entropy)));
+      el = worst(el, std::fabs(lp[r] - rr[r].logp) / (1.0 + std::fabs(rr[r].logp)));
+      ee = worst(ee, std::fabs(en[r] - rr[r].entropy) / (1.0 + std::fabs(rr[r].entropy)));
       seq[r / c.T] += rr[r].logp;
     }
-    for (int64_t b = 0; b < c.B; ++b) es = std::max(es, std::fabs(ss[b] - seq[b]) / (1.0 + std::fabs(seq[b])));
+    for (int64_t b = 0; b < c.B; ++b) es = worst(es, std::fabs(ss[b] - seq[b]) / (1.0 + std::fabs(seq[b])));
     report("logprobs_fwd logp " + tag, el, 3e-5);
     report("logprobs_fwd entropy " + tag, ee, 2e-5);
     report("logprobs_fwd seq_sum " + tag, es, 1e-4);
@@ -269,14 +272,14 @@ static void check_case(const Case& c, RowPath path, bool inplace, int device_maj
     double eg = 0, mg = 1e-30;
     for (int64_t r = 0; r < rows; ++r) {
       const double* gz = gz_all.data() + r * V;
-      if (!mask[r]) { for (int64_t v = 0; v < V; ++v) eg = std::max(eg, gz[v] != 0.0 ? INFINITY : 0.0); continue; }
+      if (!mask[r]) { for (int64_t v = 0; v < V; ++v) eg = worst(eg, gz[v] != 0.0 ? INFINITY : 0.0); continue; }
       const double* z = h.value.data() + ((r / c.T) * Tp + r % c.T) * V;
       const double inv_tau = 1.0 / tau[r];
       for (int64_t v = 0; v < V; ++v) {
         const double lpv = z[v] * inv_tau - rr[r].lse, p = std::exp(lpv);
         const double g = inv_tau * (g_l[r] * ((v == targets[r] ? 1.0 : 0.0) - p) - g_h[r] * p * (lpv + rr[r].entropy));
         mg = std::max(mg, std::fabs(g));
-        eg = std::max(eg, std::isnan(gz[v]) ? INFINITY : std::fabs(gz[v] - g));
+        eg = worst(eg, std::isnan(gz[v]) ? INFINITY : std::fabs(gz[v] - g));
       }
     }
     report("logprobs_bwd grad " + tag, eg / mg, grad_tol(c.dtype));
@@ -346,7 +349,7 @@ static void check_advantages() {
         if (est == 2) base = x[j] - (mean * G - x[j]) / (G - 1);
         double ref = (est == 0 || est == 3) ? base / (std_g + 1e-4) : base;
         if (est == 3) ref = neg ? 0.25 * base : (mixed ? ref : 0.0);
-        err = std::max(err, std::isnan(adv[g * G + j]) ? INFINITY : std::fabs(adv[g * G + j] - ref));
+        err = worst(err, std::isnan(adv[g * G + j]) ? INFINITY : std::fabs(adv[g * G + j] - ref));
       }
     }
     const char* names[] = {"grpo", "dr_grpo", "rloo", "lens"};
