@@ -232,3 +232,52 @@ def test_lens_grpo_trainer_trains_three_steps(tmp_path):
     assert logged and all(0.0 <= h["lens/frac_negative_groups"] <= 1.0 for h in logged)
     assert any(h["lens/frac_negative_groups"] > 0 for h in logged)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+# ----- fused_loss_head: the loss from the logits or the hidden states, on a real tiny model ---------
+def fused_case_inputs(seed, vocab, beta):
+    g = torch.Generator().manual_seed(seed)
+    prompt_len, completion_len = 3, 5
+    prompt_ids = torch.randint(2, vocab, (B, prompt_len), generator=g)
+    prompt_mask = torch.ones(B, prompt_len)
+    prompt_mask[1, 0] = prompt_mask[2, :2] = 0.0  # left padding, as TRL's tokenizer pads prompts
+    completion_ids = torch.randint(2, vocab, (B, completion_len), generator=g)
+    completion_mask = (torch.arange(completion_len) < torch.tensor([5, 3, 1, 4, 2, 5]).unsqueeze(1)).float()
+    completion_mask[5] = 0.0  # a fully masked completion
+    old = -torch.rand(B, completion_len, generator=g) * 3 - 0.1
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.randn(B, generator=g),
+              "old_per_token_logps": old, "num_items_in_batch": completion_mask.sum() * 2}
+    if beta:
+        inputs["ref_per_token_logps"] = old + 0.2 * torch.randn(B, completion_len, generator=g)
+    return inputs
+
+
+def fused_case_loss(cls, accelerator, model, inputs, loss_type, beta, temperature, fused):
+    tr = bare_trainer(cls, accelerator, loss_type, "token", beta, False)
+    tr.model, tr.temperature = model, temperature
+    tr.args.fused_loss_head = fused
+    model.zero_grad(set_to_none=True)
+    loss = tr._compute_loss(model, dict(inputs))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fused", ("logits", "hidden"))
+@pytest.mark.parametrize("loss_type,beta,temperature", (("grpo", 0.0, 1.0), ("dapo", 0.04, 0.7), ("bnpo", 0.04, 1.0)))
+def test_fused_loss_head_matches_default_path(accelerator, fused, loss_type, beta, temperature):
+    """The fused loss head gives TRL's loss and parameter gradients (TRL's own log-prob pass, with the
+    fused LM head TRL installs on the model), in fp32."""
+    model, _ = load_example().tiny_model_and_tokenizer(seed=1)
+    model.train()
+    trl.trainer.utils.add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
+    inputs = fused_case_inputs(hash((fused, loss_type)) % 1000, model.config.vocab_size, beta)
+    want = fused_case_loss(GRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, None)
+    default = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, None)
+    got = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, fused)
+    assert torch.isfinite(got[0]) and sorted(got[1]) == sorted(want[1])
+    assert sum(float(g.abs().sum()) for g in want[1].values()) > 0
+    for other in (default, want):
+        assert_close(got[0], other[0])
+        for name in want[1]:
+            assert_close(got[1][name], other[1][name])

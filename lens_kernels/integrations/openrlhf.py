@@ -1,4 +1,5 @@
-"""OpenRLHF adapter: ``patch()`` makes OpenRLHF's ``PolicyLoss`` run ``lk.policy_loss``; ``unpatch()`` restores it.
+"""OpenRLHF adapter: ``patch()`` makes OpenRLHF's ``PolicyLoss`` run ``lk.policy_loss`` and its group
+normalization of advantages run ``lk.group_advantages`` (adding LENS); ``unpatch()`` restores both.
 
     from lens_kernels.integrations import openrlhf as lk_openrlhf
     lk_openrlhf.patch()          # before OpenRLHF builds its actor
@@ -10,27 +11,42 @@ log-ratio clamp for ``ppo`` (none for ``gspo``), dual clip, token-level or per-s
 Train/rollout IS correction (``is_correction_level != "off"``) falls back to OpenRLHF's own forward with
 one warning.
 
-Not done: OpenRLHF's group normalization of advantages is inline in
-``RemoteExperienceMaker.compute_advantages_and_returns``, in a module that imports vLLM; the adapter
-does not patch it yet. ``lk.group_advantages(rewards, group_size=n_samples_per_prompt,
-eps=lk.TRAINER_EPS["openrlhf"])`` computes OpenRLHF's ``group_norm`` (and LENS with
-``estimator="lens"``) for a caller that wires it in.
+``patch()`` also replaces ``RemoteExperienceMaker.compute_advantages_and_returns`` (when
+``openrlhf.trainer.ppo_utils.experience_maker`` imports) for ``args.algo.advantage.estimator`` in
+``("group_norm", "lens")``: the group statistics come from ``lk.group_advantages(rewards,
+group_size=n_samples_per_prompt, eps=lk.TRAINER_EPS["openrlhf"])``; every other step is OpenRLHF's
+(length penalties, reordering by ``experience.index``, the ``group_reward_std`` info,
+``compute_reward`` with the KL and the reward clip, ``get_cumulative_returns``; these estimators get no
+final whitening in OpenRLHF, nor here). ``"lens"`` takes the old log-probs from
+``experience.action_log_probs`` under ``experience.action_mask``, the weight ``lens_alpha`` from
+``args.algo.advantage.lens_alpha`` (default 0.25), needs binary rewards after the length penalties,
+and adds the per-sample ``lens_confidence`` info. OpenRLHF's CLI does not list ``"lens"`` among its
+``--algo.advantage.estimator`` choices: set ``args.algo.advantage.estimator = "lens"`` after parsing.
+Every other estimator runs OpenRLHF's own method.
+
+OpenRLHF runs the loss and the experience maker inside Ray actors: call ``patch()`` in those processes
+(for example from Ray's ``runtime_env={"worker_process_setup_hook": ...}``).
 """
 from __future__ import annotations
 
+import importlib
+import itertools
 import sys
 import warnings
 
 import torch
 
-from .. import LossConfig, policy_loss
+from .. import TRAINER_EPS, LossConfig, group_advantages, policy_loss
 from . import require
 
 LOG_RATIO_CLAMP = 20.0
 # modules that hold a reference to PolicyLoss once imported
 _HOLDERS = ("openrlhf.models.loss", "openrlhf.models", "openrlhf.trainer.ray.ppo_actor")
+_EXPERIENCE_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
+GROUP_ESTIMATORS = ("group_norm", "lens")
 _originals = {}
 _classes = {}
+_method_originals = {}
 
 
 def loss_config_for(module) -> LossConfig:
@@ -82,8 +98,90 @@ def _lens_policy_loss_class(base):
     return LensPolicyLoss
 
 
+def _experience_maker_module():
+    """OpenRLHF's experience-maker module, or None where it cannot be imported (it needs vLLM)."""
+    module = sys.modules.get(_EXPERIENCE_MAKER)
+    if module is None:
+        try:
+            module = importlib.import_module(_EXPERIENCE_MAKER)
+        except ImportError:
+            return None
+    return module if hasattr(module, "RemoteExperienceMaker") else None
+
+
+def _in_prompt_order(values, indices):
+    """Rows of ``values`` (concatenated experiences) moved to their ``experience.index`` slots."""
+    ordered = torch.empty_like(values)
+    ordered[indices] = values
+    return ordered
+
+
+def _padded_cat(tensors):
+    """Concatenate [b_i, A_i] tensors along the batch, zero-padded to the longest A_i."""
+    width = max(t.size(1) for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1))) for t in tensors], dim=0)
+
+
+def group_normalized_rewards(experiences, rewards, indices, args):
+    """OpenRLHF's per-sample group baseline for ``group_norm`` (and LENS) from ``lk.group_advantages``,
+    in prompt order, with its metrics."""
+    estimator = args.algo.advantage.estimator
+    kwargs = dict(group_size=args.rollout.n_samples_per_prompt, eps=TRAINER_EPS["openrlhf"])
+    if estimator == "group_norm":
+        return group_advantages(rewards, estimator="grpo", **kwargs)
+    if any(e.action_log_probs is None for e in experiences):
+        raise ValueError("estimator='lens' needs experience.action_log_probs (the old log-probs) on every experience")
+    old_logps = _in_prompt_order(_padded_cat([e.action_log_probs.float() for e in experiences]), indices)
+    mask = _in_prompt_order(_padded_cat([e.action_mask.float() for e in experiences]), indices)
+    return group_advantages(rewards, estimator="lens", old_logps=old_logps, mask=mask,
+                            lens_alpha=float(getattr(args.algo.advantage, "lens_alpha", 0.25)), **kwargs)
+
+
+def _lens_compute_advantages_and_returns(original, module):
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences):
+        """OpenRLHF's method with the group statistics of ``lk.group_advantages`` (group_norm, lens)."""
+        args = self.strategy.args
+        if args.algo.advantage.estimator not in GROUP_ESTIMATORS:
+            return original(self, experiences)
+        for experience in experiences:  # OpenRLHF: at least fp32 for penalties and group statistics
+            experience.rewards = experience.rewards.to(torch.promote_types(experience.rewards.dtype, torch.float32))
+        module.apply_length_penalties(experiences, args)
+
+        n_samples = args.rollout.n_samples_per_prompt
+        exp_len = [len(experience.index) for experience in experiences]
+        indices = torch.tensor(list(itertools.chain.from_iterable(experience.index for experience in experiences)))
+        rewards = _in_prompt_order(torch.cat([experience.rewards for experience in experiences]), indices)
+        if n_samples > 1:
+            stds = rewards.reshape(-1, n_samples).std(-1, keepdim=True).repeat(1, n_samples).reshape(-1)
+            for experience, std in zip(experiences, stds[indices].split(exp_len)):
+                experience.info["group_reward_std"] = std
+        advantages, stats = group_normalized_rewards(experiences, rewards, indices, args)
+        per_experience = advantages.to(rewards.dtype)[indices].split(exp_len)
+        if "confidence" in stats:
+            for experience, confidence in zip(experiences, stats["confidence"][indices].split(exp_len)):
+                experience.info["lens_confidence"] = confidence
+
+        for experience, reward in zip(experiences, per_experience):
+            reward = module.compute_reward(reward, self.kl_ctl.value, experience.kl,
+                                           action_mask=experience.action_mask,
+                                           reward_clip_range=args.reward.clip_range)
+            if args.algo.advantage.gamma != 1.0:
+                module.logger.warning(f"gamma is set to 1.0 for {args.algo.advantage.estimator}")
+                args.algo.advantage.gamma = 1.0
+            experience.returns = self.get_cumulative_returns(reward, experience.action_mask,
+                                                             args.algo.advantage.gamma)
+            experience.advantages = experience.returns.clone()
+            experience.info["return"] = reward.sum(dim=-1)
+            experience.kl = None
+        return experiences
+
+    return compute_advantages_and_returns
+
+
 def patch() -> type:
-    """Replace ``PolicyLoss`` in OpenRLHF's modules (those imported, and ``openrlhf.models.loss``)."""
+    """Replace ``PolicyLoss`` in OpenRLHF's modules (those imported, and ``openrlhf.models.loss``) and,
+    where the experience maker imports, its ``compute_advantages_and_returns``."""
     loss_module = sys.modules.get("openrlhf.models.loss") or require(
         "openrlhf.models.loss", "openrlhf", "lens_kernels.integrations.openrlhf")
     base = _originals.get("openrlhf.models.loss", loss_module.PolicyLoss)
@@ -93,13 +191,22 @@ def patch() -> type:
         if module is not None and hasattr(module, "PolicyLoss"):
             _originals.setdefault(name, module.PolicyLoss)
             module.PolicyLoss = cls
+    maker_module = _experience_maker_module()
+    if maker_module is not None and not _method_originals:
+        maker = maker_module.RemoteExperienceMaker
+        original = maker.__dict__["compute_advantages_and_returns"]
+        _method_originals[maker] = original
+        maker.compute_advantages_and_returns = _lens_compute_advantages_and_returns(original, maker_module)
     return cls
 
 
 def unpatch() -> None:
-    """Restore OpenRLHF's ``PolicyLoss`` everywhere ``patch()`` replaced it."""
+    """Restore OpenRLHF's ``PolicyLoss`` and ``compute_advantages_and_returns`` where ``patch()`` replaced them."""
     for name, original in _originals.items():
         module = sys.modules.get(name)
         if module is not None:
             module.PolicyLoss = original
     _originals.clear()
+    for maker, original in _method_originals.items():
+        maker.compute_advantages_and_returns = original
+    _method_originals.clear()
