@@ -229,8 +229,9 @@ class LensGRPOTrainer(GRPOTrainer):
         else:
             if self._entropy_bonus_enabled:
                 config = config.replace(entropy_coef=float(self.entropy_coef), entropy_agg_mode="token-mean")
+            # the loss is scaled below, so the op's upstream gradient is `scale` (the grad-scale contract)
             loss, metrics = self._fused_loss(model, fused, input_ids, attention_mask, completion_ids, mask,
-                                             advantages, config, common)
+                                             advantages, config, dict(common, grad_scale=scale))
             policy = metrics["policy_loss"] + config.beta * metrics["kl"]  # TRL's policy_loss includes the KL
             loss = loss * scale
         if self._entropy_bonus_enabled:
