@@ -90,3 +90,18 @@ def test_plots_of_time_and_memory_against_v_and_n(tmp_path):
     names = write_plots(rows, tmp_path, "t")
     assert sorted(names) == ["t_logits_vs_N.png", "t_logits_vs_V.png"]
     assert all((tmp_path / n).stat().st_size > 1000 for n in names)
+
+
+def test_gradient_difference_is_taken_slice_by_slice(monkeypatch):
+    # Slices of a few rows: the worst difference is in the last slice, and a NaN in any slice fails.
+    import lens_kernels.bench.runner as runner
+
+    monkeypatch.setattr(runner, "COMPARE_CHUNK_ELEMENTS", 2 * 7 * 5)
+    case = Case("logits", B=5, T=7, V=5, dtype="float32")
+    base = (torch.tensor(1.0), (torch.rand(5, 8, 5) + 0.5,))
+    out = base[1][0].clone()
+    out[4, 7, 4] += 0.25
+    assert compare(case, (base[0], (out,)), base, None)["d_grad_rel"] == pytest.approx(
+        0.25 / float(base[1][0].abs().max()))
+    out[0, 0, 0] = float("nan")
+    assert not within_tolerance(case, compare(case, (base[0], (out,)), base, None))

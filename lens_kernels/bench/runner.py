@@ -72,8 +72,8 @@ def compare(case: Case, out: tuple, base: tuple, mask: torch.Tensor) -> Dict[str
         base_loss, base_grads = base
         d_grad = 0.0
         for g, r in zip(grads, base_grads):
-            scale = r.detach().double().abs().max().clamp_min(1e-30)
-            d_grad = max(d_grad, ((g.detach().double() - r.detach().double()).abs().max() / scale).item())
+            scale = _max_abs(r).clamp_min(1e-30)
+            d_grad = max(d_grad, (_max_abs(r, minus=g) / scale).item())
         d_loss = (loss.detach().double() - base_loss.detach().double()).abs().item()
         if not (torch.isfinite(loss).item() and all(torch.isfinite(g).all().item() for g in grads)):
             d_loss = float("nan")
@@ -86,6 +86,25 @@ def compare(case: Case, out: tuple, base: tuple, mask: torch.Tensor) -> Dict[str
     if not torch.isfinite(value).all().item():
         diff = float("nan")
     return {"d_out": diff}
+
+
+# Elements per float64 slice in ``_max_abs``: 128 MiB of temporaries, whatever the tensor's size.
+COMPARE_CHUNK_ELEMENTS = 2**24
+
+
+def _max_abs(t: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """max |t - minus| (or max |t|) of a gradient in float64, slice by slice along dim 0: a float64
+    copy of a headline gradient is 20 GB, several times over with the temporaries of the difference."""
+    t = t.detach()
+    rows = max(1, COMPARE_CHUNK_ELEMENTS // max(1, t[0].numel()))
+    worst = torch.zeros((), dtype=torch.float64, device=t.device)
+    for start in range(0, t.shape[0], rows):
+        part = t[start:start + rows].double()
+        if minus is not None:
+            part = part - minus.detach()[start:start + rows].double()
+        if part.numel():
+            worst = torch.maximum(worst, part.abs().max())  # NaN propagates
+    return worst
 
 
 def within_tolerance(case: Case, diffs: Dict[str, float]) -> bool:
