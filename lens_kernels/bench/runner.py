@@ -200,8 +200,8 @@ def run_case(case: Case, providers: List[Provider], device: torch.device, warmup
 
 def _progress(row: Dict) -> str:
     if row["status"] != "ok":
-        return f"  {row['provider']:<12} {row['status']}: {row['reason']}"
-    return f"  {row['provider']:<12} {row['ms']:.3f} ms"
+        return f"  {row['provider']:<16} {row['status']}: {row['reason']}"
+    return f"  {row['provider']:<16} {row['ms']:.3f} ms"
 
 
 def _rate(case: Case, rows: List[Dict]) -> None:
