@@ -14,10 +14,10 @@ from lens_kernels.bench.providers import grad_leaves
 from lens_kernels.bench.runner import reference_outputs, reference_fits
 
 ROUNDS = int(os.environ.get("LENS_BENCH_ROUNDS", "10"))
-# Ours must match the reference in every dtype. The TRL-style torch code must in fp32; in bf16 it takes
-# log_softmax in bf16, whose rounding can move a token across the clip boundary and flip its gradient,
-# and Liger and CCE differ by design in places (CCE filters small gradients): those rows record their
-# difference and need only finite values.
+# Ours (and our bare loss on the LENS step) must match the reference in every dtype. The TRL-style
+# torch code must in fp32; in bf16 it takes log_softmax in bf16, whose rounding can move a token across
+# the clip boundary and flip its gradient, and Liger and CCE differ by design in places (CCE filters
+# small gradients): those rows record their difference and need only finite values.
 STRICT_IN_FP32 = ("eager", "compile")
 
 
@@ -37,7 +37,7 @@ def run_provider(benchmark):
             pytest.skip(f"{provider.name}: {exc}")
         diffs = compare(case, fn(), expected, inputs["mask"])
         benchmark.extra_info.update(diffs, case=case.name, provider=provider.name)
-        if provider.kind == "ours" or (provider.name in STRICT_IN_FP32 and case.dtype == "float32"):
+        if provider.kind in ("ours", "bare") or (provider.name in STRICT_IN_FP32 and case.dtype == "float32"):
             assert within_tolerance(case, diffs), f"{provider.name} on {case.name}: {diffs}"
         else:
             assert all(math.isfinite(v) for v in diffs.values()), f"{provider.name} on {case.name}: {diffs}"

@@ -7,8 +7,10 @@
 #      (both are pure-Python wheels) and carry the folder to the machine;
 #   2. runs the GPU tests (pytest -m gpu tests/, then the GPU cases of benchmarks/ once each);
 #   3. runs lens-bench on the headline case with every provider and on a small grid (no
-#      torch.compile there: its compile time is paid per shape), in one run; then our logits loss
-#      head once more with the triton kernel's row variant forced (LENS_KERNELS_TRITON_VARIANT=row);
+#      torch.compile there: its compile time is paid per shape), in one run; then the one-call LENS
+#      step at its headline (ours, our bare loss, the Liger and eager two-stage baselines; its table
+#      goes to the log only, to keep the file count); then our logits loss head once more with the
+#      triton kernel's row variant forced (LENS_KERNELS_TRITON_VARIANT=row);
 #   4. writes its log, the JSON, the markdown and the plots to $OUT (default: lens_bench_out/; at most
 #      7 files, as the device tool brings back 8), and prints a short table last.
 #
@@ -45,6 +47,7 @@ else
   echo "no wheels in benchmarks/wheels/: the Liger and CCE rows will say 'unavailable'"
 fi
 
+LOSS_HEAD_PATHS=logits,logits-fwd,hidden,hidden-fwd,advantages
 TESTS=$([[ -d tests ]] && echo tests/)  # the core's test folder; absent on a branch without tests
 if [[ "$GPU" == 1 ]]; then
   step "GPU tests (tests/, marker gpu)"
@@ -52,7 +55,10 @@ if [[ "$GPU" == 1 ]]; then
   step "benchmark cases, once each on the GPU (benchmarks/, marker gpu)"
   timeout 50 "$PY" -m pytest -m gpu benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -15
   step "lens-bench --quick: the headline with every provider, then a small grid without compile"
-  timeout 210 "$PY" -m lens_kernels.bench --quick --grid-exclude compile --out "$OUT" 2>&1 | tail -100
+  timeout 165 "$PY" -m lens_kernels.bench --quick --grid-exclude compile --paths "$LOSS_HEAD_PATHS" --out "$OUT" \
+    2>&1 | tail -100
+  step "the one-call LENS step at its headline (N=16384, V=151936, bf16, on-policy, G=8)"
+  timeout 55 "$PY" -m lens_kernels.bench --headline --paths lens-step --no-files 2>&1 | tail -40
   step "the triton loss head's row variant at the headline (the 3-pass baseline of the split design)"
   LENS_KERNELS_TRITON_VARIANT=row timeout 40 "$PY" -m lens_kernels.bench --headline --paths logits \
     --providers ours --no-files 2>&1 | grep -E "^(==|provider|ours-)|failed|unavailable"

@@ -9,6 +9,13 @@ provider's row and goes on.
 Every provider computes the same loss: the token-level PPO-clip GRPO loss with eps_low = eps_high =
 0.2, no KL, token-mean over the loss mask (TRL's ``bnpo``, Liger's ``bnpo``), at the case's
 temperature, against old log-probs.
+
+The ``lens-step`` path is the whole on-policy LENS step from logits and binary rewards: the same loss
+against the current log-probs (rho = 1, with its gradient), with LENS advantages computed from them.
+Its providers: ours (``lens_policy_loss_from_logits``, one call), our bare fused loss fed precomputed
+advantages (kind ``bare``, the issue's "<= 1.1x of the bare loss" comparison: its ``vs ours`` should
+be >= 0.91x), the user's baseline today with Liger (a forward for old log-probs, torch LENS advantages,
+``triton_grpo_loss``: its ``vs ours`` should be >= 1.3x), and the eager TRL-style two-stage step.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from .. import (
     available_backends,
     backend_for,
     group_advantages,
+    lens_policy_loss_from_logits,
     linear_token_logprobs,
     policy_loss_from_hidden,
     policy_loss_from_logits,
@@ -42,6 +50,7 @@ OPS_OF_PATH = {
     "hidden": "policy_loss_from_hidden",
     "hidden-fwd": "linear_token_logprobs",
     "advantages": None,  # group_advantages has no backend choice (yet)
+    "lens-step": "token_logprobs",  # on-policy, the step's passes are token_logprobs and its backward
 }
 
 
@@ -52,7 +61,7 @@ class Unavailable(Exception):
 @dataclass
 class Provider:
     name: str
-    kind: str  # "ours" or "peer"
+    kind: str  # "ours", "bare" (our bare loss on the lens-step path) or "peer"
     paths: Tuple[str, ...]
     build: Callable[[Case, Dict[str, torch.Tensor]], Callable[[], tuple]]
     needs_cuda: bool = False
@@ -61,7 +70,7 @@ class Provider:
 
 def grad_leaves(case: Case, inputs: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
     """The tensors whose gradients a forward + backward provider returns (and the check compares)."""
-    if case.path == "logits":
+    if case.from_logits and case.fwd_bwd:
         return [inputs["logits"]]
     if case.path == "hidden":
         return [inputs["hidden"], inputs["weight"]]
@@ -77,6 +86,13 @@ def _with_grads(case, inputs, loss_fn):
 
     run.forward = loss_fn  # the forward alone, timed as the row's forward-only figure
     return run
+
+
+def lens_advantages(case: Case, inp: Dict[str, torch.Tensor], old_logps: torch.Tensor, **kwargs) -> torch.Tensor:
+    """LENS advantages of the case's groups (torch), from ``old_logps`` as the confidence."""
+    rewards = inp["rewards"]
+    return group_advantages(rewards, group_size=case.group_size, estimator="lens", old_logps=old_logps,
+                            mask=inp["mask"], **kwargs)[0]
 
 
 def _no_grad(fn):
@@ -97,15 +113,17 @@ def _ours(backend: str) -> Provider:
             kwargs = {"backend": backend} if "backend" in inspect.signature(group_advantages).parameters else {}
             if kwargs == {} and backend != "torch":
                 raise Unavailable("group_advantages takes no backend argument: reported once, as ours-torch")
-            return _no_grad(lambda: (group_advantages(inp["rewards"], group_size=case.group_size,
-                                                      estimator="lens", old_logps=inp["old_logps"],
-                                                      mask=inp["mask"], **kwargs)[0],))
-        probe = inp["logits"] if case.path.startswith("logits") else inp["hidden"]
+            return _no_grad(lambda: (lens_advantages(case, inp, inp["old_logps"], **kwargs),))
+        probe = inp["logits"] if case.from_logits else inp["hidden"]
         try:
             backend_for(op, probe, backend)
         except RuntimeError as exc:
             raise Unavailable(str(exc)) from None
         tau = case.temperature
+        if case.path == "lens-step":
+            return _with_grads(case, inp, lambda: lens_policy_loss_from_logits(
+                inp["logits"][:, :-1], inp["targets"], inp["mask"], inp["rewards"], group_size=case.group_size,
+                estimator="lens", temperature=tau, config=LOSS_CONFIG, backend=backend)[0])
         common = dict(old_logps=inp.get("old_logps"), temperature=tau, config=LOSS_CONFIG, backend=backend)
         if case.path == "logits":
             return _with_grads(case, inp, lambda: policy_loss_from_logits(
@@ -122,6 +140,26 @@ def _ours(backend: str) -> Provider:
 
     return Provider(f"ours-{backend}", "ours", tuple(OPS_OF_PATH), build,
                     note="fwd paths also compute the entropy")
+
+
+def _ours_bare(backend: str) -> Provider:
+    """Our fused loss alone on the LENS step's inputs, the advantages and old log-probs (the current
+    ones: rho = 1, the on-policy gradient) computed before timing: the 2-pass design of the loss head."""
+    def build(case, inp):
+        try:
+            backend_for("policy_loss_from_logits", inp["logits"], backend)
+        except RuntimeError as exc:
+            raise Unavailable(str(exc)) from None
+        view, tau = inp["logits"][:, :-1], case.temperature
+        with torch.no_grad():
+            current, _ = token_logprobs(view, inp["targets"], temperature=tau, mask=inp["mask"], backend=backend)
+        advantages = lens_advantages(case, inp, current)
+        return _with_grads(case, inp, lambda: policy_loss_from_logits(
+            view, inp["targets"], inp["mask"], advantages, old_logps=current, temperature=tau, config=LOSS_CONFIG,
+            backend=backend)[0])
+
+    return Provider(f"ours-bare-{backend}", "bare", ("lens-step",), build,
+                    note="policy_loss_from_logits, advantages precomputed (untimed)")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -168,7 +206,7 @@ def eager_hidden_logps(hidden, weight, targets, temperature: float):
     return trl_selective_log_softmax((hidden @ weight.T) / temperature, targets)
 
 
-def _torch_provider(name: str, compiled: bool) -> Provider:
+def _torch_provider(name: str, compiled: bool, paths: Tuple[str, ...]) -> Provider:
     def build(case, inp):
         fns = (eager_logits_loss, eager_logits_logps, eager_hidden_loss, eager_hidden_logps)
         if compiled:
@@ -176,6 +214,15 @@ def _torch_provider(name: str, compiled: bool) -> Provider:
             fns = tuple(_compile(fn) for fn in fns)
         loss_logits, logps_logits, loss_hidden, logps_hidden = fns
         tau = case.temperature
+        if case.path == "lens-step":
+            def two_stage():
+                # TRL today: a forward without grad for the old log-probs, advantages, then the loss.
+                with torch.no_grad():
+                    old_logps = logps_logits(inp["logits"], inp["targets"], tau)
+                advantages = lens_advantages(case, inp, old_logps)
+                return loss_logits(inp["logits"], inp["targets"], old_logps, advantages, inp["mask"], tau)
+
+            return _with_grads(case, inp, two_stage)
         if case.path == "logits":
             return _with_grads(case, inp, lambda: loss_logits(inp["logits"], inp["targets"], inp["old_logps"],
                                                               inp["advantages"], inp["mask"], tau))
@@ -189,7 +236,7 @@ def _torch_provider(name: str, compiled: bool) -> Provider:
     note = "TRL-style: logits / T, per-row log_softmax + gather in the input dtype, then the clipped loss"
     if compiled:
         note = "torch.compile of the eager functions; the first call's compile time is in the row"
-    return Provider(name, "peer", ("logits", "logits-fwd", "hidden", "hidden-fwd"), build, note=note)
+    return Provider(name, "peer", paths, build, note=note)
 
 
 def _compile(fn):
@@ -213,12 +260,20 @@ def _import(module: str, what: str):
 
 def _liger(case, inp):
     tau = case.temperature
+    if case.path == "lens-step":
+        grpo = _import("liger_kernel.transformers.grpo_loss", "triton_grpo_loss")
+        ops = _import("liger_kernel.ops.grpo_loss", "fused_selective_log_softmax")
+        mask_int = inp["mask"].to(torch.int64)  # Liger indexes the mask with the targets' strides
+
+        def two_stage():
+            old_logps = ops.fused_selective_log_softmax(inp["logits"], inp["targets"], temperature=tau, mask=mask_int)
+            advantages = lens_advantages(case, inp, old_logps)
+            return _liger_loss(grpo, inp, old_logps, advantages, tau)
+
+        return _with_grads(case, inp, two_stage)
     if case.path == "logits":
         grpo = _import("liger_kernel.transformers.grpo_loss", "triton_grpo_loss")
-        return _with_grads(case, inp, lambda: grpo.triton_grpo_loss(
-            inp["logits"], inp["old_logps"], None, inp["targets"], inp["advantages"],
-            completion_mask=inp["mask"], temperature=tau, beta=0.0, eps_low=CLIP_EPS, eps_high=CLIP_EPS,
-            inplace=False, loss_type="bnpo", reduce=True)[0])
+        return _with_grads(case, inp, lambda: _liger_loss(grpo, inp, inp["old_logps"], inp["advantages"], tau))
     if case.path == "logits-fwd":
         ops = _import("liger_kernel.ops.grpo_loss", "fused_selective_log_softmax")
         return _no_grad(lambda: (ops.fused_selective_log_softmax(inp["logits"], inp["targets"], tau,
@@ -230,6 +285,13 @@ def _liger(case, inp):
         return _with_grads(case, inp, lambda: module(inp["hidden"], inp["weight"], inp["targets"], inp["mask"],
                                                      inp["advantages"], old_per_token_logps=inp["old_logps"])[0])
     raise Unavailable("Liger has no public hidden-states log-prob op")
+
+
+def _liger_loss(grpo, inp, old_logps, advantages, tau):
+    # inplace=False: the logits are the shared inputs of every provider and every timed run.
+    return grpo.triton_grpo_loss(inp["logits"], old_logps, None, inp["targets"], advantages,
+                                 completion_mask=inp["mask"], temperature=tau, beta=0.0, eps_low=CLIP_EPS,
+                                 eps_high=CLIP_EPS, inplace=False, loss_type="bnpo", reduce=True)[0]
 
 
 def _cce(case, inp):
@@ -248,16 +310,19 @@ def _cce(case, inp):
     return _no_grad(lambda: (logps(),))
 
 
+LOSS_HEAD_PATHS = ("logits", "logits-fwd", "hidden", "hidden-fwd")
 PEERS = (
-    _torch_provider("eager", compiled=False),
-    Provider("liger", "peer", ("logits", "logits-fwd", "hidden"), _liger, needs_cuda=True,
+    _torch_provider("eager", compiled=False, paths=LOSS_HEAD_PATHS + ("lens-step",)),
+    Provider("liger", "peer", ("logits", "logits-fwd", "hidden", "lens-step"), _liger, needs_cuda=True,
              note="triton_grpo_loss (logits, inplace=False), fused_selective_log_softmax (no entropy), "
-                  "LigerFusedLinearGRPOLoss (hidden, chunked)"),
+                  "LigerFusedLinearGRPOLoss (hidden, chunked); lens-step: fused_selective_log_softmax, "
+                  "torch LENS, triton_grpo_loss"),
     Provider("cce", "peer", ("hidden", "hidden-fwd"), _cce, needs_cuda=True,
              note="linear_cross_entropy(reduction='none') as the log-prob producer (default gradient "
                   "filtering), loss in torch"),
     # Last: its first call compiles, so a run cut short by a time limit loses this row first.
-    _torch_provider("compile", compiled=True),
+    # Not on lens-step: the issue's baselines are Liger and eager TRL.
+    _torch_provider("compile", compiled=True, paths=LOSS_HEAD_PATHS),
 )
 
 
@@ -265,10 +330,11 @@ def providers_for(device: torch.device, only: Optional[List[str]] = None,
                   exclude: Optional[List[str]] = None) -> List[Provider]:
     """Ours (one per available backend that runs some op on ``device``), then the peers. On CPU the
     CUDA-only peers are left out."""
-    found = [_ours(name) for name in available_backends() if _runs_on(name, device)]
+    backends = [name for name in available_backends() if _runs_on(name, device)]
+    found = [_ours(name) for name in backends] + [_ours_bare(name) for name in backends]
     found += [p for p in PEERS if device.type == "cuda" or not p.needs_cuda]
-    if only:
-        found = [p for p in found if p.name in only or (p.kind == "ours" and "ours" in only)]
+    if only:  # names, or kinds: "ours" (every backend), "bare", "peer"
+        found = [p for p in found if p.name in only or p.kind in only]
     if exclude:
         found = [p for p in found if p.name not in exclude]
     return found

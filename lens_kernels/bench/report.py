@@ -59,13 +59,13 @@ def format_table(rows: List[Dict]) -> str:
 
 def short_table(rows: List[Dict]) -> str:
     """A compact view: case, provider, ms, % floor, vs ours, ok (or why the row has no time)."""
-    lines = [f"{'case':<44} {'provider':<12} {'ms':>9} {'%floor':>7} {'vs ours':>8}  ok"]
+    lines = [f"{'case':<44} {'provider':<16} {'ms':>9} {'%floor':>7} {'vs ours':>8}  ok"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"{r['case'][:44]:<44} {r['provider']:<12} {r['status']}: {r['reason'][:60]}")
+            lines.append(f"{r['case'][:44]:<44} {r['provider']:<16} {r['status']}: {r['reason'][:60]}")
             continue
         vs = f"{r['vs_ours']:.2f}x" if r.get("vs_ours") is not None else "-"
-        lines.append(f"{r['case'][:44]:<44} {r['provider']:<12} {r['ms']:>9.3f} {_num(r.get('pct_floor'), '.1f'):>7} "
+        lines.append(f"{r['case'][:44]:<44} {r['provider']:<16} {r['ms']:>9.3f} {_num(r.get('pct_floor'), '.1f'):>7} "
                      f"{vs:>8}  {'ok' if r.get('within_tol') else '> tol'}")
     return "\n".join(lines)
 

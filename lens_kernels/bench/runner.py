@@ -25,6 +25,9 @@ from .timing import extra_peak_gib, median_ms
 # with torch and loops over completions in Python: 65536 x 1024 tokens (0.5 GB fp64) is fine.
 REFERENCE_MAX_ELEMENTS = 2**23
 REFERENCE_MAX_ADVANTAGE_TOKENS = 2**27
+# The LENS step's reference runs one sequence at a time (a few fp64 copies of [T, V]: about 6 GB at
+# T = 1024, V = 151936) and keeps its gradient in fp32 (N * V * 4 B: 10 GB at the issue's headline).
+REFERENCE_MAX_STEP_ELEMENTS = 2**32
 
 # Tolerances of the "ok" column, per input dtype: |d loss|, max |d grad| / max |grad|, and |d logp|
 # (advantages are compared like log-probs). bf16 peers that take log_softmax in bf16 (TRL) are
@@ -36,8 +39,33 @@ TOLERANCES = {
 }
 
 
+def lens_step_reference(case: Case, inp: Dict[str, torch.Tensor]):
+    """The float64 reference composition of the on-policy LENS step, one sequence at a time:
+    ``reference.group_advantages`` on the reference token log-probs, then
+    ``reference.policy_loss_from_logits`` (on-policy) of each sequence over the batch's token count,
+    whose sum is the loss and whose gradients are the rows of dL/dlogits (stored in fp32)."""
+    tau, mask, targets, buf = case.temperature, inp["mask"], inp["targets"], inp["logits"].detach()
+    rows = range(case.B)
+    with torch.no_grad():
+        logps = torch.cat([reference.token_logprobs(buf[b:b + 1, :-1], targets[b:b + 1], tau, mask[b:b + 1])[0]
+                           for b in rows])
+    advantages = reference.group_advantages(inp["rewards"], group_size=case.group_size, estimator="lens",
+                                            old_logps=logps, mask=mask).to(buf.device)
+    num_tokens = mask.sum().clamp(min=1).double()
+    loss, grad = torch.zeros((), dtype=torch.float64, device=buf.device), torch.empty_like(buf, dtype=torch.float32)
+    for b in rows:
+        x = buf[b:b + 1].double().requires_grad_(True)
+        part, _ = reference.policy_loss_from_logits(x[:, :-1], targets[b:b + 1], mask[b:b + 1], advantages[b:b + 1],
+                                                    temperature=tau, config=LOSS_CONFIG, num_tokens=num_tokens)
+        grad[b:b + 1] = torch.autograd.grad(part, [x])[0]
+        loss += part.detach()
+    return loss, (grad,)
+
+
 def reference_outputs(case: Case, inp: Dict[str, torch.Tensor]):
     tau, mask = case.temperature, inp["mask"]
+    if case.path == "lens-step":
+        return lens_step_reference(case, inp)
     if case.path == "advantages":
         out = reference.group_advantages(inp["rewards"], group_size=case.group_size, estimator="lens",
                                          old_logps=inp["old_logps"], mask=mask)
@@ -61,6 +89,8 @@ def reference_outputs(case: Case, inp: Dict[str, torch.Tensor]):
 def reference_fits(case: Case) -> bool:
     if case.path == "advantages":
         return case.B * case.T <= REFERENCE_MAX_ADVANTAGE_TOKENS
+    if case.path == "lens-step":
+        return case.N * case.V <= REFERENCE_MAX_STEP_ELEMENTS
     return case.N * case.V <= REFERENCE_MAX_ELEMENTS
 
 
@@ -72,8 +102,8 @@ def compare(case: Case, out: tuple, base: tuple, mask: torch.Tensor) -> Dict[str
         base_loss, base_grads = base
         d_grad = 0.0
         for g, r in zip(grads, base_grads):
-            scale = r.detach().double().abs().max().clamp_min(1e-30)
-            d_grad = max(d_grad, ((g.detach().double() - r.detach().double()).abs().max() / scale).item())
+            scale = _max_abs(r).clamp_min(1e-30)
+            d_grad = max(d_grad, (_max_abs(r, minus=g) / scale).item())
         d_loss = (loss.detach().double() - base_loss.detach().double()).abs().item()
         if not (torch.isfinite(loss).item() and all(torch.isfinite(g).all().item() for g in grads)):
             d_loss = float("nan")
@@ -86,6 +116,25 @@ def compare(case: Case, out: tuple, base: tuple, mask: torch.Tensor) -> Dict[str
     if not torch.isfinite(value).all().item():
         diff = float("nan")
     return {"d_out": diff}
+
+
+# Elements per float64 slice in ``_max_abs``: 128 MiB of temporaries, whatever the tensor's size.
+COMPARE_CHUNK_ELEMENTS = 2**24
+
+
+def _max_abs(t: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """max |t - minus| (or max |t|) of a gradient in float64, slice by slice along dim 0: a float64
+    copy of a headline gradient is 20 GB, several times over with the temporaries of the difference."""
+    t = t.detach()
+    rows = max(1, COMPARE_CHUNK_ELEMENTS // max(1, t[0].numel()))
+    worst = torch.zeros((), dtype=torch.float64, device=t.device)
+    for start in range(0, t.shape[0], rows):
+        part = t[start:start + rows].double()
+        if minus is not None:
+            part = part - minus.detach()[start:start + rows].double()
+        if part.numel():
+            worst = torch.maximum(worst, part.abs().max())  # NaN propagates
+    return worst
 
 
 def within_tolerance(case: Case, diffs: Dict[str, float]) -> bool:
@@ -151,8 +200,8 @@ def run_case(case: Case, providers: List[Provider], device: torch.device, warmup
 
 def _progress(row: Dict) -> str:
     if row["status"] != "ok":
-        return f"  {row['provider']:<12} {row['status']}: {row['reason']}"
-    return f"  {row['provider']:<12} {row['ms']:.3f} ms"
+        return f"  {row['provider']:<16} {row['status']}: {row['reason']}"
+    return f"  {row['provider']:<16} {row['ms']:.3f} ms"
 
 
 def _rate(case: Case, rows: List[Dict]) -> None:
