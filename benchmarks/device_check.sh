@@ -11,6 +11,8 @@
 #      step at its headline (ours, our bare loss, the Liger and eager two-stage baselines; its table
 #      goes to the log only, to keep the file count); then our logits loss head once more with the
 #      triton kernel's row variant forced (LENS_KERNELS_TRITON_VARIANT=row);
+#   (with LENS_DEVICE_CUDA=1 and nvcc on the machine, also csrc/test/device_check.sh: the CUDA
+#   extension's test binary, GPU pytest and timing; a few minutes more)
 #   4. writes its log, the JSON, the markdown and the plots to $OUT (default: lens_bench_out/; at most
 #      7 files, as the device tool brings back 8), and prints a short table last.
 #
@@ -62,6 +64,12 @@ if [[ "$GPU" == 1 ]]; then
   step "the triton loss head's row variant at the headline (the 3-pass baseline of the split design)"
   LENS_KERNELS_TRITON_VARIANT=row timeout 40 "$PY" -m lens_kernels.bench --headline --paths logits \
     --providers ours --no-files 2>&1 | grep -E "^(==|provider|ours-)|failed|unavailable"
+  if [[ "${LENS_DEVICE_CUDA:-0}" == 1 ]] && command -v nvcc >/dev/null; then
+    # opt-in (it builds the extension: a few minutes): the CUDA kernels' test binary, their GPU pytest
+    # and their timing at the headline; logs go to this script's log only
+    step "CUDA extension (LENS_DEVICE_CUDA=1): test binary, GPU pytest, headline timing"
+    OUT="$(mktemp -d)" timeout 240 bash csrc/test/device_check.sh 2>&1 | tail -60
+  fi
 else
   step "no CUDA GPU: CPU dry run of the same steps"
   timeout 120 "$PY" -m pytest -m gpu $TESTS benchmarks/ -q -p no:cacheprovider --benchmark-disable 2>&1 | tail -3
