@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from .model import ARCHS
-from .task import check_levels
+from .task import LEVELS, check_levels
 
 ESTIMATORS = ("grpo", "lens", "dr_grpo")
 
@@ -26,24 +26,25 @@ class TrainConfig:
     smoke: bool = field(default=False, metadata={"help": "a seconds-long run on levels 1-2 (CI)"})
     model: Optional[str] = field(default=None, metadata={"help": "local Hugging Face causal LM directory"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); one thread is the "
+                                                           "fastest for the tiny model on a busy CPU"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     # task
     levels: str = field(default="1,2,3,4,5", metadata={"help": "comma-separated task levels"})
     test_per_level: int = field(default=100, metadata={"help": "held-out problems per level"})
     # tiny model (ignored with --model)
     arch: str = field(default="llama", metadata={"help": f"tiny model architecture: {'|'.join(ARCHS)}"})
-    hidden_size: int = 64
-    layers: int = 4
+    hidden_size: int = 48
+    layers: int = 3
     heads: int = 4
     # supervised warm-up
-    warmup_steps: int = field(default=1500, metadata={"help": "supervised steps before RL"})
+    warmup_steps: int = field(default=800, metadata={"help": "supervised steps before RL"})
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
-    warmup_level_weights: str = field(default="", metadata={"help": "comma-separated sampling weights per level "
-                                                                     "(empty: uniform)"})
+    warmup_level_weights: str = field(default="4,3,2,1,1", metadata={
+        "help": "warm-up sampling weight of each level 1-5 (unselected levels are ignored; empty: uniform)"})
     # RL
-    steps: int = field(default=120, metadata={"help": "RL steps (rollout batches)"})
+    steps: int = field(default=100, metadata={"help": "RL steps (rollout batches)"})
     prompts_per_step: int = 16
     group_size: int = 8
     temperature: float = 1.0
@@ -72,10 +73,15 @@ class TrainConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self.level_list()
         if self.warmup_level_weights:
-            weights = [float(x) for x in self.warmup_level_weights.split(",")]
-            if len(weights) != len(self.level_list()) or min(weights) < 0 or sum(weights) <= 0:
-                raise ValueError("--warmup-level-weights needs one non-negative weight per level, not all zero; "
-                                 f"got {self.warmup_level_weights!r} for levels {self.levels!r}")
+            try:
+                weights = [float(x) for x in self.warmup_level_weights.split(",")]
+            except ValueError:
+                weights = []
+            picked = [weights[lvl - 1] for lvl in self.level_list()] if len(weights) == len(LEVELS) else []
+            if not picked or min(weights) < 0 or sum(picked) <= 0:
+                raise ValueError(f"--warmup-level-weights needs {len(LEVELS)} comma-separated non-negative weights "
+                                 f"(levels 1-{len(LEVELS)}), not all zero on --levels; got "
+                                 f"{self.warmup_level_weights!r}")
         for name in ("seeds", "prompts_per_step", "group_size", "inner_updates", "grad_accum", "eval_every",
                      "checkpoint_every", "warmup_batch", "test_per_level", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
@@ -95,6 +101,12 @@ class TrainConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {list(ARCHS)}, got {self.arch!r}")
         return self
+
+    def warmup_weights(self):
+        if not self.warmup_level_weights:
+            return None
+        weights = [float(x) for x in self.warmup_level_weights.split(",")]
+        return [weights[lvl - 1] for lvl in self.level_list()]
 
     def to_dict(self):
         return dataclasses.asdict(self)

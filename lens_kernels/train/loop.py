@@ -120,7 +120,7 @@ def warmup(setup: Setup, path: str, resume: bool) -> Dict[int, float]:
         model.load_state_dict(state["model"])
         log(f"warm-up: loaded {path}")
         return {int(k): v for k, v in state["test_acc"].items()}
-    weights = [float(x) for x in config.warmup_level_weights.split(",")] if config.warmup_level_weights else None
+    weights = config.warmup_weights()
     rng = random.Random(config.seed * 7919 + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
     P, C = setup.prompt_len, setup.completion_len

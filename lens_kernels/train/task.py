@@ -10,7 +10,7 @@ import random
 from typing import Dict, List, Sequence, Tuple
 
 # level -> (digits of the first operand, digits of the second)
-LEVELS: Dict[int, Tuple[int, int]] = {1: (2, 1), 2: (2, 2), 3: (3, 2), 4: (3, 3), 5: (4, 4)}
+LEVELS: Dict[int, Tuple[int, int]] = {1: (1, 1), 2: (2, 1), 3: (2, 2), 4: (3, 2), 5: (3, 3)}
 
 Problem = Tuple[int, int, int]  # (level, a, b)
 
@@ -47,8 +47,9 @@ def check_levels(levels: Sequence[int]) -> List[int]:
 class Task:
     """Train and held-out test splits of the addition task, generated from a seed.
 
-    The test split holds ``test_per_level`` distinct problems per level; training draws never return
-    a test problem, so test accuracy measures generalization, not recall.
+    The test split holds ``test_per_level`` distinct problems per level, at most a fifth of the level's
+    problems (level 1 has only 100); training draws never return a test problem, so test accuracy
+    measures generalization, not recall.
     """
 
     def __init__(self, levels: Sequence[int] = tuple(LEVELS), test_per_level: int = 100, seed: int = 1234):
@@ -57,8 +58,9 @@ class Task:
         self.test: Dict[int, List[Problem]] = {}
         self._held_out = set()
         for level in self.levels:
+            da, db = LEVELS[level]
             seen = set()
-            while len(seen) < test_per_level:
+            while len(seen) < min(test_per_level, 10 ** (da + db) // 5):
                 seen.add(_draw(rng, level))
             self.test[level] = sorted(seen)
             self._held_out |= seen
