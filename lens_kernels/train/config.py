@@ -48,7 +48,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     temperature: float = 1.0
-    lr: float = 3e-4
+    lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     inner_updates: int = field(default=2, metadata={"help": "optimizer steps per rollout batch (mini-batches)"})
