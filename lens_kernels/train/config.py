@@ -44,8 +44,8 @@ class TrainConfig:
     warmup_level_weights: str = field(default="4,3,2,1,1", metadata={
         "help": "warm-up sampling weight of each level 1-5 (unselected levels are ignored; empty: uniform)"})
     # RL
-    steps: int = field(default=100, metadata={"help": "RL steps (rollout batches)"})
-    prompts_per_step: int = 16
+    steps: int = field(default=200, metadata={"help": "RL steps (rollout batches)"})
+    prompts_per_step: int = 32
     group_size: int = 8
     temperature: float = 1.0
     lr: float = 1e-4
@@ -60,8 +60,8 @@ class TrainConfig:
     lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
     fused_head: bool = field(default=False, metadata={"help": "loss from hidden states + lm_head "
                                                               "(policy_loss_from_hidden)"})
-    eval_every: int = 20
-    checkpoint_every: int = 20
+    eval_every: int = 25
+    checkpoint_every: int = 25
 
     def level_list(self):
         return check_levels(int(x) for x in str(self.levels).split(",") if x.strip())
