@@ -149,3 +149,18 @@ def test_fused_head_update_matches_logits_update():
     for a, b in zip(logits_path, hidden_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_attention_choice(monkeypatch):
+    import importlib.util
+
+    from lens_kernels.train import model as model_mod
+
+    assert model_mod.attention_implementation(torch.device("cpu"), torch.float32) == "sdpa"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert model_mod.attention_implementation(torch.device("cuda"), torch.bfloat16) == "flash_attention_2"
+    assert model_mod.attention_implementation(torch.device("cuda"), torch.float32) == "sdpa"  # flash-attn: 16-bit only
+    assert model_mod.attention_implementation(torch.device("cpu"), torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert model_mod.attention_implementation(torch.device("cuda"), torch.bfloat16) == "sdpa"

@@ -42,10 +42,12 @@ class Setup:
 
     def __init__(self, config: TrainConfig, device: torch.device, announce: bool = True):
         self.config, self.device = config, device
-        self.attn = attention_implementation(device)
+        # a real model runs in bf16 on a GPU; the tiny built-in one trains in fp32 everywhere
+        self.dtype = torch.bfloat16 if device.type == "cuda" and config.model else torch.float32
+        self.attn = attention_implementation(device, self.dtype)
         torch.manual_seed(config.seed)
         if config.model:
-            self.model, self.tokenizer = load_pretrained(config.model, device, self.attn)
+            self.model, self.tokenizer = load_pretrained(config.model, device, self.attn, self.dtype)
             source = f"{config.model} ({sum(p.numel() for p in self.model.parameters()):,} parameters)"
         else:
             self.tokenizer = CharTokenizer()
@@ -62,7 +64,7 @@ class Setup:
         self.prompt_len = max(len(enc(f"{a}+{b}=")) for a, b in largest)
         self.completion_len = max(len(enc(str(a + b))) for a, b in largest) + 2  # eos, and room to ramble
         if announce:
-            log(f"lens-train: model {source} on {device}, attention {self.attn}")
+            log(f"lens-train: model {source} on {device} ({str(self.dtype).replace('torch.', '')}), attention {self.attn}")
 
 
 # ----- metrics and checkpoints -----------------------------------------------------------------------
@@ -101,8 +103,9 @@ def _rng_state(data_rng: random.Random, sampler: torch.Generator) -> Dict:
 
 def _set_rng_state(state: Dict, data_rng: random.Random, sampler: torch.Generator) -> None:
     data_rng.setstate(state["data"])
-    sampler.set_state(state["sampler"])
-    torch.set_rng_state(state["torch"])
+    # generator states are CPU byte tensors whatever the device the checkpoint was mapped to
+    sampler.set_state(state["sampler"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
 
 
 def _bar(total, desc, config, initial=0):
@@ -177,7 +180,7 @@ def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_log
     config, model = setup.config, setup.model
     P, accum = setup.prompt_len, config.grad_accum
     n = batch.sequences.shape[0]
-    order = torch.randperm(n, generator=generator).to(setup.device)
+    order = torch.randperm(n, generator=generator, device=generator.device).to(setup.device)
     micro = n // (config.inner_updates * accum)
     totals: Dict[str, float] = {}
     grad_norms = []
@@ -204,14 +207,17 @@ def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_log
                     temperature=config.temperature, config=lcfg, grad_scale=1.0 / accum)
             # the declared grad_scale is exactly the upstream gradient: no rescaling pass
             (loss / accum).backward()
+            # metrics stay on the device until the end of the step: one host sync per step, not per micro-batch
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)))
+                totals[name] = totals.get(name, 0.0) + value.detach().float()
+            totals["loss"] = totals.get("loss", 0.0) + loss.detach().float()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
         optimizer.step()
     count = config.inner_updates * accum
-    out = {name: value / count for name, value in totals.items()}
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    names = list(totals)
+    values = (torch.stack([totals[k] for k in names]) / count).tolist()
+    out = dict(zip(names, values))
+    out["grad_norm"] = float(torch.stack(grad_norms).mean())
     return out
 
 
@@ -228,7 +234,7 @@ def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
             p.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     data_rng = random.Random(config.seed * 104729 + 3)
-    sampler = torch.Generator().manual_seed(config.seed + 12345)
+    sampler = torch.Generator(device=device).manual_seed(config.seed + 12345)
     start = 1
     resume_step = None
     if config.resume and os.path.exists(ckpt_path):

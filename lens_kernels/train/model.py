@@ -53,9 +53,11 @@ class HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash_attention_2 on a CUDA device where flash-attn is installed, else sdpa (SPEC 10)."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash_attention_2 on a CUDA device where flash-attn is installed and the model is bf16/fp16 (what
+    flash-attn supports), else sdpa (SPEC 10)."""
+    if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"
     return "sdpa"
 
@@ -77,7 +79,7 @@ def build_tiny_model(vocab_size: int, *, arch: str = "llama", hidden_size: int =
     return model_cls(config)
 
 
-def load_pretrained(path: str, device: torch.device, attn_implementation: str):
+def load_pretrained(path: str, device: torch.device, attn_implementation: str, dtype: torch.dtype = torch.float32):
     """A causal LM and its tokenizer from a local directory; never touches the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,7 +87,6 @@ def load_pretrained(path: str, device: torch.device, attn_implementation: str):
         raise ValueError(f"--model: {path!r} is not a directory (expected a local Hugging Face model directory)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--model: {path!r} has no config.json (expected a saved Hugging Face causal LM)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
