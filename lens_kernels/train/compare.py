@@ -80,7 +80,10 @@ def aggregate(runs: Dict[str, Dict[int, List[Dict]]]) -> Dict:
 def comparison_table(result: Dict, config: TrainConfig) -> str:
     levels = result["levels"]
     n = len(result["seeds"])
-    fmt = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+
+    def fmt(spread):
+        return f"{spread['mean']:.3f} ± {spread['std']:.3f}"
+
     lines = [f"Held-out greedy accuracy per level after {config.steps} RL steps, mean ± std over {n} seed(s) "
              f"{result['seeds']}; negative groups = mean fraction of all-wrong groups over the RL steps.", "",
              "| method | " + " | ".join(f"L{l}" for l in levels) + " | negative groups |",

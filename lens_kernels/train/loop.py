@@ -308,7 +308,10 @@ def summarize(records: List[Dict], warm_acc: Dict[int, float]) -> Dict:
     rl = [r for r in records if r["phase"] == "rl"]
     evals = [r for r in records if "test_acc" in r]
     final = {int(k): v for k, v in evals[-1]["test_acc"].items()} if evals else dict(warm_acc)
-    mean = lambda key: sum(r[key] for r in rl) / len(rl) if rl else float("nan")  # noqa: E731
+
+    def mean(key):
+        return sum(r[key] for r in rl) / len(rl) if rl else float("nan")
+
     return {"warmup_test_acc": {str(k): v for k, v in warm_acc.items()},
             "final_test_acc": {str(k): v for k, v in final.items()},
             "steps": rl[-1]["step"] if rl else 0,
