@@ -164,3 +164,16 @@ def test_attention_choice(monkeypatch):
     assert model_mod.attention_implementation(torch.device("cpu"), torch.bfloat16) == "sdpa"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     assert model_mod.attention_implementation(torch.device("cuda"), torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_architectures_sample_valid_tokens(arch):
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = build_tiny_model(tok.vocab_size, arch=arch, hidden_size=32, layers=1, heads=2).eval()
+    assert type(model).__name__.lower().startswith(arch)
+    prompts = encode_prompts(tok, [(2, 12, 3), (1, 4, 5)], 5, "cpu")
+    out = sample(model, prompts, 4, tok.eos_id, tok.fill_id, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 4) and int(out.min()) >= 0 and int(out.max()) < tok.vocab_size
+    with pytest.raises(ValueError, match="arch"):
+        build_tiny_model(tok.vocab_size, arch="gpt2")
