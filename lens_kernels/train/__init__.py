@@ -1,0 +1,4 @@
+"""``lens-train``: a thin GRPO/LENS training loop on a built-in verifiable task (SPEC 10).
+
+Run ``lens-train`` (or ``python -m lens_kernels.train``); ``lens-train --help`` lists the options.
+"""

@@ -1,0 +1,191 @@
+"""TrainConfig: every knob of ``lens-train``, with defaults, from a TOML/YAML/JSON file and/or flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from .model import ARCHS
+from .task import LEVELS, check_levels
+
+ESTIMATORS = ("grpo", "lens", "dr_grpo")
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out: str = field(default="lens_train_out", metadata={"help": "directory for metrics, plots and checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seed of the model init, data and sampling"})
+    estimator: str = field(default="lens", metadata={"help": f"advantage estimator: {'|'.join(ESTIMATORS)}"})
+    compare: bool = field(default=False, metadata={"help": "run GRPO and LENS on the same seeds; plot and table"})
+    seeds: int = field(default=1, metadata={"help": "number of seeds (seed, seed+1, ...) for --compare"})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoints in --out"})
+    smoke: bool = field(default=False, metadata={"help": "a seconds-long run on levels 1-2 (CI)"})
+    model: Optional[str] = field(default=None, metadata={"help": "local Hugging Face causal LM directory"})
+    device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); one thread is the "
+                                                           "fastest for the tiny model on a busy CPU"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+    # task
+    levels: str = field(default="1,2,3,4,5", metadata={"help": "comma-separated task levels"})
+    test_per_level: int = field(default=100, metadata={"help": "held-out problems per level"})
+    # tiny model (ignored with --model)
+    arch: str = field(default="llama", metadata={"help": f"tiny model architecture: {'|'.join(ARCHS)}"})
+    hidden_size: int = 48
+    layers: int = 3
+    heads: int = 4
+    # supervised warm-up
+    warmup_steps: int = field(default=800, metadata={"help": "supervised steps before RL"})
+    warmup_batch: int = 64
+    warmup_lr: float = 3e-3
+    warmup_level_weights: str = field(default="4,3,2,1,1", metadata={
+        "help": "warm-up sampling weight of each level 1-5 (unselected levels are ignored; empty: uniform)"})
+    # RL
+    steps: int = field(default=200, metadata={"help": "RL steps (rollout batches)"})
+    prompts_per_step: int = 32
+    group_size: int = 8
+    temperature: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    inner_updates: int = field(default=2, metadata={"help": "optimizer steps per rollout batch (mini-batches)"})
+    grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    beta: float = field(default=0.0, metadata={"help": "KL weight to the warm-up policy (k3)"})
+    loss_agg_mode: str = "token-mean"
+    lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
+    fused_head: bool = field(default=False, metadata={"help": "loss from hidden states + lm_head "
+                                                              "(policy_loss_from_hidden)"})
+    eval_every: int = 25
+    checkpoint_every: int = 25
+
+    def level_list(self):
+        return check_levels(int(x) for x in str(self.levels).split(",") if x.strip())
+
+    def validate(self) -> "TrainConfig":
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"--estimator must be one of {list(ESTIMATORS)}, got {self.estimator!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self.level_list()
+        if self.warmup_level_weights:
+            try:
+                weights = [float(x) for x in self.warmup_level_weights.split(",")]
+            except ValueError:
+                weights = []
+            picked = [weights[lvl - 1] for lvl in self.level_list()] if len(weights) == len(LEVELS) else []
+            if not picked or min(weights) < 0 or sum(picked) <= 0:
+                raise ValueError(f"--warmup-level-weights needs {len(LEVELS)} comma-separated non-negative weights "
+                                 f"(levels 1-{len(LEVELS)}), not all zero on --levels; got "
+                                 f"{self.warmup_level_weights!r}")
+        for name in ("seeds", "prompts_per_step", "group_size", "inner_updates", "grad_accum", "eval_every",
+                     "checkpoint_every", "warmup_batch", "test_per_level", "hidden_size", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"--group-size must be >= 2 (group statistics), got {self.group_size}")
+        if (self.prompts_per_step * self.group_size) % (self.inner_updates * self.grad_accum):
+            raise ValueError(f"--prompts-per-step x --group-size ({self.prompts_per_step * self.group_size}) must be "
+                             f"divisible by --inner-updates x --grad-accum ({self.inner_updates * self.grad_accum})")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0 for sampling, got {self.temperature}")
+        if self.model is not None and not os.path.isdir(self.model):
+            raise ValueError(f"--model: {self.model!r} is not a directory (expected a local Hugging Face model)")
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {list(ARCHS)}, got {self.arch!r}")
+        return self
+
+    def warmup_weights(self):
+        if not self.warmup_level_weights:
+            return None
+        weights = [float(x) for x in self.warmup_level_weights.split(",")]
+        return [weights[lvl - 1] for lvl in self.level_list()]
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# --smoke: seconds on CPU; a tiny model that learns level 1 in the warm-up, then a few RL steps (CI)
+SMOKE = dict(levels="1,2", test_per_level=50, hidden_size=32, layers=2, heads=2, warmup_steps=200, warmup_batch=32,
+             steps=12, prompts_per_step=8, group_size=8, inner_updates=1, eval_every=6, checkpoint_every=6)
+
+
+def read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: file {path!r} not found")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        if ext == ".toml":
+            import tomllib
+            data = tomllib.loads(raw.decode())
+        elif ext in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(raw)
+        elif ext == ".json":
+            data = json.loads(raw)
+        else:
+            raise ValueError(f"--config: {path!r} must end in .toml, .yaml, .yml or .json")
+    except ImportError as err:
+        raise ValueError(f"--config: reading {ext} files needs {err.name}; use a .json file instead") from err
+    except (ValueError, TypeError) as err:  # tomllib, yaml and json errors derive from ValueError
+        raise ValueError(f"--config: could not parse {path!r}: {err}") from err
+    except Exception as err:  # yaml.YAMLError
+        raise ValueError(f"--config: could not parse {path!r}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path!r} must hold a table of option = value")
+    known = {f.name for f in fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config: unknown option(s) {unknown} in {path!r}; known: {sorted(known)}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-train",
+        description="GRPO vs LENS on a built-in verifiable task, end to end on CPU in minutes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="TOML, YAML or JSON file of options (flags override it)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", " ")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {f.default})")
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """Defaults < --smoke preset < config file < explicit flags. Errors exit with a clear message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {}
+    try:
+        file_values = read_config_file(args.config) if args.config else {}
+        smoke = args.smoke if args.smoke is not None else bool(file_values.get("smoke", False))
+        if smoke:
+            values.update(SMOKE)
+        values.update(file_values)
+        values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        config = TrainConfig(**values)
+        for f in fields(TrainConfig):  # type-check file values too
+            value = getattr(config, f.name)
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(f.type)
+            if expected and value is not None and (not isinstance(value, expected)
+                                                   or (expected is int and isinstance(value, bool))):
+                raise ValueError(f"option {f.name} must be {f.type}, got {value!r}")
+        return config.validate()
+    except ValueError as err:
+        parser.error(str(err))

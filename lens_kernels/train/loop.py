@@ -1,0 +1,328 @@
+"""The training loop: supervised warm-up, then GRPO/LENS RL through the public ``lens_kernels`` API."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lens_kernels as lk
+
+from .config import TrainConfig
+from .model import CharTokenizer, attention_implementation, build_tiny_model, load_pretrained
+from .rollout import encode_answers, encode_prompts, evaluate, rollout
+from .task import LEVELS, Task
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm is a dependency; keep the loop usable without it anyway
+    tqdm = None
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+class Setup:
+    """Model, tokenizer, task and sequence geometry for one seed."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, announce: bool = True):
+        self.config, self.device = config, device
+        # a real model runs in bf16 on a GPU; the tiny built-in one trains in fp32 everywhere
+        self.dtype = torch.bfloat16 if device.type == "cuda" and config.model else torch.float32
+        self.attn = attention_implementation(device, self.dtype)
+        torch.manual_seed(config.seed)
+        if config.model:
+            self.model, self.tokenizer = load_pretrained(config.model, device, self.attn, self.dtype)
+            source = f"{config.model} ({sum(p.numel() for p in self.model.parameters()):,} parameters)"
+        else:
+            self.tokenizer = CharTokenizer()
+            self.model = build_tiny_model(self.tokenizer.vocab_size, arch=config.arch,
+                                          hidden_size=config.hidden_size, layers=config.layers, heads=config.heads,
+                                          attn_implementation=self.attn)
+            source = (f"tiny {config.arch} from config, random init "
+                      f"({sum(p.numel() for p in self.model.parameters()):,} parameters)")
+        self.model.to(device)
+        self.task = Task(config.level_list(), config.test_per_level)
+        # sequence geometry in tokens, from the longest prompt and answer any level can produce
+        largest = [(10 ** LEVELS[lvl][0] - 1, 10 ** LEVELS[lvl][1] - 1) for lvl in self.task.levels]
+        enc = self.tokenizer.encode
+        self.prompt_len = max(len(enc(f"{a}+{b}=")) for a, b in largest)
+        self.completion_len = max(len(enc(str(a + b))) for a, b in largest) + 2  # eos, and room to ramble
+        if announce:
+            log(f"lens-train: model {source} on {device} ({str(self.dtype).replace('torch.', '')}), attention {self.attn}")
+
+
+# ----- metrics and checkpoints -----------------------------------------------------------------------
+class MetricsLog:
+    """Append-only JSONL; on resume, records after the checkpoint's step are dropped (they are redone)."""
+
+    def __init__(self, path: str, resume_step: Optional[int]):
+        self.path = path
+        if resume_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            with open(path) as fh:
+                kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(path, "w") as fh:
+                fh.writelines(kept)
+
+    def write(self, record: Dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> List[Dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(data_rng: random.Random, sampler: torch.Generator) -> Dict:
+    return {"data": data_rng.getstate(), "sampler": sampler.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: Dict, data_rng: random.Random, sampler: torch.Generator) -> None:
+    data_rng.setstate(state["data"])
+    # generator states are CPU byte tensors whatever the device the checkpoint was mapped to
+    sampler.set_state(state["sampler"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+
+
+def _bar(total, desc, config, initial=0):
+    if tqdm is None or not config.progress:
+        return None
+    return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, leave=False)
+
+
+# ----- supervised warm-up ----------------------------------------------------------------------------
+def warmup(setup: Setup, path: str, resume: bool) -> Dict[int, float]:
+    """Teacher-forced cross-entropy on task answers; saved to ``path`` and reused on resume."""
+    config, model = setup.config, setup.model
+    if resume and os.path.exists(path):
+        state = torch.load(path, map_location=setup.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        log(f"warm-up: loaded {path}")
+        return {int(k): v for k, v in state["test_acc"].items()}
+    weights = config.warmup_weights()
+    rng = random.Random(config.seed * 7919 + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
+    P, C = setup.prompt_len, setup.completion_len
+    bar = _bar(config.warmup_steps, "warm-up", config)
+    model.train()
+    for step in range(config.warmup_steps):
+        problems = setup.task.sample(rng, config.warmup_batch, weights)
+        prompts = encode_prompts(setup.tokenizer, problems, P, setup.device)
+        answers, answer_mask = encode_answers(setup.tokenizer, problems, C, setup.device)
+        logits = model(input_ids=torch.cat([prompts, answers], dim=1), use_cache=False).logits[:, P - 1:-1]
+        # cosine decay: a short warm-up should end in a settled model
+        for group in opt.param_groups:
+            group["lr"] = config.warmup_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, config.warmup_steps)))
+        loss = F.cross_entropy(logits[answer_mask].float(), answers[answer_mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    acc = evaluate(model, setup.tokenizer, setup.task.test, P, C, setup.device)
+    atomic_save({"model": model.state_dict(), "test_acc": acc}, path)
+    log("warm-up: test accuracy " + _fmt_acc(acc))
+    return acc
+
+
+def _fmt_acc(acc: Dict[int, float]) -> str:
+    return "  ".join(f"L{k} {v:.2f}" for k, v in sorted(acc.items()))
+
+
+# ----- RL --------------------------------------------------------------------------------------------
+def loss_config(config: TrainConfig) -> lk.LossConfig:
+    return lk.LossConfig(epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, beta=config.beta,
+                         loss_agg_mode=config.loss_agg_mode)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, sequences: torch.Tensor, completions: torch.Tensor, mask: torch.Tensor,
+                      prompt_len: int, temperature: float) -> torch.Tensor:
+    """Token log-probs [N, C] of the completions, forward only, through lens_kernels."""
+    logits = model(input_ids=sequences, use_cache=False).logits
+    logps, _ = lk.token_logprobs(logits[:, prompt_len - 1:-1], completions, mask=mask, temperature=temperature)
+    return logps
+
+
+def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_logps, lcfg, generator):
+    """``inner_updates`` optimizer steps over shuffled mini-batches, each accumulated over ``grad_accum``
+    micro-batches with the grad-scale contract. Returns summed metrics and counts."""
+    config, model = setup.config, setup.model
+    P, accum = setup.prompt_len, config.grad_accum
+    n = batch.sequences.shape[0]
+    order = torch.randperm(n, generator=generator, device=generator.device).to(setup.device)
+    micro = n // (config.inner_updates * accum)
+    totals: Dict[str, float] = {}
+    grad_norms = []
+    model.train()
+    for update in range(config.inner_updates):
+        optimizer.zero_grad(set_to_none=True)
+        for k in range(accum):
+            idx = order[(update * accum + k) * micro:(update * accum + k + 1) * micro]
+            seqs = batch.sequences[idx]
+            targets, mask = seqs[:, P:], batch.mask[idx]
+            ref = ref_logps[idx] if ref_logps is not None else None
+            if config.fused_head:
+                hidden = model.get_decoder()(input_ids=seqs, use_cache=False).last_hidden_state
+                head = model.get_output_embeddings()
+                loss, metrics = lk.policy_loss_from_hidden(
+                    hidden[:, P - 1:-1], head.weight, targets, mask, advantages[idx], bias=head.bias,
+                    old_logps=old_logps[idx], ref_logps=ref, temperature=config.temperature, config=lcfg,
+                    grad_scale=1.0 / accum)
+            else:
+                logits = model(input_ids=seqs, use_cache=False).logits
+                # the completion positions as a strided view of the logits: no copy
+                loss, metrics = lk.policy_loss_from_logits(
+                    logits[:, P - 1:-1], targets, mask, advantages[idx], old_logps=old_logps[idx], ref_logps=ref,
+                    temperature=config.temperature, config=lcfg, grad_scale=1.0 / accum)
+            # the declared grad_scale is exactly the upstream gradient: no rescaling pass
+            (loss / accum).backward()
+            # metrics stay on the device until the end of the step: one host sync per step, not per micro-batch
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float()
+            totals["loss"] = totals.get("loss", 0.0) + loss.detach().float()
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+        optimizer.step()
+    count = config.inner_updates * accum
+    names = list(totals)
+    values = (torch.stack([totals[k] for k in names]) / count).tolist()
+    out = dict(zip(names, values))
+    out["grad_norm"] = float(torch.stack(grad_norms).mean())
+    return out
+
+
+def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
+    """RL from the warm-up weights now in ``setup.model``; writes metrics.jsonl, checkpoint.pt,
+    summary.json under ``out_dir``. Returns the summary."""
+    config, model, device = setup.config, setup.model, setup.device
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    ref_model = None
+    if config.beta > 0 or not config.model:  # KL to the warm-up policy: the loss term, or a metric
+        ref_model = copy.deepcopy(model).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    data_rng = random.Random(config.seed * 104729 + 3)
+    sampler = torch.Generator(device=device).manual_seed(config.seed + 12345)
+    start = 1
+    resume_step = None
+    if config.resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], data_rng, sampler)
+        resume_step = state["step"]
+        start = resume_step + 1
+        log(f"resume: {ckpt_path} at step {resume_step}")
+    metrics_log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resume_step)
+    if resume_step is None:
+        metrics_log.write({"step": 0, "phase": "warmup", "estimator": config.estimator, "seed": config.seed,
+                           "test_acc": {str(k): v for k, v in warm_acc.items()}})
+    lcfg = loss_config(config)
+    P, C, G = setup.prompt_len, setup.completion_len, config.group_size
+    bar = _bar(config.steps, f"RL {config.estimator} seed {config.seed}", config, initial=start - 1)
+    last_acc = dict(warm_acc)
+    for step in range(start, config.steps + 1):
+        t0 = time.perf_counter()
+        model.eval()
+        problems = setup.task.sample(data_rng, config.prompts_per_step)
+        batch = rollout(model, setup.tokenizer, problems, G, P, C, temperature=config.temperature,
+                        generator=sampler, device=device)
+        completions = batch.completions
+        old_logps = sequence_logprobs(model, batch.sequences, completions, batch.mask, P, config.temperature)
+        ref_logps = (sequence_logprobs(ref_model, batch.sequences, completions, batch.mask, P, config.temperature)
+                     if ref_model is not None else None)
+        with torch.no_grad():
+            advantages, adv_stats = lk.group_advantages(
+                batch.rewards, group_size=G, estimator=config.estimator,
+                old_logps=old_logps if config.estimator == "lens" else None,
+                mask=batch.mask if config.estimator == "lens" else None, lens_alpha=config.lens_alpha)
+        stats = policy_update(setup, optimizer, batch, advantages, old_logps,
+                              ref_logps if config.beta > 0 else None, lcfg, sampler)
+        elapsed = time.perf_counter() - t0
+        record = {"step": step, "phase": "rl", "estimator": config.estimator, "seed": config.seed}
+        record.update({k: round(v, 6) for k, v in stats.items()})
+        record["reward"] = float(batch.rewards.mean())
+        levels = torch.tensor([p[0] for p in batch.problems])
+        record["train_acc"] = {str(lvl): float(batch.rewards.cpu()[levels == lvl].mean())
+                               for lvl in setup.task.levels if bool((levels == lvl).any())}
+        for name in ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups",
+                     "mean_abs_adv_negative", "mean_abs_adv_mixed"):
+            record[name] = float(adv_stats[name])
+        if config.beta == 0 and ref_logps is not None:  # drift from the warm-up policy (k3), as a metric
+            d = (ref_logps - old_logps)[batch.mask]
+            record["kl"] = float((torch.exp(d) - d - 1).mean())
+        record["tokens_per_s"] = float(batch.mask.sum()) / elapsed
+        record["step_time_s"] = elapsed
+        if step % config.eval_every == 0 or step == config.steps:
+            last_acc = evaluate(model, setup.tokenizer, setup.task.test, P, C, device)
+            record["test_acc"] = {str(k): v for k, v in last_acc.items()}
+        metrics_log.write(record)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            atomic_save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": _rng_state(data_rng, sampler), "config": config.to_dict()}, ckpt_path)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.2f}", neg=f"{record['frac_negative_groups']:.2f}")
+    if bar is not None:
+        bar.close()
+    records = read_metrics(metrics_log.path)
+    summary = summarize(records, warm_acc)
+    with open(os.path.join(out_dir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    return summary
+
+
+def summarize(records: List[Dict], warm_acc: Dict[int, float]) -> Dict:
+    rl = [r for r in records if r["phase"] == "rl"]
+    evals = [r for r in records if "test_acc" in r]
+    final = {int(k): v for k, v in evals[-1]["test_acc"].items()} if evals else dict(warm_acc)
+
+    def mean(key):
+        return sum(r[key] for r in rl) / len(rl) if rl else float("nan")
+
+    return {"warmup_test_acc": {str(k): v for k, v in warm_acc.items()},
+            "final_test_acc": {str(k): v for k, v in final.items()},
+            "steps": rl[-1]["step"] if rl else 0,
+            "mean_frac_negative_groups": mean("frac_negative_groups"),
+            "mean_reward": mean("reward"),
+            "mean_tokens_per_s": mean("tokens_per_s")}
+
+
+def summary_table(summary: Dict) -> str:
+    levels = sorted(summary["warmup_test_acc"], key=int)
+    lines = ["| | " + " | ".join(f"L{l}" for l in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for name, key in (("warm-up", "warmup_test_acc"), ("after RL", "final_test_acc")):
+        lines.append(f"| {name} | " + " | ".join(f"{summary[key][l]:.2f}" for l in levels) + " |")
+    return "\n".join(lines)
