@@ -30,7 +30,8 @@ def test_smoke_run_learns_and_rl_runs(tmp_path, capsys):
     warm, final = evals[0]["test_acc"]["1"], evals[-1]["test_acc"]["1"]
     assert evals[0]["phase"] == "warmup" and evals[-1]["step"] == records[-1]["step"] == 12
     # the warm-up learns level 1 from a random init (which scores 0), and RL does not wreck it. A rise of
-    # level-1 accuracy during this short RL phase was measured to be within the noise (see the README).
+    # level-1 accuracy during this short RL phase was measured to be within the noise for every smoke-sized
+    # configuration tried (benchmarks/results/train_compare/README.md).
     assert warm >= 0.15, warm
     assert final >= warm - 0.15, (warm, final)
     rl = [r for r in records if r["phase"] == "rl"]
