@@ -1,4 +1,5 @@
 """lens-train building blocks: the task and verifier, the tokenizer, rollouts and the RL update."""
+import copy
 import random
 
 import pytest
@@ -8,7 +9,8 @@ pytest.importorskip("transformers")
 
 import lens_kernels as lk  # noqa: E402
 from lens_kernels.train.config import TrainConfig  # noqa: E402
-from lens_kernels.train.loop import Setup, policy_update, sequence_logprobs  # noqa: E402
+from lens_kernels.train.loop import (  # noqa: E402
+    GROUP_FRACTIONS, Setup, fused_step_blocker, loss_config, micro_batch_order, policy_update, sequence_logprobs)
 from lens_kernels.train.model import CharTokenizer, build_tiny_model  # noqa: E402
 from lens_kernels.train.rollout import (  # noqa: E402
     completion_mask, decode_completions, encode_answers, encode_prompts, rollout, sample, score)
@@ -109,20 +111,28 @@ def test_old_logprobs_match_sampling_distribution():
     assert torch.all(logps <= 0) and not torch.isnan(logps).any()
     torch.testing.assert_close(logps, want.to(logps.dtype), rtol=1e-6, atol=1e-6)
     assert torch.all(logps[~batch.mask] == 0)
+    # the sampler's own log-probs of the drawn tokens (fp32 softmax) are the same distribution's
+    assert batch.sample_logps.dtype == torch.float32 and torch.all(batch.sample_logps <= 0)
+    torch.testing.assert_close(batch.sample_logps[batch.mask], logps[batch.mask].float(), rtol=1e-5, atol=1e-5)
 
 
-def _update(fused_head, monkeypatch=None, seen=None):
+def _setup_and_rollout(**options):
     config = TrainConfig(levels="1,2", test_per_level=8, hidden_size=32, layers=2, heads=2, prompts_per_step=4,
-                         group_size=4, inner_updates=2, grad_accum=2, fused_head=fused_head).validate()
+                         group_size=4, grad_accum=2, **options).validate()
     setup = Setup(config, torch.device("cpu"), announce=False)
     problems = setup.task.sample(random.Random(0), 4)
     batch = rollout(setup.model, setup.tokenizer, problems, 4, setup.prompt_len, setup.completion_len,
                     temperature=1.0, generator=torch.Generator().manual_seed(0), device="cpu")
     batch.rewards = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0])  # every kind of group
+    return setup, batch
+
+
+def _update(fused_head, monkeypatch=None, seen=None):
+    setup, batch = _setup_and_rollout(inner_updates=2, fused_head=fused_head)
     old = sequence_logprobs(setup.model, batch.sequences, batch.completions, batch.mask, setup.prompt_len, 1.0)
     adv, _ = lk.group_advantages(batch.rewards, group_size=4, estimator="lens", old_logps=old, mask=batch.mask)
-    # SGD: the update is linear in the gradient; Adam's g / sqrt(v) would blow fp32 rounding of a
-    # near-zero gradient element up to a full step and make the two paths' comparison meaningless
+    # plain SGD: the update is the clipped gradient. AdamW's first step is about lr * sign(grad), which
+    # turns fp32 rounding in a near-zero gradient entry into a difference of up to lr.
     opt = torch.optim.SGD(setup.model.parameters(), lr=1e-1)
     before = [p.detach().clone() for p in setup.model.parameters()]
     stats = policy_update(setup, opt, batch, adv, old, None, lk.LossConfig(), torch.Generator().manual_seed(0))
@@ -151,6 +161,76 @@ def test_fused_head_update_matches_logits_update():
     for a, b in zip(logits_path, hidden_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("n, group_size", [(16, 4), (24, 8), (6, 2)])
+def test_micro_batch_order_keeps_groups_whole(n, group_size):
+    gen = torch.Generator().manual_seed(n)
+    order = micro_batch_order(n, group_size, True, gen, "cpu")
+    assert sorted(order.tolist()) == list(range(n))
+    groups = (order // group_size).view(-1, group_size)
+    assert torch.all(groups == groups[:, :1])  # every slice of G holds one group, in order
+    assert torch.equal(order.view(-1, group_size) % group_size, torch.arange(group_size).expand(n // group_size, -1))
+    shuffled = [micro_batch_order(n, group_size, True, torch.Generator().manual_seed(s), "cpu") for s in range(4)]
+    assert any(not torch.equal(shuffled[0], other) for other in shuffled[1:])  # the group order is shuffled
+    assert sorted(micro_batch_order(n, group_size, False, gen, "cpu").tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("estimator, fused_head, beta", [
+    ("lens", False, 0.0), ("grpo", False, 0.0), ("dr_grpo", False, 0.0),
+    ("lens", True, 0.0), ("grpo", True, 0.0), ("lens", False, 0.1)])
+def test_one_call_lens_step_matches_two_stage_update(estimator, fused_head, beta, monkeypatch):
+    setup, batch = _setup_and_rollout(inner_updates=1, estimator=estimator, fused_head=fused_head, beta=beta)
+    config, model, P = setup.config, setup.model, setup.prompt_len
+    assert fused_step_blocker(config) is None
+    lcfg = loss_config(config)
+    ref = None
+    if beta:
+        ref = sequence_logprobs(model, batch.sequences, batch.completions, batch.mask, P, 1.0)
+        ref = ref - 0.3 * torch.rand(ref.shape, generator=torch.Generator().manual_seed(1)) * batch.mask
+    start = copy.deepcopy(model.state_dict())
+
+    calls = []
+    name = "lens_policy_loss_from_hidden" if fused_head else "lens_policy_loss_from_logits"
+    real = getattr(lk, name)
+    monkeypatch.setattr(lk, name, lambda *a, **k: calls.append(k["group_size"]) or real(*a, **k))
+    fused = policy_update(setup, torch.optim.SGD(model.parameters(), lr=1e-1), batch, None, None, ref, lcfg,
+                          torch.Generator().manual_seed(0))
+    fused_params = [p.detach().clone() for p in model.parameters()]
+    assert calls == [4, 4]  # one call per micro-batch, two micro-batches of two whole groups
+
+    model.load_state_dict(start)
+    old = sequence_logprobs(model, batch.sequences, batch.completions, batch.mask, P, 1.0)
+    adv, adv_stats = lk.group_advantages(batch.rewards, group_size=4, estimator=estimator,
+                                         old_logps=old if estimator == "lens" else None,
+                                         mask=batch.mask if estimator == "lens" else None)
+    two_stage = policy_update(setup, torch.optim.SGD(model.parameters(), lr=1e-1), batch, adv, old, ref, lcfg,
+                              torch.Generator().manual_seed(0), whole_groups=True)
+    moved = 0.0
+    for a, b, p0 in zip(fused_params, model.parameters(), start.values()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-7)
+        moved = max(moved, float((b.detach() - p0).abs().max()))
+    assert moved > 1e-3  # the update is not empty
+    for key in ("loss", "policy_loss", "kl", "entropy", "ratio_mean", "clip_frac"):
+        assert fused[key] == pytest.approx(two_stage[key], rel=1e-5, abs=1e-7), key
+    assert fused["kl"] > 0 if beta else fused["kl"] == 0
+    # the micro-batches' group metrics aggregate to the whole rollout batch's
+    for key in GROUP_FRACTIONS + ("mean_abs_adv_negative", "mean_abs_adv_mixed"):
+        assert fused[key] == pytest.approx(float(adv_stats[key]), rel=1e-6, abs=1e-7), key
+    assert fused["frac_negative_groups"] == 0.25 and fused["frac_mixed_groups"] == 0.5
+
+
+def test_fused_step_applies_only_on_policy_with_whole_groups():
+    base = dict(levels="1,2", prompts_per_step=4, group_size=4, grad_accum=2)
+    assert fused_step_blocker(TrainConfig(inner_updates=1, **base).validate()) is None
+    assert "--inner-updates 2" in fused_step_blocker(TrainConfig(inner_updates=2, **base).validate())
+    assert "--no-fused-step" in fused_step_blocker(TrainConfig(inner_updates=1, fused_step=False, **base).validate())
+    split = TrainConfig(levels="1,2", prompts_per_step=3, group_size=4, grad_accum=2, inner_updates=1).validate()
+    assert "split groups" in fused_step_blocker(split)
+    setup, batch = _setup_and_rollout(inner_updates=2)
+    with pytest.raises(ValueError, match="on-policy"):
+        policy_update(setup, torch.optim.SGD(setup.model.parameters(), lr=0.1), batch, None, None, None,
+                      loss_config(setup.config), torch.Generator().manual_seed(0))
 
 
 def test_attention_choice(monkeypatch):

@@ -60,6 +60,10 @@ class TrainConfig:
     lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
     fused_head: bool = field(default=False, metadata={"help": "loss from hidden states + lm_head "
                                                               "(policy_loss_from_hidden)"})
+    fused_step: bool = field(default=True, metadata={
+        "help": "the one-call LENS step (lens_policy_loss_from_logits/_from_hidden: log-probs, advantages and "
+                "loss in one op) when it applies: --inner-updates 1 and micro-batches of whole groups; "
+                "--no-fused-step forces the two-stage path (old log-probs, group_advantages, loss)"})
     eval_every: int = 25
     checkpoint_every: int = 25
 

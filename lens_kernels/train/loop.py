@@ -174,15 +174,60 @@ def sequence_logprobs(model, sequences: torch.Tensor, completions: torch.Tensor,
     return logps
 
 
-def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_logps, lcfg, generator):
+# group metrics of group_advantages that the JSONL keeps, and the kinds whose mean |A| it reports
+GROUP_FRACTIONS = ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups")
+ABS_ADV_KINDS = ("negative", "mixed")
+ADVANTAGE_METRIC_PREFIXES = ("frac_", "mean_abs_adv_", "mean_confidence_")
+
+
+def fused_step_blocker(config: TrainConfig) -> Optional[str]:
+    """Why the one-call LENS step does not apply to this config; None when it does.
+
+    The op computes the advantages from the current log-probs of one micro-batch, so it needs the
+    on-policy case (one optimizer update per rollout: accumulating micro-batches within it keeps the
+    old policy equal to the current one) and micro-batches that hold whole groups. The advantage
+    options of lens-train (per-group scale, LENS alpha) are all per group, so none rules it out.
+    """
+    if not config.fused_step:
+        return "--no-fused-step"
+    if config.inner_updates != 1:
+        return f"--inner-updates {config.inner_updates}: updates after the first are off-policy"
+    micro = config.prompts_per_step * config.group_size // config.grad_accum
+    if micro % config.group_size:
+        return (f"micro-batches of {micro} completions would split groups of {config.group_size} "
+                f"(--prompts-per-step must be a multiple of --grad-accum)")
+    return None
+
+
+def micro_batch_order(n: int, group_size: int, whole_groups: bool, generator: torch.Generator, device):
+    """A shuffled order of the N completions; with ``whole_groups`` the groups are shuffled and each keeps
+    its G completions together, so consecutive slices of a multiple of G hold whole groups."""
+    if not whole_groups:
+        return torch.randperm(n, generator=generator, device=generator.device).to(device)
+    groups = torch.randperm(n // group_size, generator=generator, device=generator.device).to(device)
+    return (groups[:, None] * group_size + torch.arange(group_size, device=device)).reshape(-1)
+
+
+def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_logps, lcfg, generator,
+                  whole_groups: bool = False):
     """``inner_updates`` optimizer steps over shuffled mini-batches, each accumulated over ``grad_accum``
-    micro-batches with the grad-scale contract. Returns summed metrics and counts."""
+    micro-batches with the grad-scale contract. Returns averaged metrics.
+
+    ``advantages`` and ``old_logps`` given: the two-stage path (``policy_loss_from_logits``/``_hidden``
+    with the rollout batch's advantages). Both None: the one-call LENS step
+    (``lens_policy_loss_from_logits``/``_hidden``) on micro-batches of whole groups, each computing its
+    own advantages from the rewards; see ``fused_step_blocker`` for when that is exact.
+    """
     config, model = setup.config, setup.model
-    P, accum = setup.prompt_len, config.grad_accum
+    P, G, accum = setup.prompt_len, config.group_size, config.grad_accum
+    fused_step = advantages is None
+    if fused_step and (old_logps is not None or config.inner_updates != 1):
+        raise ValueError("the one-call LENS step is on-policy: no old_logps, one inner update")
     n = batch.sequences.shape[0]
-    order = torch.randperm(n, generator=generator, device=generator.device).to(setup.device)
+    order = micro_batch_order(n, G, whole_groups or fused_step, generator, setup.device)
     micro = n // (config.inner_updates * accum)
-    totals: Dict[str, float] = {}
+    totals: Dict[str, torch.Tensor] = {}
+    group_sums: Dict[str, torch.Tensor] = {}
     grad_norms = []
     model.train()
     for update in range(config.inner_updates):
@@ -191,33 +236,66 @@ def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_log
             idx = order[(update * accum + k) * micro:(update * accum + k + 1) * micro]
             seqs = batch.sequences[idx]
             targets, mask = seqs[:, P:], batch.mask[idx]
-            ref = ref_logps[idx] if ref_logps is not None else None
             if config.fused_head:
                 hidden = model.get_decoder()(input_ids=seqs, use_cache=False).last_hidden_state
                 head = model.get_output_embeddings()
-                loss, metrics = lk.policy_loss_from_hidden(
-                    hidden[:, P - 1:-1], head.weight, targets, mask, advantages[idx], bias=head.bias,
-                    old_logps=old_logps[idx], ref_logps=ref, temperature=config.temperature, config=lcfg,
-                    grad_scale=1.0 / accum)
+                inputs, head_kwargs = (hidden[:, P - 1:-1], head.weight), {"bias": head.bias}
+                two_stage_loss, lens_step = lk.policy_loss_from_hidden, lk.lens_policy_loss_from_hidden
             else:
-                logits = model(input_ids=seqs, use_cache=False).logits
                 # the completion positions as a strided view of the logits: no copy
-                loss, metrics = lk.policy_loss_from_logits(
-                    logits[:, P - 1:-1], targets, mask, advantages[idx], old_logps=old_logps[idx], ref_logps=ref,
-                    temperature=config.temperature, config=lcfg, grad_scale=1.0 / accum)
+                inputs, head_kwargs = (model(input_ids=seqs, use_cache=False).logits[:, P - 1:-1],), {}
+                two_stage_loss, lens_step = lk.policy_loss_from_logits, lk.lens_policy_loss_from_logits
+            common = dict(ref_logps=ref_logps[idx] if ref_logps is not None else None,
+                          temperature=config.temperature, config=lcfg, grad_scale=1.0 / accum, **head_kwargs)
+            if fused_step:
+                loss, metrics = lens_step(*inputs, targets, mask, batch.rewards[idx], group_size=G,
+                                          estimator=config.estimator, lens_alpha=config.lens_alpha, **common)
+                _add_group_metrics(group_sums, metrics)
+            else:
+                loss, metrics = two_stage_loss(*inputs, targets, mask, advantages[idx], old_logps=old_logps[idx],
+                                               **common)
             # the declared grad_scale is exactly the upstream gradient: no rescaling pass
             (loss / accum).backward()
             # metrics stay on the device until the end of the step: one host sync per step, not per micro-batch
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value.detach().float()
+                if _is_loss_metric(name, value):
+                    totals[name] = totals.get(name, 0.0) + value.detach().float()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach().float()
         grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
         optimizer.step()
     count = config.inner_updates * accum
-    names = list(totals)
-    values = (torch.stack([totals[k] for k in names]) / count).tolist()
-    out = dict(zip(names, values))
+    averaged = {k: v / count for k, v in totals.items()}
+    if fused_step:
+        averaged.update(_group_metrics(group_sums, accum))
+    names = list(averaged)
+    out = dict(zip(names, torch.stack([averaged[k] for k in names]).tolist()))
     out["grad_norm"] = float(torch.stack(grad_norms).mean())
+    return out
+
+
+def _is_loss_metric(name: str, value: torch.Tensor) -> bool:
+    """The loss's own scalar metrics; the one-call step adds the advantage side (group metrics,
+    confidences, the [B] advantages), which is aggregated separately."""
+    return value.dim() == 0 and name != "on_policy" and not name.startswith(ADVANTAGE_METRIC_PREFIXES)
+
+
+def _add_group_metrics(sums: Dict[str, torch.Tensor], metrics: Dict[str, torch.Tensor]) -> None:
+    for name in GROUP_FRACTIONS:
+        sums[name] = sums.get(name, 0.0) + metrics[name].float()
+    for kind in ABS_ADV_KINDS:
+        # mean |A| over a kind's completions: weight each micro-batch's mean by its count of that kind
+        # (its fraction of groups x the same number of groups in every micro-batch)
+        name = f"mean_abs_adv_{kind}"
+        sums[name] = sums.get(name, 0.0) + metrics[name].float() * metrics[f"frac_{kind}_groups"].float()
+
+
+def _group_metrics(sums: Dict[str, torch.Tensor], micro_batches: int) -> Dict[str, torch.Tensor]:
+    """The rollout batch's group metrics from its micro-batches of equally many whole groups: the same
+    values ``group_advantages`` gives on the whole batch."""
+    out = {name: sums[name] / micro_batches for name in GROUP_FRACTIONS}
+    for kind in ABS_ADV_KINDS:
+        weight = sums[f"frac_{kind}_groups"]
+        out[f"mean_abs_adv_{kind}"] = sums[f"mean_abs_adv_{kind}"] / weight.clamp(min=1e-12)
     return out
 
 
@@ -251,6 +329,14 @@ def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
                            "test_acc": {str(k): v for k, v in warm_acc.items()}})
     lcfg = loss_config(config)
     P, C, G = setup.prompt_len, setup.completion_len, config.group_size
+    blocker = fused_step_blocker(config)
+    fused_step = blocker is None
+    loss_path = "fused_lens_step" if fused_step else "two_stage"
+    if fused_step:
+        op = "lens_policy_loss_from_hidden" if config.fused_head else "lens_policy_loss_from_logits"
+        log(f"RL loss path: fused_lens_step (lk.{op}: log-probs, advantages and loss in one op)")
+    else:
+        log(f"RL loss path: two_stage (old log-probs, group_advantages, policy loss), because {blocker}")
     bar = _bar(config.steps, f"RL {config.estimator} seed {config.seed}", config, initial=start - 1)
     last_acc = dict(warm_acc)
     for step in range(start, config.steps + 1):
@@ -260,18 +346,27 @@ def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
         batch = rollout(model, setup.tokenizer, problems, G, P, C, temperature=config.temperature,
                         generator=sampler, device=device)
         completions = batch.completions
-        old_logps = sequence_logprobs(model, batch.sequences, completions, batch.mask, P, config.temperature)
         ref_logps = (sequence_logprobs(ref_model, batch.sequences, completions, batch.mask, P, config.temperature)
                      if ref_model is not None else None)
-        with torch.no_grad():
-            advantages, adv_stats = lk.group_advantages(
-                batch.rewards, group_size=G, estimator=config.estimator,
-                old_logps=old_logps if config.estimator == "lens" else None,
-                mask=batch.mask if config.estimator == "lens" else None, lens_alpha=config.lens_alpha)
-        stats = policy_update(setup, optimizer, batch, advantages, old_logps,
-                              ref_logps if config.beta > 0 else None, lcfg, sampler)
+        if fused_step:
+            # advantages inside the loss op, from the log-probs its own forward computes: no old-log-prob
+            # forward; the sampler's log-probs of the drawn tokens stand in for them in the drift metric
+            old_logps = batch.sample_logps
+            stats = policy_update(setup, optimizer, batch, None, None, ref_logps if config.beta > 0 else None,
+                                  lcfg, sampler)
+            adv_stats = stats
+        else:
+            old_logps = sequence_logprobs(model, batch.sequences, completions, batch.mask, P, config.temperature)
+            with torch.no_grad():
+                advantages, adv_stats = lk.group_advantages(
+                    batch.rewards, group_size=G, estimator=config.estimator,
+                    old_logps=old_logps if config.estimator == "lens" else None,
+                    mask=batch.mask if config.estimator == "lens" else None, lens_alpha=config.lens_alpha)
+            stats = policy_update(setup, optimizer, batch, advantages, old_logps,
+                                  ref_logps if config.beta > 0 else None, lcfg, sampler)
         elapsed = time.perf_counter() - t0
-        record = {"step": step, "phase": "rl", "estimator": config.estimator, "seed": config.seed}
+        record = {"step": step, "phase": "rl", "estimator": config.estimator, "seed": config.seed,
+                  "loss_path": loss_path}
         record.update({k: round(v, 6) for k, v in stats.items()})
         record["reward"] = float(batch.rewards.mean())
         levels = torch.tensor([p[0] for p in batch.problems])

@@ -22,6 +22,7 @@ class Rollout:
     mask: torch.Tensor          # [N, C] bool: completion tokens up to and including the first eos
     rewards: torch.Tensor       # [N] float32 in {0, 1}
     prompt_len: int
+    sample_logps: Optional[torch.Tensor] = None  # [N, C] float32: log-probs of the drawn tokens when sampled
 
     @property
     def completions(self) -> torch.Tensor:
@@ -65,13 +66,15 @@ def _cache_kwarg(model) -> str:
 
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, completion_len: int, eos_id: int, fill_id: int, *,
-           temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+           temperature: float, generator: Optional[torch.Generator], return_logps: bool = False):
     """Sample ``completion_len`` tokens per row from softmax(logits / temperature), exactly (no top-k or
-    top-p), with the model's KV cache; temperature 0 is greedy. Returns [N, C]; after eos, filler."""
+    top-p), with the model's KV cache; temperature 0 is greedy. Returns [N, C]; after eos, filler. With
+    ``return_logps`` (temperature > 0), also the [N, C] float32 log-probs of the drawn tokens under the
+    sampling distribution (rows after eos hold the filler's, which the completion mask drops)."""
     cache_kw = _cache_kwarg(model)
     out = model(input_ids=prompts, use_cache=True, logits_to_keep=1)
     done = torch.zeros(prompts.shape[0], dtype=torch.bool, device=prompts.device)
-    tokens = []
+    tokens, logps = [], []
     for step in range(completion_len):
         logits = out.logits[:, -1]
         if temperature > 0:
@@ -80,10 +83,15 @@ def sample(model, prompts: torch.Tensor, completion_len: int, eos_id: int, fill_
         else:
             token = logits.argmax(dim=-1)
         token = torch.where(done, torch.full_like(token, fill_id), token)
+        if return_logps:
+            # the probabilities the draw used: free here, and the sampling policy's log-probs for metrics
+            logps.append(torch.log(probs.gather(1, token[:, None]).squeeze(1)))
         tokens.append(token)
         done = done | (token == eos_id)
         if step + 1 < completion_len:
             out = model(input_ids=token[:, None], use_cache=True, **{cache_kw: getattr(out, cache_kw)})
+    if return_logps:
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
     return torch.stack(tokens, dim=1)
 
 
@@ -103,14 +111,14 @@ def score(tokenizer, problems: Sequence[Problem], completions: torch.Tensor) -> 
 
 def rollout(model, tokenizer, problems: Sequence[Problem], group_size: int, prompt_len: int, completion_len: int,
             *, temperature: float, generator: Optional[torch.Generator], device) -> Rollout:
-    """G samples of each prompt (groups contiguous), verified."""
+    """G samples of each prompt (groups contiguous), verified, with the log-probs of the drawn tokens."""
     repeated = [p for p in problems for _ in range(group_size)]
     prompts = encode_prompts(tokenizer, repeated, prompt_len, device)
-    completions = sample(model, prompts, completion_len, tokenizer.eos_id, tokenizer.fill_id,
-                         temperature=temperature, generator=generator)
+    completions, logps = sample(model, prompts, completion_len, tokenizer.eos_id, tokenizer.fill_id,
+                                temperature=temperature, generator=generator, return_logps=True)
     rewards = score(tokenizer, repeated, completions).to(device)
     return Rollout(repeated, torch.cat([prompts, completions], dim=1),
-                   completion_mask(completions, tokenizer.eos_id), rewards, prompt_len)
+                   completion_mask(completions, tokenizer.eos_id), rewards, prompt_len, logps)
 
 
 @torch.no_grad()
