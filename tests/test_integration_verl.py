@@ -143,3 +143,52 @@ def test_fused_logprob_kernel_swap():
     assert tf.FusedLinearForPPO.forward is not lk_verl.lens_fused_linear_forward
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import datetime
+
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=20))
+    yield dist.group.WORLD
+    lk_verl.set_parallel_layout(None)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_parallel_layout_is_passed_through(one_rank_group, mode):
+    """With verl's process groups set (a one-rank group here; the multi-rank equality with the
+    single-process run is tested in test_distributed.py), the loss takes its normalizers over the DP
+    group and the fused log-prob kernel runs vocab-parallel, giving verl's numbers."""
+    log_prob, old, adv, mask, _ = make_batch(40 + MODES.index(mode))
+    kw = dict(loss_agg_mode=mode, config=actor_config({}))
+    want = grads(lambda lp: core_algos.get_policy_loss_fn("vanilla")(old, lp, adv, mask, **kw), log_prob)
+    seen = []
+    real = lk_verl.policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("process_group"))
+        return real(*args, **kwargs)
+
+    lk_verl.set_parallel_layout(lk.ParallelLayout(dp_group=one_rank_group, tp_group=one_rank_group, vocab_start=0))
+    try:
+        lk_verl.policy_loss = spy
+        got = grads(lambda lp: core_algos.get_policy_loss_fn("lens")(old, lp, adv, mask, **kw), log_prob)
+    finally:
+        lk_verl.policy_loss = real
+    assert seen == [one_rank_group]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(37, 8, generator=g)
+    ids = torch.randint(0, 37, (2, 5), generator=g)
+    sharded = lk_verl.lens_fused_linear_forward(None, hidden, weight, ids, temperature=0.7)
+    plain = lk.linear_token_logprobs(hidden, weight, ids, temperature=0.7, return_entropy=True)
+    for a, b in zip(sharded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="ParallelLayout"):
+        lk_verl.set_parallel_layout("dp")

@@ -19,8 +19,16 @@ Hydra overrides a user sets::
         actor_rollout_ref.rollout.n=8          # G, the group size (uid groups)
 
 LENS needs ``old_log_probs`` in the batch, which verl computes unless the rollout's log-probs are
-used as old ones; rewards must be binary (0/1). Multi-GPU process groups (issue 9) hook in through
-``GLOBAL_BATCH_HOOK``: a callable ``(response_mask, global_batch_info) -> global_batch_info``.
+used as old ones; rewards must be binary (0/1).
+
+Multi-GPU: verl fills ``global_batch_info`` (global token and sequence counts, ``dp_size``) in recent
+versions, and the loss uses it as verl does. Where it does not, pass verl's process groups through
+``set_parallel_layout(lk.ParallelLayout(dp_group=..., tp_group=..., vocab_start=...))`` in each worker
+(FSDP: the actor mesh's data-parallel group; Megatron: ``mpu.get_data_parallel_group()`` and, for a
+vocab-parallel lm_head, ``mpu.get_tensor_model_parallel_group()``): the loss then takes its
+normalizers over the DP group (one all-reduce, no host sync) and the swapped fused log-prob kernel runs
+vocab-parallel. ``GLOBAL_BATCH_HOOK`` (``(response_mask, global_batch_info) -> global_batch_info``)
+remains for custom normalizers.
 """
 from __future__ import annotations
 
@@ -32,7 +40,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .. import LossConfig, group_advantages, linear_token_logprobs, policy_loss
+import torch.distributed as dist
+
+from .. import LossConfig, ParallelLayout, group_advantages, linear_token_logprobs, policy_loss
 from . import require
 
 core_algos = require("verl.trainer.ppo.core_algos", "verl", "lens_kernels.integrations.verl")
@@ -42,8 +52,17 @@ LOG_RATIO_CLAMP = 20.0
 _SEQUENCE_MODES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 _old_log_probs: contextvars.ContextVar = contextvars.ContextVar("lens_verl_old_log_probs", default=None)
 
-# Issue 9 (multi-GPU) plugs the global normalizers in here.
+# Custom global normalizers: (response_mask, global_batch_info) -> global_batch_info.
 GLOBAL_BATCH_HOOK: Optional[Callable[[torch.Tensor, dict], dict]] = None
+_LAYOUT: Optional[ParallelLayout] = None
+
+
+def set_parallel_layout(layout: Optional[ParallelLayout]) -> None:
+    """verl's process groups for this worker's lens loss and fused log-prob kernel (None: one process)."""
+    global _LAYOUT
+    if layout is not None and not isinstance(layout, ParallelLayout):
+        raise TypeError(f"layout must be a lens_kernels.ParallelLayout or None, got {type(layout).__name__}")
+    _LAYOUT = layout
 
 
 def _group_ids(index, device) -> torch.Tensor:
@@ -126,12 +145,16 @@ def compute_policy_loss_lens(
     if cfg.dp_size > 1 and (num_tokens if loss_agg_mode == "token-mean" else num_sequences) is None \
             and loss_agg_mode != "token-sum":
         raise ValueError(f"global_batch_info must give the global normalizer when dp_size > 1 ({loss_agg_mode})")
+    dp_group = _LAYOUT.dp_group if (_LAYOUT is not None and not info) else None
     if num_sequences is None and loss_agg_mode in _SEQUENCE_MODES:
-        # verl averages over the sequences that have at least one loss token
-        num_sequences = (response_mask.sum(-1) > 0).sum().clamp(min=1)
+        # verl averages over the sequences that have at least one loss token (over the DP group)
+        num_sequences = (response_mask.sum(-1) > 0).sum()
+        if dp_group is not None:
+            dist.all_reduce(num_sequences, group=dp_group)
+        num_sequences = num_sequences.clamp(min=1)
     loss, metrics = policy_loss(log_prob, advantages, response_mask, old_logps=old_log_prob,
                                 is_weights=rollout_is_weights, config=cfg, num_tokens=num_tokens,
-                                num_sequences=num_sequences)
+                                num_sequences=num_sequences, process_group=dp_group)
     with torch.no_grad():
         mask = response_mask.to(log_prob.dtype)
         count = mask.sum().clamp(min=1.0)
@@ -184,8 +207,9 @@ def install_compute_advantage_wrapper(module_names=("verl.trainer.ppo.ray_traine
 
 def lens_fused_linear_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
     """``FusedLinearForPPO.forward`` by ``lk.linear_token_logprobs``: (log_probs, entropy)."""
+    layout = _LAYOUT.logprob_kwargs() if _LAYOUT is not None else {}
     return linear_token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
-                                 temperature=temperature, return_entropy=True)
+                                 temperature=temperature, return_entropy=True, **layout)
 
 
 def swap_fused_logprob_kernel(enable: bool = True) -> bool:
