@@ -18,7 +18,8 @@
   ``lk.policy_loss_from_hidden``) instead of TRL's log-prob pass; tested against TRL's own loss and
   parameter gradients on a tiny Llama (grpo, bnpo, dapo; KL; temperature).
 - The one-call LENS step: with ``advantage_estimator="lens"``, when TRL skips the old-log-prob pass
-  (on-policy: ``num_iterations=1``-style alignment, no vLLM importance sampling), in a single process,
+  (on-policy: ``gradient_accumulation_steps`` a multiple of ``steps_per_generation * num_iterations``,
+  no vLLM importance sampling), in a single process,
   with ``scale_rewards`` "group" or "none" and micro-batches that hold whole groups
   (``steps_per_generation=1`` in training; an eval batch always does), the generation batch carries
   each completion's reward and group id (``lens_rewards``, ``lens_group_ids``, permuted with the rest by
