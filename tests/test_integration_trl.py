@@ -281,3 +281,118 @@ def test_fused_loss_head_matches_default_path(accelerator, fused, loss_type, bet
         assert_close(got[0], other[0])
         for name in want[1]:
             assert_close(got[1][name], other[1][name])
+
+
+# ----- the one-call LENS step (lk.lens_policy_loss_from_*) when its preconditions hold --------------
+from lens_kernels.integrations.trl import fused_step_blocker  # noqa: E402
+
+
+def fused_step_log(trainer):
+    return [h["lens/fused_step"] for h in trainer.state.log_history if "lens/fused_step" in h]
+
+
+def groups_of_mixed_kinds(completions, **kwargs):
+    """Binary rewards: group 0 all wrong, group 1 mixed (groups of 4 in TRL's order)."""
+    return [float(i >= 4 and i % 2 == 0) for i in range(len(completions))]
+
+
+@pytest.mark.slow
+def test_fused_lens_step_trains_and_matches_two_stage_training(tmp_path):
+    """One process, steps_per_generation=1, on-policy: every step takes the fused op, and two SGD steps
+    give the weights of the two-stage path (forced old-log-prob pass + group_advantages + policy_loss)."""
+    common = dict(per_device_train_batch_size=8, max_steps=2, optim="sgd", learning_rate=0.5)
+    fused = make_trainer(tmp_path / "fused", groups_of_mixed_kinds, **common)
+    before = [p.detach().clone() for p in fused.model.parameters()]
+    fused.train()  # build and train one after the other: each starts from the seed
+    two_stage = make_trainer(tmp_path / "two", groups_of_mixed_kinds, lens_fused_step=False, **common)
+    two_stage.train()
+    assert fused_step_log(fused) == [1.0, 1.0] and fused_step_log(two_stage) == [0.0, 0.0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, fused.model.parameters()))
+    for a, b in zip(fused.model.parameters(), two_stage.model.parameters()):
+        assert_close(a.detach(), b.detach())
+    rows = [[h for h in t.state.log_history if "loss" in h] for t in (fused, two_stage)]
+    for got, want in zip(*rows):
+        for name in ("loss", "entropy", "lens/frac_negative_groups", "lens/frac_mixed_groups",
+                     "lens/mean_abs_adv_mixed"):
+            assert got[name] == pytest.approx(want[name], abs=1e-6), name
+    assert rows[0][0]["lens/frac_negative_groups"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_partial_groups_take_the_two_stage_path(tmp_path):
+    """steps_per_generation=2 (micro-batches of 2 from a shuffled group of 4): fused_step 0, LENS still on."""
+    trainer = make_trainer(tmp_path, groups_of_mixed_kinds, per_device_train_batch_size=4, num_generations=4,
+                           steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1)
+    trainer.train()
+    assert fused_step_log(trainer) == [0.0]
+    assert any("lens/frac_negative_groups" in h for h in trainer.state.log_history)
+
+
+def generated_batch(trainer, rewards, fused_step):
+    """TRL's real _generate_and_score_completions on fixed rewards, with the same sampling seed."""
+    trainer.args.lens_fused_step = fused_step
+
+    def fixed_rewards(*args, **kwargs):  # the adapter's _calculate_rewards keeps what it returns
+        trainer._lens_rewards_per_func = rewards.clone()
+        return rewards.clone()
+
+    trainer._calculate_rewards = fixed_rewards
+    trainer.model.train()
+    torch.manual_seed(5)
+    prompts = ["1+2="] * 4 + ["3+4="] * 4 + ["5+1="] * 4
+    return trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head,loss_type,entropy_coef,scale", ((None, "grpo", 0.0, "group"),
+                                                                ("logits", "dapo", 0.0, "none"),
+                                                                ("hidden", "bnpo", 0.01, "group")))
+def test_fused_step_loss_and_gradients_match_two_stage(tmp_path, head, loss_type, entropy_coef, scale):
+    """One micro-batch through both paths of the real trainer, fp32 to 1e-6: the fused op's advantages
+    (NaN reward -> 0) and its loss and parameter gradients equal the two-stage path's, on a shuffled batch."""
+    trainer = make_trainer(tmp_path, always_wrong, per_device_train_batch_size=12, loss_type=loss_type,
+                           entropy_coef=entropy_coef, scale_rewards=scale, fused_loss_head=head)
+    trainer.current_gradient_accumulation_steps = 1
+    rewards = torch.tensor([0., 0, 0, 0, 1, 0, 1, 1, 0, 1, float("nan"), 0]).unsqueeze(1)
+    two_stage, fused = generated_batch(trainer, rewards, False), generated_batch(trainer, rewards, True)
+    assert torch.equal(two_stage["completion_ids"], fused["completion_ids"])
+    assert "lens_rewards" in fused and "lens_rewards" not in two_stage and "old_per_token_logps" not in fused
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    results = []
+    for batch in (two_stage, {k: v[perm] if torch.is_tensor(v) and v.ndim else v for k, v in fused.items()}):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                        if p.grad is not None}))
+    assert trainer._metrics["train"]["lens/fused_step"][-2:] == [0.0, 1.0]
+    (want_loss, want_grads), (got_loss, got_grads) = results
+    assert torch.isfinite(got_loss) and sorted(got_grads) == sorted(want_grads)
+    assert sum(float(g.abs().sum()) for g in want_grads.values()) > 0
+    assert_close(got_loss, want_loss)
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name])
+    stats = trainer._metrics["train"]["lens/frac_mixed_groups"]
+    assert stats[-1] == pytest.approx(stats[0]) == pytest.approx(2 / 3)
+
+
+def test_fused_step_blocker_names_each_precondition(accelerator):
+    tr = bare_trainer(LensGRPOTrainer, accelerator, "grpo", "token", 0.0, False)
+    tr.args.advantage_estimator, tr.args.steps_per_generation, tr.scale_rewards = "lens", 1, "group"
+    assert fused_step_blocker(tr, {}, "train") is None
+    cases = [("advantage_estimator", lambda t: setattr(t.args, "advantage_estimator", "dr_grpo"), {}),
+             ("lens_fused_step", lambda t: setattr(t.args, "lens_fused_step", False), {}),
+             ("off-policy", lambda t: None, {"old_per_token_logps": torch.zeros(1)}),
+             ("scale_rewards", lambda t: setattr(t, "scale_rewards", "batch"), {}),
+             ("steps_per_generation", lambda t: setattr(t.args, "steps_per_generation", 2), {}),
+             ("top_entropy_quantile", lambda t: setattr(t, "top_entropy_quantile", 0.5), {}),
+             ("aux loss", lambda t: setattr(t, "aux_loss_enabled", True), {}),
+             ("multimodal", lambda t: None, {"pixel_values": torch.zeros(1)})]
+    for match, breaks, output in cases:
+        broken = bare_trainer(LensGRPOTrainer, accelerator, "grpo", "token", 0.0, False)
+        broken.args.advantage_estimator, broken.args.steps_per_generation, broken.scale_rewards = "lens", 1, "group"
+        breaks(broken)
+        assert match in (fused_step_blocker(broken, output, "train") or ""), match
+    # an eval batch is never split, so steps_per_generation does not matter there
+    tr.args.steps_per_generation = 4
+    assert fused_step_blocker(tr, {}, "eval") is None

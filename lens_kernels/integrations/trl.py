@@ -17,6 +17,16 @@
   the last hidden states and the lm_head weight (``lk.policy_loss_from_logits`` /
   ``lk.policy_loss_from_hidden``) instead of TRL's log-prob pass; tested against TRL's own loss and
   parameter gradients on a tiny Llama (grpo, bnpo, dapo; KL; temperature).
+- The one-call LENS step: with ``advantage_estimator="lens"``, when TRL skips the old-log-prob pass
+  (on-policy: ``gradient_accumulation_steps`` a multiple of ``steps_per_generation * num_iterations``,
+  no vLLM importance sampling), in a single process,
+  with ``scale_rewards`` "group" or "none" and micro-batches that hold whole groups
+  (``steps_per_generation=1`` in training; an eval batch always does), the generation batch carries
+  each completion's reward and group id (``lens_rewards``, ``lens_group_ids``, permuted with the rest by
+  TRL's shuffle) and the loss is ``lk.lens_policy_loss_from_logits`` / ``_from_hidden``: the LENS
+  confidences come from the loss's own log-probs, so the extra old-log-prob pass is skipped. Otherwise
+  the two-stage path above runs. ``lens/fused_step`` logs 1.0 or 0.0 per loss call;
+  ``lens_fused_step=False`` forces the two-stage path.
 - Options the adapter does not support (loss types luspo and vespo, ``top_entropy_quantile < 1``,
   ``off_policy_mask_threshold``, ``use_bias_correction_kl``, adaptive entropy) fall back to TRL's own
   loss with one warning: no loss term is ever dropped silently.
@@ -34,7 +44,8 @@ from typing import Optional
 
 import torch
 
-from .. import LossConfig, group_advantages, policy_loss, policy_loss_from_hidden, policy_loss_from_logits
+from .. import (LossConfig, group_advantages, lens_policy_loss_from_hidden, lens_policy_loss_from_logits, policy_loss,
+               policy_loss_from_hidden, policy_loss_from_logits)
 from . import require
 
 _trl = require("trl", "trl", "lens_kernels.integrations.trl")
@@ -46,6 +57,11 @@ FUSED_LOSS_HEADS = (None, "logits", "hidden")
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 _GLOBAL_NORMALIZER_LOSSES = ("dapo", "cispo")
 TRL_EPS = 1e-4
+LENS_STAT_NAMES = ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups", "mean_abs_adv_negative",
+                   "mean_abs_adv_mixed", "mean_confidence_wrong", "mean_confidence_right")
+# forward inputs the adapter's own model call does not pass on (TRL's log-prob pass does)
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                    "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images")
 
 
 @dataclass
@@ -57,11 +73,14 @@ class LensGRPOConfig(GRPOConfig):
             "dr_grpo" (rewards minus the group mean).
         lens_alpha: weight of negative-group advantages under LENS (the paper's 0.25).
         fused_loss_head: None (TRL's log-prob pass, then ``lk.policy_loss``), "logits" or "hidden".
+        lens_fused_step: take the one-call LENS step when its preconditions hold (see the module
+            docstring); False always takes the two-stage path.
     """
 
     advantage_estimator: str = field(default="grpo", metadata={"help": "grpo, lens or dr_grpo"})
     lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
     fused_loss_head: Optional[str] = field(default=None, metadata={"help": "None, 'logits' or 'hidden'"})
+    lens_fused_step: bool = field(default=True, metadata={"help": "one-call LENS step when its preconditions hold"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,6 +118,41 @@ def unsupported_reason(trainer) -> Optional[str]:
         return "use_bias_correction_kl"
     if getattr(trainer, "use_adaptive_entropy", False):
         return "adaptive entropy control"
+    return None
+
+
+def fused_head_reason(trainer) -> Optional[str]:
+    """Why the loss cannot be computed by one op on logits or hidden states, or None."""
+    if trainer.loss_type in _GLOBAL_NORMALIZER_LOSSES and trainer._entropy_bonus_enabled:
+        return "fused_loss_head with the entropy bonus of loss_type dapo/cispo"
+    return None
+
+
+def fused_step_blocker(trainer, output, mode) -> Optional[str]:
+    """Why this generation batch cannot take the one-call LENS step, or None. Decided once per generation
+    batch from the config and the output's keys: no device value is read."""
+    args = trainer.args
+    if getattr(args, "advantage_estimator", "grpo") != "lens":
+        return "advantage_estimator is not 'lens'"
+    if not getattr(args, "lens_fused_step", True):
+        return "lens_fused_step=False"
+    if "old_per_token_logps" in output:  # TRL computes them only when the policy may have moved (or for vLLM IS)
+        return "off-policy: TRL computed old_per_token_logps"
+    if trainer.accelerator.num_processes != 1:
+        return "several processes: a process holds a slice of the groups"
+    if trainer.scale_rewards == "batch":
+        return "scale_rewards='batch' needs the whole generation batch"
+    if mode == "train" and args.steps_per_generation != 1:
+        return "steps_per_generation > 1: shuffled micro-batches hold partial groups"
+    reason = unsupported_reason(trainer) or fused_head_reason(trainer)
+    if reason is not None:
+        return reason
+    if getattr(trainer, "aux_loss_enabled", False):
+        return "the MoE aux loss comes from TRL's log-prob pass"
+    if getattr(args, "fused_loss_head", None) is None and getattr(args, "cast_lm_head_to_fp32", False):
+        return "cast_lm_head_to_fp32 applies to TRL's log-prob pass"
+    if any(key in output for key in _MULTIMODAL_KEYS):
+        return "multimodal inputs"
     return None
 
 
@@ -141,6 +195,13 @@ class LensGRPOTrainer(GRPOTrainer):
         rewards_per_func = self._lens_rewards_per_func
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
         rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.nan, rewards)
+        if fused_step_blocker(self, output, mode) is None:
+            # one process: the gathered rows are this process's rows, in TRL's group order
+            output["lens_rewards"] = rewards
+            output["lens_group_ids"] = torch.arange(rewards.numel(), device=rewards.device) // group_size
+            # the loss op computes the advantages; NaN makes any other reader of this key fail loudly
+            output["advantages"] = torch.full_like(output["advantages"], torch.nan)
+            return output
         kwargs = dict(group_size=group_size, eps=TRL_EPS, nan_rewards="zero_advantage")
         if estimator == "lens":
             old_logps = output.get("old_per_token_logps")
@@ -159,12 +220,15 @@ class LensGRPOTrainer(GRPOTrainer):
         local = output["completion_ids"].size(0)
         start = self.accelerator.process_index * local
         output["advantages"] = advantages[start:start + local].to(output["advantages"].dtype)
-        for name in ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups",
-                     "mean_abs_adv_negative", "mean_abs_adv_mixed", "mean_confidence_wrong",
-                     "mean_confidence_right"):
-            if name in stats:
-                self._metrics[mode][f"lens/{name}"].append(float(stats[name]))
+        self._log_lens_stats(mode, stats)
         return output
+
+    def _log_lens_stats(self, mode, stats):
+        """The group statistics under ``lens/``, read back in one transfer."""
+        names = [name for name in LENS_STAT_NAMES if name in stats]
+        values = torch.stack([stats[name].float().reshape(()) for name in names]).tolist() if names else []
+        for name, value in zip(names, values):
+            self._metrics[mode][f"lens/{name}"].append(value)
 
     def _old_logps_for_lens(self, output, mode):
         """The old-policy log-probs TRL skips when they equal the current ones; LENS needs them."""
@@ -178,16 +242,17 @@ class LensGRPOTrainer(GRPOTrainer):
 
     # ----- stage B: the loss ---------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        fused_step = "lens_rewards" in inputs  # decided per generation batch by fused_step_blocker
+        self._metrics[mode]["lens/fused_step"].append(1.0 if fused_step else 0.0)
         reason = unsupported_reason(self)
-        if reason is None and getattr(self.args, "fused_loss_head", None) is not None and (
-                self.loss_type in _GLOBAL_NORMALIZER_LOSSES and self._entropy_bonus_enabled):
-            reason = "fused_loss_head with the entropy bonus of loss_type dapo/cispo"
+        if reason is None and getattr(self.args, "fused_loss_head", None) is not None:
+            reason = fused_head_reason(self)
         if reason is not None and getattr(self.args, "fused_loss_head", None) is None:
             self._warn_once(f"lens_kernels: {reason} is not supported; using TRL's own loss")
             return super()._compute_loss(model, inputs)
         if reason is not None:
             self._warn_once(f"lens_kernels: {reason} is not supported by the fused head; using TRL's log-prob pass")
-        mode = "train" if self.model.training else "eval"
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         completion_mask = inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
@@ -213,6 +278,8 @@ class LensGRPOTrainer(GRPOTrainer):
                       is_weights=is_weights, num_tokens=num_tokens)
 
         fused = getattr(self.args, "fused_loss_head", None) if reason is None else None
+        if fused_step:  # fused_step_blocker ruled out every reason above
+            fused = fused or "logits"
         aux_loss = logps = entropies = None
         if fused is None:
             kwargs = {"compute_entropy": True}
@@ -230,8 +297,12 @@ class LensGRPOTrainer(GRPOTrainer):
             if self._entropy_bonus_enabled:
                 config = config.replace(entropy_coef=float(self.entropy_coef), entropy_agg_mode="token-mean")
             # the loss is scaled below, so the op's upstream gradient is `scale` (the grad-scale contract)
+            lens = self._lens_step_kwargs(inputs, mode) if fused_step else None
             loss, metrics = self._fused_loss(model, fused, input_ids, attention_mask, completion_ids, mask,
-                                             advantages, config, dict(common, grad_scale=scale))
+                                             advantages, config, dict(common, grad_scale=scale), lens)
+            if fused_step:
+                inputs = dict(inputs, advantages=metrics["advantages"])
+                self._log_lens_stats(mode, metrics)
             policy = metrics["policy_loss"] + config.beta * metrics["kl"]  # TRL's policy_loss includes the KL
             loss = loss * scale
         if self._entropy_bonus_enabled:
@@ -244,19 +315,36 @@ class LensGRPOTrainer(GRPOTrainer):
         self._log_loss_metrics(mode, mask, metrics, logps, inputs, entropies)
         return loss
 
-    def _fused_loss(self, model, fused, input_ids, attention_mask, completion_ids, mask, advantages, config, common):
-        """The loss head from logits or hidden states: TRL's forward, then one lens_kernels op."""
+    def _lens_step_kwargs(self, inputs, mode):
+        """The advantage options of the one-call LENS step: those the two-stage path gives
+        ``group_advantages``; ``group_size`` with ``group_ids`` makes the op check whole groups."""
+        return dict(rewards=inputs["lens_rewards"], group_ids=inputs["lens_group_ids"],
+                    group_size=self.num_generations if mode == "train" else self.num_generations_eval,
+                    estimator="lens", scale=self.scale_rewards, eps=TRL_EPS, nan_rewards="zero_advantage",
+                    lens_alpha=float(self.args.lens_alpha))
+
+    def _fused_loss(self, model, fused, input_ids, attention_mask, completion_ids, mask, advantages, config, common,
+                    lens=None):
+        """The loss head from logits or hidden states: TRL's forward, then one lens_kernels op (with ``lens``,
+        the one-call LENS step, which computes the advantages itself)."""
         k = completion_ids.size(1)
         if fused == "logits":
             logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=k + 1).logits
-            return policy_loss_from_logits(logits[:, -(k + 1):-1, :], completion_ids, mask, advantages,
+            logits = logits[:, -(k + 1):-1, :]
+            if lens is not None:
+                return lens_policy_loss_from_logits(logits, completion_ids, mask, temperature=self.temperature,
+                                                    config=config, **lens, **common)
+            return policy_loss_from_logits(logits, completion_ids, mask, advantages,
                                            temperature=self.temperature, config=config, **common)
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, -(k + 1):-1, :]
         head = model.get_output_embeddings()
-        return policy_loss_from_hidden(hidden, head.weight, completion_ids, mask, advantages,
-                                       bias=getattr(head, "bias", None), temperature=self.temperature,
-                                       config=config, **common)
+        bias = getattr(head, "bias", None)
+        if lens is not None:
+            return lens_policy_loss_from_hidden(hidden, head.weight, completion_ids, mask, bias=bias,
+                                                temperature=self.temperature, config=config, **lens, **common)
+        return policy_loss_from_hidden(hidden, head.weight, completion_ids, mask, advantages, bias=bias,
+                                       temperature=self.temperature, config=config, **common)
 
     def _log_loss_metrics(self, mode, mask, metrics, logps, inputs, entropies):
         """TRL's loss metrics under TRL's names, reduced over processes as TRL does."""
@@ -271,8 +359,9 @@ class LensGRPOTrainer(GRPOTrainer):
         entropy = metrics["entropy"] if entropies is None else (entropies * mask).sum() / count.clamp(min=1.0)
         self._metrics[mode]["entropy"].append(global_mean(entropy))
         if self.loss_type == "cispo" or self.loss_type == "sapo":
-            if self.loss_type == "cispo" and logps is not None:
-                ratio = self._ratio(logps, inputs, mask)
+            if self.loss_type == "cispo" and (logps is not None or "lens_rewards" in inputs):
+                # the one-call LENS step is on-policy: rho = 1
+                ratio = self._ratio(logps, inputs, mask) if logps is not None else torch.ones_like(mask)
                 clipped = (ratio > self.epsilon_high) & (inputs["advantages"].reshape(len(mask), -1) > 0)
                 self._metrics[mode]["cispo_clip_ratio"].append(global_mean(self._masked_mean(clipped, mask)))
             return
