@@ -10,7 +10,8 @@
 #      torch.compile there: its compile time is paid per shape), in one run; then the one-call LENS
 #      step at its headline (ours, our bare loss, the Liger and eager two-stage baselines; its table
 #      goes to the log only, to keep the file count); then our logits loss head once more with the
-#      triton kernel's row variant forced (LENS_KERNELS_TRITON_VARIANT=row);
+#      triton kernel's 2-pass split variant (LENS_KERNELS_TRITON_VARIANT=split; the default is row
+#      until split has been measured);
 #   (with LENS_DEVICE_CUDA=1 and nvcc on the machine, also csrc/test/device_check.sh: the CUDA
 #   extension's test binary, GPU pytest and timing; a few minutes more)
 #   4. writes its log, the JSON, the markdown and the plots to $OUT (default: lens_bench_out/; at most
@@ -61,8 +62,8 @@ if [[ "$GPU" == 1 ]]; then
     2>&1 | tail -100
   step "the one-call LENS step at its headline (N=16384, V=151936, bf16, on-policy, G=8)"
   timeout 55 "$PY" -m lens_kernels.bench --headline --paths lens-step --no-files 2>&1 | tail -40
-  step "the triton loss head's row variant at the headline (the 3-pass baseline of the split design)"
-  LENS_KERNELS_TRITON_VARIANT=row timeout 40 "$PY" -m lens_kernels.bench --headline --paths logits \
+  step "the triton loss head's split variant at the headline (the 2-pass design; opt-in until measured)"
+  LENS_KERNELS_TRITON_VARIANT=split timeout 40 "$PY" -m lens_kernels.bench --headline --paths logits \
     --providers ours --no-files 2>&1 | grep -E "^(==|provider|ours-)|failed|unavailable"
   if [[ "${LENS_DEVICE_CUDA:-0}" == 1 ]] && command -v nvcc >/dev/null; then
     # opt-in (it builds the extension: a few minutes): the CUDA kernels' test binary, their GPU pytest

@@ -227,6 +227,9 @@ def test_huge_logits_policy_loss():
 def test_variant_choice_is_data_driven(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(pl, "INTERPRETING", False)
+    monkeypatch.delenv("LENS_KERNELS_TRITON_VARIANT", raising=False)
+    assert pl.choose_variant(16384, 151936, cuda) == "row"  # split is opt-in until measured on a GPU
+    monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", "split")
     assert pl.choose_variant(16384, 151936, cuda) == "split"
     assert pl.choose_variant(16384, 262144, cuda) == "split"
     assert pl.choose_variant(16384, 1000, cuda) == "row"  # one block: nothing to cooperate on
@@ -234,7 +237,7 @@ def test_variant_choice_is_data_driven(monkeypatch):
     assert pl.choose_variant(16384, 151936, torch.device("cpu")) == "row"
     monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", "row")
     assert pl.choose_variant(16384, 151936, cuda) == "row"
-    monkeypatch.delenv("LENS_KERNELS_TRITON_VARIANT")
+    monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", "split")
     monkeypatch.setattr(pl, "INTERPRETING", True)  # programs run one by one: a spin-wait would deadlock
     assert pl.choose_variant(16384, 151936, cuda) == "row"
 

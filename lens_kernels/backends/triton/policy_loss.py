@@ -340,15 +340,16 @@ def _rescale_grad_kernel(
 def choose_variant(n_rows: int, vocab: int, device: torch.device) -> str:
     """The one place that picks the fused kernel's variant: "split" or "row" (see the module doc).
 
-    ``LENS_KERNELS_TRITON_VARIANT=row|split`` overrides it on a GPU (for benchmarks).
+    "split" is opt-in (``LENS_KERNELS_TRITON_VARIANT=split``) until it has run on a GPU: its per-row
+    handshake relies on in-order dispatch of the row's programs, which no test has exercised yet,
+    and a default must never risk a hang. It is taken only where it can apply (CUDA, 2..64 vocab
+    blocks, a grid under 2^31); everything else runs "row".
     """
     blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
     split_ok = (device.type == "cuda" and not INTERPRETING and 2 <= blocks <= SPLIT_MAX_BLOCKS
                 and n_rows * blocks < 2 ** 31)
     forced = os.environ.get("LENS_KERNELS_TRITON_VARIANT", "")
-    if forced == "row" or (forced == "split" and not split_ok):
-        return "row"
-    return "split" if split_ok else "row"
+    return "split" if (forced == "split" and split_ok) else "row"
 
 
 def _loss_switches(cfg, has_old, has_is, has_entropy_bonus):
