@@ -1,4 +1,4 @@
-"""Pieces shared by the two logits ops: row addressing, the online-softmax update with entropy, the
+"""Pieces shared by the logits ops: row addressing, the online-softmax update with entropy, the
 closed-form dL/dz of one block of a row, and the host-side launch heuristics.
 
 Every kernel walks flattened rows r in [0, N) of a [B, T, V] (or [N, V]) logits tensor that may be a
@@ -66,22 +66,26 @@ def finish_stats(l_i, s_i):
 
 
 @triton.jit
-def logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+def logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, g_target, inv_tau,
                      HAS_ENTROPY_GRAD: tl.constexpr):
-    """dL/dz of one block: inv_tau * [g_l (onehot - p) - g_H p (log p + H)], x the scaled logits."""
+    """dL/dz of one block: inv_tau * [g_t onehot - g_l p - g_H p (log p + H)], x the scaled logits.
+
+    g_t is g_l for a whole row; a vocabulary shard passes 0 where another shard holds the target.
+    """
     log_p = (x - m_i) - log_l
     p = tl.exp(log_p)
     coef = -g_logp
     if HAS_ENTROPY_GRAD:
         # p == 0 (a -inf logit, or an out-of-range lane) must give 0, not 0 * inf
         coef = coef - g_entropy * tl.where(p > 0, log_p + entropy, 0.0)
-    dz = p * coef + tl.where(offs == target, g_logp, 0.0)
+    dz = p * coef + tl.where(offs == target, g_target, 0.0)
     return dz * inv_tau
 
 
 @triton.jit
-def row_stats(row_ptr, target, V, inv_tau, BLOCK_V: tl.constexpr):
-    """One sweep over a row: (m_i, log_l, entropy, logp of the target) of softmax(z / tau)."""
+def row_partials(row_ptr, V, inv_tau, BLOCK_V: tl.constexpr):
+    """One sweep over a row (or a vocabulary shard of it): the online-softmax state (m_i, l_i, s_i)
+    of z / tau, see ``softmax_stats_update``."""
     m_i = -float("inf")
     l_i = 0.0
     s_i = 0.0
@@ -89,20 +93,28 @@ def row_stats(row_ptr, target, V, inv_tau, BLOCK_V: tl.constexpr):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_tau
         m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i)
+    return m_i, l_i, s_i
+
+
+@triton.jit
+def row_stats(row_ptr, target, V, inv_tau, BLOCK_V: tl.constexpr):
+    """One sweep over a row: (m_i, log_l, entropy, logp of the target) of softmax(z / tau)."""
+    m_i, l_i, s_i = row_partials(row_ptr, V, inv_tau, BLOCK_V)
     log_l, entropy = finish_stats(l_i, s_i)
     logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
     return m_i, log_l, entropy, logp
 
 
 @triton.jit
-def write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
+def write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, g_target, inv_tau,
                    HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """One sweep: reads the row again and writes its dL/dz (``grad_row_ptr`` may be ``row_ptr``)."""
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         in_range = offs < V
         x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
-        dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau, HAS_ENTROPY_GRAD)
+        dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, g_target, inv_tau,
+                              HAS_ENTROPY_GRAD)
         tl.store(grad_row_ptr + offs, dz.to(grad_row_ptr.dtype.element_ty), mask=in_range)
 
 

@@ -212,8 +212,8 @@ def _policy_loss_row_kernel(
             g_logp = g_logp * grad_scale
             g_entropy = g_entropy * grad_scale
             # second sweep: on a GPU this re-read mostly misses L2 (see the split variant)
-            write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
-                           HAS_ENTROPY_BONUS, BLOCK_V)
+            write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, g_logp,
+                           inv_tau, HAS_ENTROPY_BONUS, BLOCK_V)
         _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                            loss, policy, kl, rho, entropy, logp)
     else:
@@ -297,7 +297,7 @@ def _policy_loss_split_kernel(
             HAS_LOG_RATIO_CLAMP, HAS_OLD, HAS_IS, HAS_KL, KL_ESTIMATOR, HAS_KL_CLAMP, HAS_ENTROPY_BONUS)
         if WRITE_GRAD:
             dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp * grad_scale,
-                                  g_entropy * grad_scale, inv_tau, HAS_ENTROPY_BONUS)
+                                  g_entropy * grad_scale, g_logp * grad_scale, inv_tau, HAS_ENTROPY_BONUS)
             tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
         if block == 0:
             _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,

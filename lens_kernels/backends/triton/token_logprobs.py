@@ -114,8 +114,8 @@ def _token_logprobs_bwd_kernel(
         g_entropy = 0.0
         if HAS_ENTROPY_GRAD:
             g_entropy = tl.load(g_entropy_ptr + row)
-        write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, inv_tau,
-                       HAS_ENTROPY_GRAD, BLOCK_V)
+        write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, g_logp,
+                       inv_tau, HAS_ENTROPY_GRAD, BLOCK_V)
     else:
         write_zero_row(grad_row_ptr, V, BLOCK_V)
 
