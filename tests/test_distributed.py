@@ -173,9 +173,10 @@ def _shard(rank, world, V):
     return vocab_shard_range(V, rank, world)
 
 
-def scenario_tp_logprobs(rank, world, dtype):
+def scenario_tp_logprobs(rank, world, dtype, backend="auto"):
     """Vocab parallel token_logprobs of a strided logits shard, odd V, masked -100 targets, per-row
-    temperature, with entropy: values equal the full-vocabulary ones, the gradient is the shard's."""
+    temperature, with entropy: values equal the full-vocabulary ones, the gradient is the shard's.
+    With backend="triton" the shard ops run as triton kernels (interpreted on CPU)."""
     d = make_batch(5, dtype=dtype)
     V = d["logits_full"].shape[-1]
     g = torch.Generator().manual_seed(11)
@@ -187,7 +188,8 @@ def scenario_tp_logprobs(rank, world, dtype):
     v0, v1 = _shard(rank, world, V)
     shard = d["logits_full"][..., v0:v1].clone().requires_grad_()
     l_r, h_r = lk.token_logprobs(shard[:, :-1], d["targets"], mask=d["mask"], temperature=d["temperature"],
-                                 return_entropy=True, process_group=dist.group.WORLD, vocab_start=v0)
+                                 return_entropy=True, process_group=dist.group.WORLD, vocab_start=v0,
+                                 backend=backend)
     ((l_r * g_l).sum() + (h_r * g_h).sum()).backward()
     assert (l_r <= 0).all()
     close(l_r, l_s.detach(), what="logps")
@@ -228,7 +230,7 @@ def _mesh(rank, world, dp_size):
     return dp_groups[rank % tp], tp_groups[rank // tp], rank // tp, rank % tp
 
 
-def scenario_dp_tp(rank, world, dp_size, path):
+def scenario_dp_tp(rank, world, dp_size, path, backend="auto"):
     """DP x TP: rows split over the DP group, vocabulary over the TP group. The loss averaged over
     DP equals the single-process loss; DP-averaged parameter gradients (lm_head shard) equal the
     single-process ones; activation gradients are dp_size x the single-process ones."""
@@ -249,7 +251,8 @@ def scenario_dp_tp(rank, world, dp_size, path):
         loss_s.backward()
         mine = d["logits_full"][rows, :, v0:v1].clone().requires_grad_()
         loss_r, _ = lk.policy_loss_from_logits(mine[:, :-1], d["targets"][rows], d["mask"][rows], d["adv"][rows],
-                                               config=cfg, **layout.loss_kwargs(), **loss_inputs(d, rows))
+                                               config=cfg, backend=backend, **layout.loss_kwargs(),
+                                               **loss_inputs(d, rows))
         loss_r.backward()
         close(mine.grad / dp_size, full.grad[rows, :, v0:v1], what="logits shard gradient / dp_size")
     else:
@@ -373,8 +376,10 @@ SCENARIOS = {
         "dp_all_empty": (scenario_dp_all_empty, ()),
         **{f"tp_logprobs_{str(dt)[6:]}": (scenario_tp_logprobs, (dt,))
            for dt in (torch.float32, torch.bfloat16, torch.float16)},
+        "tp_logprobs_triton": (scenario_tp_logprobs, (torch.float32, "triton")),
         "tp_linear": (scenario_tp_linear, ()),
         "tp_loss_logits": (scenario_dp_tp, (1, "logits")),
+        "tp_loss_logits_triton": (scenario_dp_tp, (1, "logits", "triton")),
         "tp_loss_hidden": (scenario_dp_tp, (1, "hidden")),
         **{f"adv_{case}": (scenario_advantages, (case,)) for case in ADVANTAGE_CASES},
         "adv_error_on_one_rank": (scenario_advantages_error_on_one_rank, ()),
