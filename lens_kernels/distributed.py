@@ -24,8 +24,8 @@ entropy (kept from forward), so backward has no collective on the logits path. O
 dL/dhidden is summed over the shards (one all-reduce of [N, H], what Megatron's
 ``copy_to_tensor_model_parallel_region`` does); dW and db stay local.
 
-Contract for a fused backend (CUDA, Triton): to run vocab-parallel it exposes the four ops below
-with the signatures of ``backends.torch_ops`` and is picked by the usual dispatch:
+Contract for a fused backend (CUDA, Triton): to run vocab-parallel it exposes the ops below with
+the signatures of ``backends.torch_ops`` and is picked by the usual dispatch, op by op:
 
 - ``vocab_shard_partials(logits, targets, temperature) -> (m_i, l_i, ey_i, target_shifted)``,
   flat [N] fp32: the row max of y = z / tau, l_i = sum exp(y - m_i), ey_i = sum exp(y - m_i)(y - m_i),
@@ -36,6 +36,10 @@ with the signatures of ``backends.torch_ops`` and is picked by the usual dispatc
   p = exp(y - lse) from the global lse;
 - ``linear_vocab_shard_partials`` / ``linear_vocab_shard_grad``: the same from hidden states and
   an lm_head shard, returning (d_hidden of this shard, d_weight, d_bias).
+
+The torch backend provides all four; the triton backend the two logits ops (one read of the shard
+forward, one read and one write backward). ``backend="auto"`` skips a backend that lacks an op (so
+the hidden-path shard ops run on torch); naming that backend explicitly for the op is an error.
 
 Trainer entry point: ``ParallelLayout`` bundles the DP group, the TP group and this rank's vocab
 start, and gives the keyword arguments of the ops (``layout.logprob_kwargs()``,
