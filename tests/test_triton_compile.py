@@ -32,6 +32,9 @@ VARIANTS = [
     ("policy_loss", "_policy_loss_split_kernel", "bf16", dict(_PPO_ALL, BLOCK_V=8192, BLOCKS_POW2=32)),
     ("policy_loss", "_policy_loss_split_kernel", "fp16", dict(_SAPO, BLOCK_V=8192, BLOCKS_POW2=64)),
     ("policy_loss", "_rescale_grad_kernel", "bf16", dict(BLOCK_V=4096)),
+    ("vocab_shard", "_vocab_shard_partials_kernel", "bf16", dict(PER_ROW_TAU=True, BLOCK_V=4096)),
+    ("vocab_shard", "_vocab_shard_grad_kernel", "bf16", dict(PER_ROW_TAU=False, HAS_ENTROPY_GRAD=True,
+                                                             BLOCK_V=4096)),
 ]
 
 _SCRIPT = textwrap.dedent(r"""
