@@ -25,7 +25,7 @@ dL/dhidden is summed over the shards (one all-reduce of [N, H], what Megatron's
 ``copy_to_tensor_model_parallel_region`` does); dW and db stay local.
 
 Contract for a fused backend (CUDA, Triton): to run vocab-parallel it exposes the ops below with
-the signatures of ``backends.torch_ops`` and is picked by the usual dispatch, op by op:
+the signatures of ``backends.torch`` and is picked by the usual dispatch, op by op:
 
 - ``vocab_shard_partials(logits, targets, temperature) -> (m_i, l_i, ey_i, target_shifted)``,
   flat [N] fp32: the row max of y = z / tau, l_i = sum exp(y - m_i), ey_i = sum exp(y - m_i)(y - m_i),
@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from . import backends
 from ._validation import value_checks_enabled
-from .backends.torch_ops import finish_partials, grad_coefficients
+from .backends.torch._common import finish_partials, grad_coefficients
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from . import backends
 from ._validation import FLOAT_DTYPES, check_mask, check_same_device, check_shape, check_tensor
-from .backends import torch_ops
+from .backends import torch as torch_backend
 from .config import LossConfig
 from .distributed import (
     check_vocab_parallel,
@@ -121,7 +121,7 @@ def policy_loss(
     if process_group is not None:
         config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
                                                                       num_sequences)
-    return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+    return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                  num_tokens, num_sequences)
 
 
@@ -181,7 +181,7 @@ def policy_loss_from_logits(
         logps, entropy = vocab_parallel_token_logprobs(logits, targets, group=vocab_group, vocab_start=vocab_start,
                                                        temperature=temperature, mask=mask, return_entropy=True,
                                                        inplace_backward=inplace, backend=backend)
-        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                      num_tokens, num_sequences)
     impl = backends.get("policy_loss_from_logits", logits, backend)
     return impl(logits, targets, mask, advantages, old_logps=old_logps, ref_logps=ref_logps,
@@ -244,7 +244,7 @@ def policy_loss_from_hidden(
                                                               vocab_start=vocab_start, bias=bias,
                                                               temperature=temperature, mask=mask,
                                                               return_entropy=True, backend=backend)
-        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                      num_tokens, num_sequences)
     impl = backends.get("policy_loss_from_hidden", hidden, backend)
     return impl(hidden, weight, targets, mask, advantages, bias=bias, old_logps=old_logps, ref_logps=ref_logps,

@@ -3,7 +3,7 @@
 - nvcc compiles every kernel file for sm_80 and sm_90a, without warnings;
 - the kernels stay torch-free (a .cu that includes torch takes minutes to compile);
 - the per-token loss math of the fused kernel (csrc/loss_math.cuh, compiled for the CPU) matches
-  torch_ops.token_coefficients / kl_and_grad, which the torch tests validate against reference.py;
+  torch_backend.token_coefficients / kl_and_grad, which the torch tests validate against reference.py;
 - setup.py and the cuda backend say clearly what is missing.
 
 Tests that need nvcc skip without it; GPU tests of the kernels are in test_cuda_gpu.py.
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import lens_kernels as lk
-from lens_kernels.backends import AUTO_PREFERENCE, BACKENDS, OPS, torch_ops
+from lens_kernels.backends import AUTO_PREFERENCE, BACKENDS, OPS
+from lens_kernels.backends import torch as torch_backend
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.config import LossConfig
 
@@ -84,7 +85,7 @@ def test_row_kernels_use_16_byte_accesses_and_the_cluster_exchange(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# loss_math.cuh on the CPU against torch_ops
+# loss_math.cuh on the CPU against the torch backend
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def token_terms_lib(tmp_path_factory):
@@ -110,15 +111,15 @@ CONFIGS = {
 
 
 def _expected_terms(l, l_old, l_ref, A, w, isw, cfg):
-    """loss and dL/dl per token in float64, by torch_ops' own formulas."""
+    """loss and dL/dl per token in float64, by the torch backend's own formulas."""
     as_row = lambda x: x.double().unsqueeze(0)  # noqa: E731
     l64, old64, A64, w64 = as_row(l), as_row(l_old), as_row(A), as_row(w)
-    f, df, direct, rho, drho = torch_ops.token_coefficients(l64, old64, A64, torch.ones_like(l64), cfg,
+    f, df, direct, rho, drho = torch_backend.token_coefficients(l64, old64, A64, torch.ones_like(l64), cfg,
                                                             is_weights=as_row(isw))
     loss = w64 * f
     g_l = w64 * df * drho + (0.0 if direct is None else w64 * direct)
     if cfg.beta != 0.0:
-        kl, dkl = torch_ops.kl_and_grad(l64, as_row(l_ref), cfg)
+        kl, dkl = torch_backend.kl_and_grad(l64, as_row(l_ref), cfg)
         loss = loss + cfg.beta * w64 * kl
         g_l = g_l + cfg.beta * w64 * dkl
     return loss[0], g_l[0], rho[0]
@@ -127,7 +128,7 @@ def _expected_terms(l, l_old, l_ref, A, w, isw, cfg):
 @needs_nvcc
 @pytest.mark.parametrize("on_policy", [False, True], ids=["off_policy", "on_policy"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_fused_kernel_token_math_matches_torch_ops(token_terms_lib, name, on_policy):
+def test_fused_kernel_token_math_matches_torch_backend(token_terms_lib, name, on_policy):
     cfg = CONFIGS[name]
     gen = torch.Generator().manual_seed(hash((name, on_policy)) % (2 ** 31))
     n = 4096

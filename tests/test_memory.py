@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(r"""
     import torch
     torch.set_num_threads(1)
     import lens_kernels as lk
-    from lens_kernels.backends import torch_ops
-    torch_ops.CHUNK_BYTES = int(sys.argv[1])
+    from lens_kernels.backends.torch import _common
+    _common.CHUNK_BYTES = int(sys.argv[1])
 
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

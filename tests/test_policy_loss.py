@@ -10,7 +10,7 @@ import torch
 
 import lens_kernels as lk
 from lens_kernels import reference as ref
-from lens_kernels.backends import torch_ops
+from lens_kernels.backends.torch import _common as torch_common
 from lens_kernels.config import KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, RATIO_LEVELS
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -164,7 +164,7 @@ def _logits_batch(B, T, V, dtype, seed):
 @pytest.mark.parametrize("level", RATIO_LEVELS)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_policy_loss_from_logits(dtype, tol, level, inplace, monkeypatch):
-    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 8192)
+    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 8192)
     logits, targets, mask, adv, old = _logits_batch(4, 6, 211, dtype, seed=8)
     cfg = lk.LossConfig(ratio_level=level, beta=0.05, entropy_coef=0.01, dual_clip=3.0)
     refl = old + 0.1
@@ -185,7 +185,7 @@ def test_policy_loss_from_logits(dtype, tol, level, inplace, monkeypatch):
 @pytest.mark.parametrize("mode", ["fast", "lean"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_policy_loss_from_hidden(mode, bias, monkeypatch):
-    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 4096)
     g = torch.Generator().manual_seed(9)
     B, T, H, V = 3, 5, 12, 131
     hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)

@@ -4,6 +4,7 @@ Fast mode computes dX, dW and dbias in forward (3 GEMMs per row chunk) and backw
 them, so every test checks the loss, the metrics and all three gradients after ``backward``.
 ``CHUNK_BYTES`` is shrunk so that chunk boundaries fall inside sequences.
 """
+import importlib
 import warnings
 
 import pytest
@@ -11,12 +12,16 @@ import torch
 
 import lens_kernels as lk
 from hidden_cases import CONFIGS, TOL, check, make_batch, run_both
-from lens_kernels.backends import torch_ops
+from lens_kernels.backends.torch import _common as torch_common
+
+# the module, not the function of the same name that the package re-exports
+torch_hidden = importlib.import_module("lens_kernels.backends.torch.policy_loss_from_hidden")
+
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 3 rows at V=37 (fp32), so boundaries fall inside the sequences of T=7."""
-    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 3 * 37 * 12)
+    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 3 * 37 * 12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -49,7 +54,7 @@ def test_grad_scale_contract(grad_output, grad_scale, small_chunks):
     batch = make_batch(3, 7, 8, 37, torch.float64, seed=11)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch_ops._grad_scale_warned = False
+        torch_hidden._grad_scale_warned = False
         ours, want = run_both(batch, CONFIGS["grpo"], grad_output=grad_output, grad_scale=grad_scale)
     check(ours, want, TOL[torch.float64])
     rescaled = [w for w in caught if "grad_scale" in str(w.message)]
@@ -58,8 +63,8 @@ def test_grad_scale_contract(grad_output, grad_scale, small_chunks):
 
 def test_frozen_weight_skips_dw(small_chunks, monkeypatch):
     calls = []
-    real = torch_ops.accumulate_t_mm
-    monkeypatch.setattr(torch_ops, "accumulate_t_mm", lambda *a: (calls.append(1), real(*a)))
+    real = torch_hidden.accumulate_t_mm
+    monkeypatch.setattr(torch_hidden, "accumulate_t_mm", lambda *a: (calls.append(1), real(*a)))
     batch = make_batch(3, 7, 8, 37, torch.float64, seed=5)
     ours, want = run_both(batch, CONFIGS["grpo"], frozen_weight=True)
     assert ours["weight"] is None and calls == []
@@ -73,7 +78,7 @@ def test_fast_computes_the_gradient_in_forward(small_chunks, monkeypatch):
     loss, _ = lk.policy_loss_from_hidden(hidden, batch["weight"], batch["targets"], batch["mask"],
                                          batch["advantages"], old_logps=batch["old_logps"], backend="torch")
     assert type(loss.grad_fn).__name__ == "FastHiddenLossFunctionBackward"
-    monkeypatch.setattr(torch_ops.F, "linear", lambda *a, **k: pytest.fail("backward recomputed the logits"))
+    monkeypatch.setattr(torch_hidden.F, "linear", lambda *a, **k: pytest.fail("backward recomputed the logits"))
     loss.backward()
     assert torch.isfinite(hidden.grad).all() and hidden.grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="once"):

@@ -4,7 +4,7 @@ import torch
 
 import lens_kernels as lk
 from lens_kernels import reference as ref
-from lens_kernels.backends import torch_ops
+from lens_kernels.backends.torch import _common as torch_common
 
 # max |error| of log-probs and entropy per logits dtype (fp32 math on rounded inputs; the
 # reference sees the same rounded inputs, so only the fp32 accumulation error remains)
@@ -29,7 +29,7 @@ def _inputs(B, T, V, dtype, seed, scale=3.0, strided=False):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many row chunks (and chunk boundaries inside sequences)."""
-    monkeypatch.setattr(torch_ops, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lens_kernels import backends, reference
-from lens_kernels.backends import torch_ops
+from lens_kernels.backends import torch as torch_backend
 from lens_kernels.backends import triton as triton_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -75,7 +75,7 @@ def test_partials_match_torch_and_combine_to_reference(dtype, V, starts, temp_ki
     for i, (v0, v1) in enumerate(_shards(V, starts)):
         local, own = _local_targets(targets, v0, v1, seed=i)
         got = triton_backend.vocab_shard_partials(logits[..., v0:v1], local, temperature)
-        want = torch_ops.vocab_shard_partials(logits[..., v0:v1], local, temperature)
+        want = torch_backend.vocab_shard_partials(logits[..., v0:v1], local, temperature)
         for name, g, w in zip(("m_i", "l_i", "ey_i", "target_shifted"), got, want):
             assert g.dtype == torch.float32 and g.shape == (B * T,), name
             assert_close_scaled(g, w, PARTIAL_REL[name], f"shard [{v0}, {v1}) {name}")
@@ -123,7 +123,7 @@ def test_grad_matches_torch_and_tiles_the_reference(dtype, V, starts, temp_kind,
         local, owns = _local_targets(targets, v0, v1, seed=10 + i)
         g_target = torch.where(owns.reshape(-1), g_logp, torch.zeros_like(g_logp))
         shard_full = logits_full[..., v0:v1].clone()
-        want = torch_ops.vocab_shard_grad(shard_full[:, :-1], local, temperature, lse, entropy, g_logp, g_entropy,
+        want = torch_backend.vocab_shard_grad(shard_full[:, :-1], local, temperature, lse, entropy, g_logp, g_entropy,
                                           g_target)
         # masked rows have zero coefficients: the kernel must write zeros without reading them
         shard_full[:, :-1][~mask] = float("nan")

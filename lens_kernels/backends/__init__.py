@@ -14,7 +14,10 @@ import os
 from types import ModuleType
 from typing import Dict, Optional
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the subpackage backends/torch shadows the name ``torch`` in this package
+    import torch
 
 logger = logging.getLogger("lens_kernels")
 
@@ -39,7 +42,7 @@ BACKENDS = ("torch", "triton", "cuda")
 AUTO_PREFERENCE: Dict[str, tuple] = {op: ("triton", "cuda", "torch") for op in OPS}
 
 _MODULES = {
-    "torch": "lens_kernels.backends.torch_ops",
+    "torch": "lens_kernels.backends.torch",
     "triton": "lens_kernels.backends.triton",
     "cuda": "lens_kernels.backends.cuda",
 }

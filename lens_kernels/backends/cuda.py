@@ -1,16 +1,16 @@
 """The ``cuda`` backend: C++/CUDA kernels of the optional extension ``lens_kernels._C`` (csrc/).
 
 The import never fails without the extension: ``HAS_CUDA_EXT`` says whether it was built, and asking
-for the backend explains what is missing. The ops have the signatures of ``torch_ops``:
+for the backend explains what is missing. The ops have the signatures of ``torch_backend``:
 
 - ``token_logprobs``: one read of the logits forward (log-prob, entropy, lse), one read and one
   write backward (in place with ``inplace_grad``).
 - ``policy_loss_from_logits``: for token-level ratios, the 2-pass fused kernel writes dL/dlogits in
   forward; the loss value and metrics come from the kernel's log-probs through
-  ``torch_ops.policy_loss`` (a few [B, T] ops, the same formulas). Grad-scale contract (SPEC 5): the
+  ``torch_backend.policy_loss`` (a few [B, T] ops, the same formulas). Grad-scale contract (SPEC 5): the
   gradient assumes the upstream ``grad_scale``; backward multiplies it by grad_output / grad_scale on
   the device, a kernel whose rows leave at once when that ratio is 1 (no extra pass, no host sync;
-  as ``torch_ops.upstream_correction`` on GPU, no warning). Sequence-level ratios (GSPO) take the
+  as ``torch_backend.upstream_correction`` on GPU, no warning). Sequence-level ratios (GSPO) take the
   3-pass path: ``token_logprobs`` then ``policy_loss``.
 - ``group_advantages``: the whole batch in one launch, same contract as ``lk.group_advantages``.
 - ``token_logprobs_with_sequence_sums``: log-probs, entropy and per-sequence sums in one launch.
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..config import LossConfig
-from . import torch_ops
+from . import torch as torch_backend
 
 DEVICES = ("cuda",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -132,7 +132,7 @@ def _row_inputs(targets, mask, temperature):
 
 def _per_token(x: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
     """[B] or [B, T] -> contiguous fp32 [B * T]."""
-    return None if x is None else torch_ops._per_token(x, shape, torch.float32).contiguous()
+    return None if x is None else torch_backend.per_token(x, shape, torch.float32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,10 +198,10 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         mask_f = keep.to(torch.float32)
         agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
                    dp_size=cfg.dp_size)
-        w = torch_ops.aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
+        w = torch_backend.aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
         entropy_weight = None
         if cfg.entropy_coef != 0.0:
-            w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else torch_ops.aggregation_weights(
+            w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else torch_backend.aggregation_weights(
                 mask_f, cfg.entropy_agg_mode, **agg)
             entropy_weight = _flat(-cfg.entropy_coef * w_h, torch.float32)
         t, keep_flat, tau_rows, tau = _row_inputs(targets, mask, temperature)
@@ -215,13 +215,13 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         else:
             grad, logp, entropy, _ = _ops().fused_policy_loss(logits, *args)
         # the loss value and metrics: torch's formulas on the kernel's [B, T] log-probs and entropy
-        loss, metrics = torch_ops.policy_loss(logp.view(targets.shape), advantages, mask, old_logps, ref_logps,
+        loss, metrics = torch_backend.policy_loss(logp.view(targets.shape), advantages, mask, old_logps, ref_logps,
                                               entropy.view(targets.shape), is_weights, cfg, num_tokens,
                                               num_sequences)
         ctx.grad = grad  # not saved_tensors: it may be the logits buffer, overwritten on purpose
         ctx.grad_scale = grad_scale
         ctx.used = False
-        metrics = torch.stack([metrics[name] for name in torch_ops.METRIC_NAMES])
+        metrics = torch.stack([metrics[name] for name in torch_backend.METRIC_NAMES])
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -249,14 +249,14 @@ def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, r
     if config.needs_sequence_stats or not needs_fused_grad:
         # 3-pass design (SPEC 5): a token's loss depends on its whole sequence (GSPO), or no gradient
         logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
-        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                      num_tokens, num_sequences)
     if path not in PATHS:
         raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
     loss, metrics = FusedPolicyLossFunction.apply(logits, targets, mask, advantages, old_logps, ref_logps,
                                                   is_weights, temperature, config, num_tokens, num_sequences,
                                                   float(grad_scale), inplace, path)
-    return loss, dict(zip(torch_ops.METRIC_NAMES, metrics.unbind(0)))
+    return loss, dict(zip(torch_backend.METRIC_NAMES, metrics.unbind(0)))
 
 
 def fused_loss_path(vocab: int, dtype: torch.dtype, path: str = "auto") -> str:

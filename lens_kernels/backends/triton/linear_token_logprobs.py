@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import torch_ops
+from .. import torch as torch_backend
 
 # fp32 rows of dW accumulated at once in backward: 16384 x H=4096 x 4 B = 256 MiB
 DW_SLAB_ROWS = 16384
@@ -211,7 +211,7 @@ def row_inputs(hidden, weight, bias, targets, mask, temperature):
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     n = h.shape[0]
-    t, keep = torch_ops._flat_keep(targets, mask)
+    t, keep = torch_backend.flat_keep(targets, mask)
     keep8 = (torch.ones(n, dtype=torch.int8, device=h.device) if keep is None else keep.to(torch.int8)).contiguous()
     if torch.is_tensor(temperature):
         tau_rows = temperature.to(h.device, torch.float32).expand(targets.shape).reshape(n).contiguous()

@@ -3,7 +3,7 @@
 Token-level ratios (every ``LossConfig`` with ``ratio_level="token"``): the per-token coefficients
 dL/dl_t and dL/dH_t depend only on that token's values, so one kernel reads a row, finishes its
 softmax statistics, evaluates the loss and the coefficients (the formulas of
-``torch_ops.token_coefficients`` / ``kl_and_grad``), and writes dL/dz for the row. The aggregation
+``torch_backend.token_coefficients`` / ``kl_and_grad``), and writes dL/dz for the row. The aggregation
 weights depend only on the mask and the caller's normalizers, so they are computed before the launch.
 Two variants, chosen in one place (``choose_variant``):
 
@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import torch_ops
+from ...config import LossConfig
+from .. import torch as torch_backend
 from ._common import (
     INTERPRETING,
     block_v,
@@ -81,7 +82,7 @@ def _token_loss_terms(
 ):
     """(dL/dl, dL/dH, weighted loss, weighted policy term, KL, rho) of one kept token.
 
-    A port of torch_ops.token_coefficients / kl_and_grad / PolicyLossFunction for token-level
+    A port of torch_backend.token_coefficients / kl_and_grad / PolicyLossFunction for token-level
     ratios: ties of min split the gradient half/half, clamps pass it at their bounds (inclusive).
     """
     adv = tl.load(adv_ptr + row)
@@ -387,11 +388,11 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
     mask_f = mask.to(torch.float32)
     agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
                dp_size=cfg.dp_size)
-    weight = torch_ops.aggregation_weights(mask_f, cfg.loss_agg_mode, **agg).reshape(n).contiguous()
+    weight = torch_backend.aggregation_weights(mask_f, cfg.loss_agg_mode, **agg).reshape(n).contiguous()
     has_entropy_bonus = cfg.entropy_coef != 0.0
     entropy_weight = weight
     if has_entropy_bonus and cfg.entropy_agg_mode not in (None, cfg.loss_agg_mode):
-        entropy_weight = torch_ops.aggregation_weights(mask_f, cfg.entropy_agg_mode, **agg).reshape(n).contiguous()
+        entropy_weight = torch_backend.aggregation_weights(mask_f, cfg.entropy_agg_mode, **agg).reshape(n).contiguous()
     adv = flat_rows(advantages, n, lead, device)
     old = weight if old_logps is None else flat_rows(old_logps, n, lead, device)
     ref = weight if cfg.beta == 0.0 else flat_rows(ref_logps, n, lead, device)
@@ -431,7 +432,7 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
 
 
 def reduce_metrics(outputs, advantages, mask, cfg):
-    """The scalar loss and the metrics of ``torch_ops.METRIC_NAMES`` from the per-row outputs, on device."""
+    """The scalar loss and the metrics of ``torch_backend.METRIC_NAMES`` from the per-row outputs, on device."""
     loss_part, policy_part, kl, rho, entropy, _ = outputs.unbind(0)
     n = loss_part.numel()
     keep = mask.reshape(n).to(torch.bool)
@@ -547,9 +548,9 @@ class FusedPolicyLossFunction(torch.autograd.Function):
 
 
 def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
-                            temperature=1.0, config=torch_ops.LossConfig(), num_tokens=None,
+                            temperature=1.0, config=LossConfig(), num_tokens=None,
                             num_sequences=None, grad_scale=1.0, inplace=False):
-    """Same contract as ``backends.torch_ops.policy_loss_from_logits``; returns (loss, metrics)."""
+    """Same contract as ``backends.torch_backend.policy_loss_from_logits``; returns (loss, metrics)."""
     check_kernel_dtype(logits, "policy_loss_from_logits")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] for the policy loss, got shape {list(logits.shape)}")
@@ -558,10 +559,10 @@ def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, r
     if config.needs_sequence_stats:
         # GSPO: 3 passes (forward kernel, per-sequence loss in torch, backward kernel)
         logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
-        return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                      num_tokens, num_sequences)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, metrics = FusedPolicyLossFunction.apply(
         logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, config,
         num_tokens, num_sequences, grad_scale, inplace, write_grad)
-    return loss, dict(zip(torch_ops.METRIC_NAMES, metrics.unbind(0)))
+    return loss, dict(zip(torch_backend.METRIC_NAMES, metrics.unbind(0)))

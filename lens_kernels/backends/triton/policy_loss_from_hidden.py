@@ -5,7 +5,7 @@
   entropy and split lse; then, given the per-token loss coefficients, dL/dz written over the chunk),
   then dX = dz W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulator). The gradient is computed in
   forward for the declared upstream ``grad_scale``; backward only rescales (SPEC 5). The chunk loop and
-  the coefficients are ``torch_ops.fast_policy_loss_from_hidden``: only the row step is Triton here.
+  the coefficients are ``torch_backend.fast_policy_loss_from_hidden``: only the row step is Triton here.
 - ``lean``: no chunk-sized buffer. ``linear_token_logprobs`` computes log-probs and entropy with the
   logits on chip, the loss is taken on those [B, T] values, and backward recomputes the logits tile by
   tile (CCE-style, 4 GEMMs, exact gradients). Sequence-level ratios (GSPO) always take this path: a
@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import torch_ops
+from ...config import LossConfig
+from .. import torch as torch_backend
+from ..torch import _common as torch_common
 from .linear_token_logprobs import check_dtype, linear_token_logprobs
 
 # vocabulary lanes one program holds per step of a row sweep
@@ -109,14 +111,14 @@ def _chunk_row_grad_kernel(
 
 
 def _tau_args(tau, rows: int, device):
-    """(scalar tau, [rows] fp32 tau or None) from torch_ops' float or [rows, 1] chunk of temperatures."""
+    """(scalar tau, [rows] fp32 tau or None) from torch_backend' float or [rows, 1] chunk of temperatures."""
     if torch.is_tensor(tau):
         return 1.0, tau.reshape(rows).to(device, torch.float32).contiguous()
     return float(tau), None
 
 
 def triton_chunk_step(z, targets, tau, coef_fn):
-    """The fast mode's per-row step (the seam of ``torch_ops.fast_policy_loss_from_hidden``) on a chunk
+    """The fast mode's per-row step (the seam of ``torch_backend.fast_policy_loss_from_hidden``) on a chunk
     of logits z [r, V]: two row kernels around the torch coefficients; dL/dz overwrites z."""
     z = z.contiguous()
     rows, vocab = z.shape
@@ -144,23 +146,23 @@ def triton_chunk_step(z, targets, tau, coef_fn):
 
 
 def fast_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: ``torch_ops.CHUNK_BYTES`` of logits in the weight dtype (the only chunk buffer:
+    """Rows per chunk: ``torch_common.CHUNK_BYTES`` of logits in the weight dtype (the only chunk buffer:
     dz overwrites it), at least 128 rows so that the GEMMs stay efficient."""
-    return max(128, torch_ops.CHUNK_BYTES // max(1, vocab * torch.finfo(dtype).bits // 8))
+    return max(128, torch_common.CHUNK_BYTES // max(1, vocab * torch.finfo(dtype).bits // 8))
 
 
 def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None, ref_logps=None,
                             is_weights=None, temperature=1.0, config=None, num_tokens=None, num_sequences=None,
                             grad_scale=1.0, mode="fast", chunk_rows=None):
-    """(loss, metrics) as ``torch_ops.policy_loss_from_hidden`` (same signature). ``chunk_rows``
+    """(loss, metrics) as ``torch_backend.policy_loss_from_hidden`` (same signature). ``chunk_rows``
     overrides the fast mode's rows per chunk (tests put chunk boundaries inside sequences)."""
     check_dtype(hidden, "hidden", "policy_loss_from_hidden")
-    config = config if config is not None else torch_ops.LossConfig()
-    if mode == "fast" and torch_ops.fast_mode_applies(config, hidden, weight, bias):
+    config = config if config is not None else LossConfig()
+    if mode == "fast" and torch_backend.fast_mode_applies(config, hidden, weight, bias):
         rows = chunk_rows or fast_chunk_rows(weight.shape[0], weight.dtype)
-        return torch_ops.fast_policy_loss_from_hidden(
+        return torch_backend.fast_policy_loss_from_hidden(
             hidden, weight, targets, mask, advantages, bias, old_logps, ref_logps, is_weights, temperature,
             config, num_tokens, num_sequences, grad_scale, chunk_step=triton_chunk_step, rows=rows)
     logps, entropy = linear_token_logprobs(hidden, weight, targets, bias, mask, temperature, True)
-    return torch_ops.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
+    return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                                  num_tokens, num_sequences)

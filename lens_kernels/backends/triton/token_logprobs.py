@@ -193,7 +193,7 @@ class TritonTokenLogprobsFunction(torch.autograd.Function):
 
 
 def token_logprobs(logits, targets, mask=None, temperature=1.0, return_entropy=False, inplace_grad=False):
-    """Same contract as ``backends.torch_ops.token_logprobs``: (logps fp32, entropy fp32 or None)."""
+    """Same contract as ``backends.torch.token_logprobs``: (logps fp32, entropy fp32 or None)."""
     check_kernel_dtype(logits, "token_logprobs")
     logp, entropy = TritonTokenLogprobsFunction.apply(logits, targets, mask, temperature, inplace_grad)
     return logp, (entropy if return_entropy else None)

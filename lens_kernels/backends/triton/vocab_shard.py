@@ -4,7 +4,7 @@ gradient from the global lse and entropy (one read, one write).
 Each rank holds columns [v0, v0 + V_s) of the logits. ``vocab_shard_partials`` writes, per row, the
 online-softmax state of the shard, which ``lens_kernels.distributed`` combines over the ranks into the
 log-prob and entropy of the whole row; ``vocab_shard_grad`` then writes dL/dz of the shard. Same
-signatures and semantics as ``backends.torch_ops``; no autograd here (the distributed Function owns it).
+signatures and semantics as ``backends.torch``; no autograd here (the distributed Function owns it).
 One program per flattened row; rows whose gradient coefficients are all zero (masked tokens) never
 read the logits and get an exact-zero gradient row.
 """
@@ -120,7 +120,7 @@ def _shard_rows(logits, targets, temperature):
 
 
 def vocab_shard_partials(logits, targets, temperature=1.0):
-    """Same contract as ``backends.torch_ops.vocab_shard_partials``: (m_i, l_i, ey_i, target_shifted),
+    """Same contract as ``backends.torch.vocab_shard_partials``: (m_i, l_i, ey_i, target_shifted),
     four flat [N] fp32 tensors, from one read of ``logits`` [..., V_s] (strided rows allowed)."""
     check_kernel_dtype(logits, "vocab_shard_partials")
     n, t, tau, tau_rows = _shard_rows(logits, targets, temperature)
@@ -139,7 +139,7 @@ def vocab_shard_partials(logits, targets, temperature=1.0):
 
 def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entropy=None, g_target=None,
                      inplace=False):
-    """Same contract as ``backends.torch_ops.vocab_shard_grad``: dL/dlogits of the shard, shaped and
+    """Same contract as ``backends.torch.vocab_shard_grad``: dL/dlogits of the shard, shaped and
     typed as ``logits`` (written into it when ``inplace``), from one read and one write."""
     check_kernel_dtype(logits, "vocab_shard_grad")
     n, t, tau, tau_rows = _shard_rows(logits, targets, temperature)
