@@ -129,6 +129,7 @@ struct FusedLossArgs {
   RowLayout layout;
   DType dtype;
   RowPath path;                 // kAuto picks the fastest variant the device can run
+  unsigned int debug_flags;     // 0, or kDebugNoClusterOccupancy (tests: take the fallback of the choice)
   // outputs
   void* grad;                   // dL/dz (dtype ``dtype``), may be ``logits`` (in place)
   RowLayout grad_layout;
@@ -184,7 +185,26 @@ cudaError_t launch_fused_policy_loss(const FusedLossArgs& args, cudaStream_t str
 cudaError_t launch_group_advantages(const GroupAdvArgs& args, cudaStream_t stream);
 cudaError_t launch_rescale_grad(const RescaleArgs& args, cudaStream_t stream);
 
-// The variant launch_fused_policy_loss runs for this shape on the current device (kAuto resolved).
+// The kernel variant of the fused loss, as launch_fused_policy_loss chooses it for ``rows`` rows of
+// ``vocab`` on the current device: the path, the CTAs per row (cluster_size, 1 off the cluster
+// path), the elements of the row each CTA holds (segment) and its dynamic shared memory.
+struct FusedLossPlan {
+  RowPath path;
+  int cluster_size;
+  int64_t segment;
+  int64_t smem_bytes;
+};
+
+// FusedLossArgs::debug_flags: treat every cluster as unschedulable (cudaOccupancyMaxActiveClusters
+// = 0), so that tests exercise the fallback the launcher takes on a device that cannot hold one.
+constexpr unsigned int kDebugNoClusterOccupancy = 1u;
+
+// The plan launch_fused_policy_loss follows for this shape on the current device (kAuto resolved,
+// occupancy checked): deterministic, so it is what the launch runs.
+FusedLossPlan fused_loss_plan(int64_t rows, int64_t vocab, DType dtype, RowPath requested, unsigned int flags);
+// The plan of the last launch_fused_policy_loss on this host thread ({kAuto, 0, 0, 0} before any).
+FusedLossPlan fused_loss_last_launch();
+// fused_loss_plan(1, vocab, dtype, requested, 0).path
 RowPath fused_loss_path(int64_t vocab, DType dtype, RowPath requested);
 
 }  // namespace lens
