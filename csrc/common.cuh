@@ -13,10 +13,15 @@
 
 namespace lens {
 
+// The softmax state and the gradient coefficients are host and device code, so that the host test
+// (csrc/test/softmax_host.cu) runs the very same arithmetic on the CPU; ex2/lg2 are the MUFU
+// approximations on the device and exp2f/log2f on the host.
+#define LENS_HOST_DEVICE __host__ __device__ __forceinline__
+
 // ---------------------------------------------------------------------------------------------
 // dtypes
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float x) { return x; }
+LENS_HOST_DEVICE float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
@@ -42,12 +47,11 @@ struct Vec {
 // A vector's elements as floats. bf16 -> fp32 is a shift (low half) or a mask (high half) of each
 // 32-bit word: one integer instruction per element.
 template <typename T>
-__device__ __forceinline__ void unpack(const Vec<T>& v, float (&f)[Vec<T>::kSize]) {
+LENS_HOST_DEVICE void unpack(const Vec<T>& v, float (&f)[Vec<T>::kSize]) {
 #pragma unroll
   for (int j = 0; j < Vec<T>::kSize; ++j) f[j] = to_float(v.elem[j]);
 }
-template <>
-__device__ __forceinline__ void unpack<__nv_bfloat16>(const Vec<__nv_bfloat16>& v, float (&f)[8]) {
+__device__ __forceinline__ void unpack(const Vec<__nv_bfloat16>& v, float (&f)[8]) {
   const uint32_t w[4] = {v.raw.x, v.raw.y, v.raw.z, v.raw.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -79,21 +83,29 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // 2^x on the MUFU unit whatever the compile flags (ex2.approx: 2^-inf = +0, NaN stays NaN).
-__device__ __forceinline__ float fast_exp2(float x) {
+LENS_HOST_DEVICE float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return exp2f(x);
+#endif
 }
-__device__ __forceinline__ float fast_log2(float x) {
+LENS_HOST_DEVICE float fast_log2(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return log2f(x);
+#endif
 }
 
 // Max of a vector's elements as float. 16-bit elements are compared two at a time (max.bf16x2 /
 // max.f16x2, sm_80+): half an instruction per element. A NaN is dropped here as fmaxf drops it; the
 // row still becomes NaN through that element's own exponential.
-__device__ __forceinline__ float vec_max(const uint4& raw, float) {
+LENS_HOST_DEVICE float vec_max(const uint4& raw, float) {
   const float4 f = reinterpret_cast<const float4&>(raw);
   return fmaxf(fmaxf(f.x, f.y), fmaxf(f.z, f.w));
 }
@@ -114,11 +126,11 @@ struct SoftmaxState {
   float s_i;
 
   // no constructor: the struct must stay trivial to live in __shared__ arrays
-  static __device__ __forceinline__ SoftmaxState empty() { return SoftmaxState{-INFINITY, 0.f, 0.f}; }
+  static LENS_HOST_DEVICE SoftmaxState empty() { return SoftmaxState{-INFINITY, 0.f, 0.f}; }
 
   // Rescale the running state to the new maximum ``m_new`` once per fragment (not per element);
   // returns the shift the fragment's elements use: ``m_new``, or 0 while everything is -inf.
-  __device__ __forceinline__ float rescale(float m_new) {
+  LENS_HOST_DEVICE float rescale(float m_new) {
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
     // the empty state (m_i = -inf, l_i = s_i = 0) gives shift -FLT_MAX, a = 0: it stays empty
     const float shift = fmaxf(m_i - m_use, -FLT_MAX);
@@ -130,7 +142,7 @@ struct SoftmaxState {
   }
 
   // The branch-free body: one FMA, one ex2, one add, one clamp and one FMA per element.
-  __device__ __forceinline__ void accumulate(float z, float scale, float m_use) {
+  LENS_HOST_DEVICE void accumulate(float z, float scale, float m_use) {
     const float d = fmaf(z, scale, -m_use);
     const float e = fast_exp2(d);
     l_i += e;
@@ -140,7 +152,7 @@ struct SoftmaxState {
   // A register fragment of U 16-byte vectors of raw elements: its max first, one rescale, then
   // the elements. ``scale`` = log2(e) / tau > 0, so max(z) * scale = max(z * scale).
   template <typename T, int U>
-  __device__ __forceinline__ void add_vectors(const Vec<T> (&v)[U], float scale) {
+  LENS_HOST_DEVICE void add_vectors(const Vec<T> (&v)[U], float scale) {
     float mx = vec_max(v[0].raw, T{});
 #pragma unroll
     for (int u = 1; u < U; ++u) mx = fmaxf(mx, vec_max(v[u].raw, T{}));
@@ -155,9 +167,9 @@ struct SoftmaxState {
   }
 
   // One raw element (the scalar head and tail of a row).
-  __device__ __forceinline__ void add(float z, float scale) { accumulate(z, scale, rescale(fmaxf(m_i, z * scale))); }
+  LENS_HOST_DEVICE void add(float z, float scale) { accumulate(z, scale, rescale(fmaxf(m_i, z * scale))); }
 
-  __device__ __forceinline__ void merge(const SoftmaxState& o) {
+  LENS_HOST_DEVICE void merge(const SoftmaxState& o) {
     if (o.l_i == 0.f) return;
     if (l_i == 0.f) {
       *this = o;
@@ -171,16 +183,16 @@ struct SoftmaxState {
     m_i = m;
   }
 
-  __device__ __forceinline__ float log2_sum() const { return m_i + fast_log2(l_i); }  // log2 sum 2^y
-  __device__ __forceinline__ float log_sum() const { return kLn2 * log2_sum(); }    // logsumexp(z / tau)
+  LENS_HOST_DEVICE float log2_sum() const { return m_i + fast_log2(l_i); }  // log2 sum 2^y
+  LENS_HOST_DEVICE float log_sum() const { return kLn2 * log2_sum(); }    // logsumexp(z / tau)
   // Entropy in nats; rounding can leave it a hair below 0 for a one-hot row (NaN stays NaN).
-  __device__ __forceinline__ float entropy() const {
+  LENS_HOST_DEVICE float entropy() const {
     const float h = kLn2 * (fast_log2(l_i) - s_i / l_i);
     return h < 0.f ? 0.f : h;
   }
   // log p of the element whose scaled logit is y_t = z_t * scale (same rounding as the max): exact 0
   // shift when z_t is the max. NaN for a NaN y_t (a target outside [0, V)); never above 0.
-  __device__ __forceinline__ float log_prob(float y_t) const {
+  LENS_HOST_DEVICE float log_prob(float y_t) const {
     const float lp = kLn2 * ((y_t - m_i) - fast_log2(l_i));
     return lp > 0.f ? 0.f : lp;
   }
@@ -387,7 +399,7 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, const RowLayout& layo
 
 // Targets are validated on the host only on request (a device check would sync): a kept target
 // outside [0, V) reads nothing and gives NaN (log-prob, loss and gradient row), never probability 1.
-__device__ __forceinline__ bool target_in_row(int64_t target, int64_t vocab) { return target >= 0 && target < vocab; }
+LENS_HOST_DEVICE bool target_in_row(int64_t target, int64_t vocab) { return target >= 0 && target < vocab; }
 
 template <typename T>
 __device__ __forceinline__ float target_raw(const T* row, int64_t target, int64_t vocab) {
@@ -400,7 +412,7 @@ __device__ __forceinline__ float row_temperature(int64_t row, const float* tau_r
 
 // The base-2 scale of a row's logits, log2(e) / tau, computed one way everywhere (pass 1, the
 // target's log-prob and pass 2 must round it identically).
-__device__ __forceinline__ float row_scale(float inv_tau) { return inv_tau * kLog2e; }
+LENS_HOST_DEVICE float row_scale(float inv_tau) { return inv_tau * kLog2e; }
 
 // dL/dz_v = (1/tau) [g_l (onehot_v - p_v) - g_H p_v (log p_v + H)] (torch_ops._rows_backward), in base
 // 2: with t = z scale - lse2 = log2 p_v, dz_v = onehot_v k0 - p_v (k1 + k2 t), k0 = g_l / tau,
@@ -414,7 +426,7 @@ struct GradCoefficients {
   float k0, k1, k2;
 
   // ``scale`` must be the pass-1 scale (row_scale) so that t uses the rounding the lse was built with
-  static __device__ __forceinline__ GradCoefficients make(float inv_tau, float scale, float lse2, float entropy,
+  static LENS_HOST_DEVICE GradCoefficients make(float inv_tau, float scale, float lse2, float entropy,
                                                            float g_l, float g_h) {
     GradCoefficients c;
     c.scale = scale;
@@ -424,11 +436,11 @@ struct GradCoefficients {
     c.k2 = inv_tau * g_h * kLn2;
     return c;
   }
-  __device__ __forceinline__ float operator()(float z) const {
+  LENS_HOST_DEVICE float operator()(float z) const {
     const float t = fmaf(z, scale, -lse2);
     return -fast_exp2(t) * fmaf(k2, fmaxf(t, -1024.f), k1);
   }
-  __device__ __forceinline__ float at_target(float z) const { return k0 + (*this)(z); }
+  LENS_HOST_DEVICE float at_target(float z) const { return k0 + (*this)(z); }
 };
 
 // The one-hot term of a row's gradient, after its sweep_write (call after a barrier that orders the

@@ -90,6 +90,21 @@ def test_row_kernels_use_16_byte_accesses_and_the_cluster_exchange(tmp_path):
         assert exchanges == ("cluster" in name), f"{name}: cluster exchange"
 
 
+@needs_nvcc
+def test_online_softmax_and_gradient_math_on_the_cpu(tmp_path):
+    """common.cuh's SoftmaxState and GradCoefficients, driven as the kernels drive them (threads,
+    fragments, butterfly merge, one-hot added once), against float64 on -inf, NaN, +inf and bad
+    targets (csrc/test/softmax_host.cu)."""
+    exe = tmp_path / "softmax_host"
+    cmd = [NVCC, "-std=c++17", "-O2", "-I", str(CSRC), "-gencode=arch=compute_80,code=sm_80",
+           str(CSRC / "test" / "softmax_host.cu"), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "PASSED" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.stdout.count(" ok") >= 30, run.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # loss_math.cuh on the CPU against torch_ops
 # ---------------------------------------------------------------------------------------------
