@@ -575,11 +575,34 @@ static void check_empty() {
   report("empty work (rows = 0, n = 0): no launch, no error", ok ? 0.0 : INFINITY, 0.0);
 }
 
-int main() {
+// --small: a few small shapes over every path (cluster included), in place, special values and the
+// advantages, for compute-sanitizer (memcheck, racecheck, synccheck), which runs kernels ~100x slower.
+static int run_small() {
+  check_empty();
+  for (const Case& c : {Case{2, 7, 7, 1, DType::kBFloat16}, Case{2, 3, 4099, 1, DType::kFloat32},
+                        Case{1, 3, 50001, 1, DType::kBFloat16}}) {
+    for (RowPath p : {RowPath::kStream, RowPath::kSmemRow, RowPath::kCluster, RowPath::kAuto}) {
+      if (p != RowPath::kAuto && fused_loss_path(c.V, c.dtype, p) != p) continue;
+      for (bool inplace : {false, true}) {
+        Variant x;
+        x.path = p;
+        x.inplace = inplace;
+        x.special = inplace;
+        check_case(c, x);
+      }
+    }
+  }
+  check_advantages();
+  std::printf("%s: %d failure(s)\n", g_failures ? "FAILED" : "PASSED", g_failures);
+  return g_failures ? 1 : 0;
+}
+
+int main(int argc, char** argv) {
   int dev = 0, major = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   std::printf("device compute capability major %d\n", major);
+  if (argc > 1 && std::strcmp(argv[1], "--small") == 0) return run_small();
   check_empty();
   const Case cases[] = {
       {2, 5, 1, 0, DType::kFloat32},      {2, 7, 7, 1, DType::kBFloat16},    {3, 9, 1000, 1, DType::kFloat16},
