@@ -355,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor> group_advantages(const Tensor& rewards, const
     }
     a.confidence = confidence.data_ptr<float>();
   }
-  Tensor workspace = at::empty({lens::kAdvWorkspacePerItem * n}, rewards.options());
+  Tensor workspace = at::empty({lens::adv_workspace_floats(n)}, rewards.options());
   Tensor advantages = at::empty({n}, rewards.options());
   // zeros: with n = 0 nothing is launched and every metric sum is 0
   Tensor metrics = at::zeros({lens::kAdvMetrics}, rewards.options());

@@ -274,21 +274,35 @@ __host__ __device__ constexpr int64_t cache_elems(int64_t n) {
   return n + 16 / static_cast<int64_t>(sizeof(T));
 }
 
+// Loads of a row in global memory that the kernel may overwrite (in place): ld.global.cg, coherent
+// at L2, never the read-only ld.global.nc path the compiler may otherwise infer (a row is read once
+// per pass, so L1 caching gains nothing). kShared: the source is the row cached in shared memory.
+template <bool kShared>
+__device__ __forceinline__ uint4 load_vec(const uint4* p) {
+  if constexpr (kShared) return *p;
+  else return __ldcg(p);
+}
+template <bool kShared, typename T>
+__device__ __forceinline__ T load_elem(const T* p) {
+  if constexpr (kShared) return *p;
+  else return __ldcg(p);
+}
+
 // body(k, v) for each 16-byte vector k in [0, n_vec) this thread owns (k = threadIdx.x + i *
 // kThreads, coalesced across the warp), with kUnroll loads issued before the first use.
-template <typename T, int kThreads, typename Body>
+template <typename T, int kThreads, bool kShared, typename Body>
 __device__ __forceinline__ void for_each_vector(const uint4* src, int64_t n_vec, Body&& body) {
   int64_t k = threadIdx.x;
   for (; k + (kUnroll - 1) * kThreads < n_vec; k += kUnroll * kThreads) {
     Vec<T> v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u].raw = src[k + u * kThreads];
+    for (int u = 0; u < kUnroll; ++u) v[u].raw = load_vec<kShared>(src + k + u * kThreads);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) body(k + u * kThreads, v[u]);
   }
   for (; k < n_vec; k += kThreads) {
     Vec<T> v;
-    v.raw = src[k];
+    v.raw = load_vec<kShared>(src + k);
     body(k, v);
   }
 }
@@ -304,7 +318,7 @@ __device__ __forceinline__ SoftmaxState sweep_softmax(const T* row, int64_t begi
   constexpr int kVec = Vec<T>::kSize;
   SoftmaxState state = SoftmaxState::empty();
   auto scalar = [&](int64_t i) {
-    const T x = row[i];
+    const T x = load_elem<false>(row + i);
     if (cache != nullptr) cache[i] = x;
     state.add(to_float(x), scale);
   };
@@ -318,7 +332,7 @@ __device__ __forceinline__ SoftmaxState sweep_softmax(const T* row, int64_t begi
   for (; k + (kUnroll - 1) * kThreads < n_vec; k += kUnroll * kThreads) {
     Vec<T> v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u].raw = vrow[k + u * kThreads];
+    for (int u = 0; u < kUnroll; ++u) v[u].raw = load_vec<false>(vrow + k + u * kThreads);
     if (vcache != nullptr) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) vcache[k + u * kThreads] = v[u].raw;
@@ -327,7 +341,7 @@ __device__ __forceinline__ SoftmaxState sweep_softmax(const T* row, int64_t begi
   }
   for (; k < n_vec; k += kThreads) {
     Vec<T> v[1];
-    v[0].raw = vrow[k];
+    v[0].raw = load_vec<false>(vrow + k);
     if (vcache != nullptr) vcache[k] = v[0].raw;
     state.add_vectors(v, scale);
   }
@@ -339,10 +353,10 @@ __device__ __forceinline__ SoftmaxState sweep_softmax(const T* row, int64_t begi
 // (always for in-place, and for contiguous rows with V a multiple of the vector); scalar otherwise.
 // ``src`` may be shared memory (the cached row) or global memory.
 // Neither pointer is __restrict__: in place, src and out are the same row.
-template <typename T, int kThreads, typename Op>
+template <typename T, int kThreads, bool kSrcShared, typename Op>
 __device__ __forceinline__ void sweep_write(const T* src, T* out, int64_t begin, int64_t end, Op&& op) {
   constexpr int kVec = Vec<T>::kSize;
-  auto scalar = [&](int64_t i) { out[i] = from_float<T>(op(i, to_float(src[i]))); };
+  auto scalar = [&](int64_t i) { out[i] = from_float<T>(op(i, to_float(load_elem<kSrcShared>(src + i)))); };
   const int64_t head = head_elems(src + begin);
   if (head != head_elems(out + begin)) {
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) scalar(i);
@@ -354,7 +368,7 @@ __device__ __forceinline__ void sweep_write(const T* src, T* out, int64_t begin,
   const int64_t n_vec = (end - vbegin) / kVec;
   const uint4* vsrc = reinterpret_cast<const uint4*>(src + vbegin);
   uint4* vout = reinterpret_cast<uint4*>(out + vbegin);
-  for_each_vector<T, kThreads>(vsrc, n_vec, [&](int64_t k, Vec<T>& v) {
+  for_each_vector<T, kThreads, kSrcShared>(vsrc, n_vec, [&](int64_t k, Vec<T>& v) {
     float f[kVec];
     unpack(v, f);
 #pragma unroll

@@ -161,12 +161,15 @@ struct GroupAdvArgs {
   bool std_unbiased;
   float eps;
   float lens_alpha;
-  float* workspace;         // fp32 [kAdvWorkspacePerItem * n], any contents
+  float* workspace;         // fp32 [adv_workspace_floats(n)], any contents
+  unsigned int* counter;    // set by the launcher (the workspace's last word)
   float* advantages;        // [n]
   float* confidence;        // [n] pbar (LENS), or nullptr
   float* metrics;           // [kAdvMetrics] sums, see group_advantages.cu
 };
 constexpr int kAdvWorkspacePerItem = 10;
+// Workspace floats of group_advantages for n completions: the per-item slots and a grid counter.
+inline int64_t adv_workspace_floats(int64_t n) { return kAdvWorkspacePerItem * n + 1; }
 
 // Grad-scale contract (SPEC 5): grad *= ratio, ratio = grad_output / grad_scale read on the device.
 // Each row leaves at once when ratio == 1, so the declared scale costs no pass and no host sync.

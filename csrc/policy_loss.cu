@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) fused_loss_row_kernel(FusedLossArgs 
     }
     __syncthreads();
     const RowCoefficients c = coef;
-    sweep_write<T, kThreads>(kCacheRow ? static_cast<const T*>(cache) : z, out, 0, a.vocab,
+    sweep_write<T, kThreads, kCacheRow>(kCacheRow ? static_cast<const T*>(cache) : z, out, 0, a.vocab,
                              [&](int64_t, float x) { return c.grad(x); });
     __syncthreads();  // the sweep's store of out[target] comes first
     if (threadIdx.x == 0) write_target_grad(out, target, a.vocab, c.z_t, c.grad);
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) fused_loss_cluster_kernel(FusedLossA
   const RowCoefficients c = coef;
 
   // pass 2: dL/dz of this segment from shared memory
-  sweep_write<T, kThreads>(static_cast<const T*>(cache), out, begin, end,
+  sweep_write<T, kThreads, true>(static_cast<const T*>(cache), out, begin, end,
                            [&](int64_t, float x) { return c.grad(x); });
   if (owns_target) {
     __syncthreads();  // the sweep's store of out[target] comes first

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(LogprobBwd
     // thread 0 reads the target logit before any thread overwrites the row (in place)
     const float z_t = threadIdx.x == 0 ? target_raw(z, target, a.vocab) : 0.f;
     __syncthreads();
-    sweep_write<T, kThreads>(z, out, 0, a.vocab, [&](int64_t, float x) { return c(x); });
+    sweep_write<T, kThreads, false>(z, out, 0, a.vocab, [&](int64_t, float x) { return c(x); });
     __syncthreads();  // the sweep's store of out[target] comes first
     if (threadIdx.x == 0) write_target_grad(out, target, a.vocab, z_t, c);
   }
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) rescale_grad_kernel(RescaleArgs a) {
   T* grad = static_cast<T*>(a.grad);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     T* g = grad + row_offset(row, a.layout);
-    sweep_write<T, kThreads>(g, g, 0, a.vocab, [&](int64_t, float x) { return x * ratio; });
+    sweep_write<T, kThreads, false>(g, g, 0, a.vocab, [&](int64_t, float x) { return x * ratio; });
   }
 }
 

@@ -508,7 +508,7 @@ static void check_advantages() {
     a.n = n; a.seq_len = T; a.old_stride = T;
     a.estimator = static_cast<Estimator>(est); a.scale = est == 1 || est == 2 ? Scale::kNone : Scale::kGroup;
     a.lens_groups = LensGroups::kAll; a.lens_d_sequence = false; a.std_unbiased = true; a.eps = 1e-4f; a.lens_alpha = 0.25f;
-    CHECK_CUDA(cudaMalloc(&a.workspace, kAdvWorkspacePerItem * n * 4));
+    CHECK_CUDA(cudaMalloc(&a.workspace, adv_workspace_floats(n) * 4));
     a.advantages = poisoned(n); a.confidence = poisoned(n); a.metrics = poisoned(kAdvMetrics);
     CHECK_CUDA(launch_group_advantages(a, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
