@@ -60,6 +60,9 @@ cmake_build() {
   # the binary carries sm_80 and sm_90a machine code
   local cuobjdump
   cuobjdump=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
+  if [[ ! -x "$cuobjdump" ]]; then  # the copy Triton ships, when the toolkit has none
+    cuobjdump=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)
+  fi
   if [[ -x "$cuobjdump" ]]; then
     local archs
     archs=$("$cuobjdump" --list-elf "$WORK/cmake/lens_kernels_test" 2>/dev/null || true)

@@ -39,7 +39,12 @@ lens::RowLayout row_layout(const Tensor& t, const char* name) {
   return lens::RowLayout{1, t.stride(0), 0};
 }
 
-int64_t num_rows(const Tensor& t) { return t.numel() == 0 ? 0 : t.numel() / t.size(-1); }
+// Rows of a [B, T, V] or [N, V] view: the product of the leading dimensions (0 for empty work).
+int64_t num_rows(const Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
 
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got device ", t.device());
@@ -87,6 +92,8 @@ RowInputs row_inputs(const Tensor& logits, const Tensor& targets, const optional
   in.dtype = to_dtype(logits, "logits");
   in.rows = num_rows(logits);
   in.vocab = logits.size(-1);
+  TORCH_CHECK(in.vocab >= 1 || in.rows == 0, "logits must have at least one entry along V (the last dimension), "
+              "got shape ", logits.sizes());
   check_rows(targets, "targets", in.rows, at::kLong, logits);
   in.targets = targets.data_ptr<int64_t>();
   in.mask = opt_ptr<bool>(mask, "mask", in.rows, at::kBool, logits);
