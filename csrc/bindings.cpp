@@ -65,7 +65,7 @@ Ptr* opt_ptr(const optional<Tensor>& t, const char* name, int64_t rows, at::Scal
   return t->data_ptr<Ptr>();
 }
 
-// Test hook (lens::kDebugNoClusterOccupancy): set by set_debug_flags_, read by every fused-loss
+// Test hook (lens::kDebugNoClusterOccupancy): set by set_debug_flags, read by every fused-loss
 // launch of this thread.
 thread_local int64_t g_debug_flags = 0;
 
@@ -311,7 +311,7 @@ std::vector<int64_t> fused_loss_plan(int64_t rows, int64_t vocab, int64_t dtype,
 // The plan of this thread's last fused-loss launch ([-1, 0, 0, 0] before any).
 std::vector<int64_t> fused_loss_last_launch() { return plan_list(lens::fused_loss_last_launch()); }
 
-void set_debug_flags_(int64_t flags) { g_debug_flags = flags; }
+void set_debug_flags(int64_t flags) { g_debug_flags = flags; }
 
 // ---------------------------------------------------------------------------------------------
 // group advantages
@@ -395,7 +395,7 @@ TORCH_LIBRARY(lens_kernels, m) {
   m.def("fused_loss_path(int vocab, int dtype, int requested) -> int", &fused_loss_path);
   m.def("fused_loss_plan(int rows, int vocab, int dtype, int requested, int flags) -> int[]", &fused_loss_plan);
   m.def("fused_loss_last_launch() -> int[]", &fused_loss_last_launch);
-  m.def("set_debug_flags_(int flags) -> ()", &set_debug_flags_);
+  m.def("set_debug_flags(int flags) -> ()", &set_debug_flags);
 }
 
 TORCH_LIBRARY_IMPL(lens_kernels, CUDA, m) {

@@ -227,7 +227,7 @@ def test_fused_loss_auto_at_production_shapes(dtype, V, cluster, fallback):
     adv = torch.randn(B, device="cuda", generator=gen)
     cfg = LossConfig(entropy_coef=0.01)
     ops = torch.ops.lens_kernels
-    ops.set_debug_flags_(1 if fallback else 0)  # lens::kDebugNoClusterOccupancy
+    ops.set_debug_flags(1 if fallback else 0)  # lens::kDebugNoClusterOccupancy
     try:
         planned = cuda_backend._plan(ops.fused_loss_plan(B * T, V, cuda_backend._DTYPE_CODES[dtype], -1,
                                                          1 if fallback else 0))
@@ -236,7 +236,7 @@ def test_fused_loss_auto_at_production_shapes(dtype, V, cluster, fallback):
         ran = cuda_backend.last_fused_loss_launch()
         loss.backward()
     finally:
-        ops.set_debug_flags_(0)
+        ops.set_debug_flags(0)
     assert ran == planned, (ran, planned)
     if _sm90_cluster_build():
         if fallback:
