@@ -110,8 +110,11 @@ from lens_kernels.backends import cuda
 assert lk.HAS_CUDA_EXT and cuda.unavailable_reason() is None
 ops = torch.ops.lens_kernels
 for name in ('token_logprobs_fwd', 'token_logprobs_bwd', 'token_logprobs_bwd_', 'fused_policy_loss',
-             'fused_policy_loss_', 'group_advantages', 'rescale_grad_', 'fused_loss_path'):
+             'fused_policy_loss_', 'group_advantages', 'rescale_grad_', 'fused_loss_path', 'fused_loss_plan',
+             'fused_loss_last_launch', 'set_debug_flags'):
     print(getattr(ops, name).default._schema)
+assert cuda.last_fused_loss_launch() is None  # no launch yet; the plan query works without a device
+print('plan without a device:', cuda.fused_loss_plan(151936, torch.bfloat16))
 print('platform wheel', '$(basename "$wheel")', 'imports with the ops registered')"
   cd "$ROOT"
 }
