@@ -2,7 +2,9 @@
 # CUDA build checks on a machine with no GPU (issue 8, SPEC 11-12). Each step prints its time.
 #
 #   bash .ci/cuda_checks.sh              1. CMake: the kernel library and the standalone test binary,
-#                                           nvcc for sm_80 and sm_90a (skipped without nvcc)
+#                                           nvcc for sm_80 and sm_90a (skipped without nvcc), with
+#                                           ptxas -v: registers per kernel printed, a spill in a
+#                                           vocab-loop kernel fails
 #                                        2. the pure wheel: builds, installs in a fresh venv with the
 #                                           CPU torch, and a smoke subset of the tests passes from it
 #   bash .ci/cuda_checks.sh --extension  3. also the platform wheel with lens_kernels._C, built against
@@ -47,12 +49,20 @@ step() {
 }
 
 cmake_build() {
-  cmake -S "$ROOT" -B "$WORK/cmake" -G Ninja -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" >"$WORK/cmake.log"
+  cmake -S "$ROOT" -B "$WORK/cmake" -G Ninja -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" -DLENS_PTXAS_VERBOSE=ON \
+    >"$WORK/cmake.log"
   cmake --build "$WORK/cmake" -j "$MAX_JOBS" >>"$WORK/cmake.log" || { tail -50 "$WORK/cmake.log"; return 1; }
   test -x "$WORK/cmake/lens_kernels_test"
+  # registers and spills per kernel (ptxas -v); a spill in a vocab-loop kernel is a local-memory
+  # round trip per element: fail
+  python3 "$ROOT/csrc/test/ptxas_report.py" --fail-on-spill '^(fused_loss|token_logprobs|rescale_grad)' \
+    "$WORK/cmake.log"
   # the binary carries sm_80 and sm_90a machine code
   local cuobjdump
   cuobjdump=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
+  if [[ ! -x "$cuobjdump" ]]; then  # the copy Triton ships, when the toolkit has none
+    cuobjdump=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)
+  fi
   if [[ -x "$cuobjdump" ]]; then
     local archs
     archs=$("$cuobjdump" --list-elf "$WORK/cmake/lens_kernels_test" 2>/dev/null || true)
@@ -100,8 +110,11 @@ from lens_kernels.backends import cuda
 assert lk.HAS_CUDA_EXT and cuda.unavailable_reason() is None
 ops = torch.ops.lens_kernels
 for name in ('token_logprobs_fwd', 'token_logprobs_bwd', 'token_logprobs_bwd_', 'fused_policy_loss',
-             'fused_policy_loss_', 'group_advantages', 'rescale_grad_', 'fused_loss_path'):
+             'fused_policy_loss_', 'group_advantages', 'rescale_grad_', 'fused_loss_path', 'fused_loss_plan',
+             'fused_loss_last_launch', 'set_debug_flags'):
     print(getattr(ops, name).default._schema)
+assert cuda.last_fused_loss_launch() is None  # no launch yet; the plan query works without a device
+print('plan without a device:', cuda.fused_loss_plan(151936, torch.bfloat16))
 print('platform wheel', '$(basename "$wheel")', 'imports with the ops registered')"
   cd "$ROOT"
 }

@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -38,7 +39,12 @@ lens::RowLayout row_layout(const Tensor& t, const char* name) {
   return lens::RowLayout{1, t.stride(0), 0};
 }
 
-int64_t num_rows(const Tensor& t) { return t.numel() == 0 ? 0 : t.numel() / t.size(-1); }
+// Rows of a [B, T, V] or [N, V] view: the product of the leading dimensions (0 for empty work).
+int64_t num_rows(const Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
 
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got device ", t.device());
@@ -58,6 +64,10 @@ Ptr* opt_ptr(const optional<Tensor>& t, const char* name, int64_t rows, at::Scal
   check_rows(*t, name, rows, dtype, like);
   return t->data_ptr<Ptr>();
 }
+
+// Test hook (lens::kDebugNoClusterOccupancy): set by set_debug_flags, read by every fused-loss
+// launch of this thread.
+thread_local int64_t g_debug_flags = 0;
 
 void throw_if_failed(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "lens_kernels cuda op ", op, " failed: ", cudaGetErrorString(err));
@@ -82,6 +92,8 @@ RowInputs row_inputs(const Tensor& logits, const Tensor& targets, const optional
   in.dtype = to_dtype(logits, "logits");
   in.rows = num_rows(logits);
   in.vocab = logits.size(-1);
+  TORCH_CHECK(in.vocab >= 1 || in.rows == 0, "logits must have at least one entry along V (the last dimension), "
+              "got shape ", logits.sizes());
   check_rows(targets, "targets", in.rows, at::kLong, logits);
   in.targets = targets.data_ptr<int64_t>();
   in.mask = opt_ptr<bool>(mask, "mask", in.rows, at::kBool, logits);
@@ -101,6 +113,36 @@ void set_row_inputs(Args& a, const Tensor& logits, const RowInputs& in, double t
   a.vocab = in.vocab;
   a.layout = in.layout;
   a.dtype = in.dtype;
+}
+
+// dL/dlogits laid out like the logits: same strides and the same 16-byte alignment of every row, so
+// that pass 2 stores 16 bytes at a time whatever the input's row alignment (a logits[:, :-1] view
+// with odd V, an offset view). A dense input gets a dense gradient; a view with gaps between rows
+// (e.g. [B, T + 1, V] sliced to T) costs the gaps, up to a quarter more memory, else the gradient is
+// contiguous (scalar stores on misaligned rows, still correct).
+Tensor grad_like(const Tensor& logits) {
+  const int64_t vec = 16 / static_cast<int64_t>(logits.element_size());
+  const int64_t lead = logits.storage_offset() % vec;
+  if (logits.numel() == 0 || (logits.is_contiguous() && lead == 0)) return at::empty(logits.sizes(), logits.options());
+  // rows in order and apart: stride 1 on V, each outer stride at least the extent of what it spans
+  bool ordered = logits.stride(-1) == 1 || logits.size(-1) <= 1;
+  int64_t span = logits.size(-1), extent = 1;
+  for (int64_t d = logits.dim() - 2; d >= 0 && ordered; --d) {
+    ordered = logits.size(d) <= 1 || logits.stride(d) >= span;
+    span = std::max(span, logits.stride(d) * logits.size(d));
+  }
+  for (int64_t d = 0; d < logits.dim(); ++d) extent += (logits.size(d) - 1) * logits.stride(d);
+  if (!ordered || extent > logits.numel() + logits.numel() / 4 + vec)
+    return at::empty(logits.sizes(), logits.options());
+  return at::empty({extent + lead}, logits.options()).as_strided(logits.sizes(), logits.strides(), lead);
+}
+
+// In place, the gradient is written over the logits: a buffer whose elements alias each other (an
+// expanded, stride-0 view) would receive several rows' gradients at once.
+void check_writable(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              " cannot be overwritten in place: its elements overlap (an expanded or stride-0 view), got strides ",
+              t.strides(), "; pass a contiguous tensor or use the out-of-place op");
 }
 
 Tensor per_row(const Tensor& logits, int64_t rows) {
@@ -151,7 +193,7 @@ void run_token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const o
 Tensor token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
                           const optional<Tensor>& tau_rows, double tau, const Tensor& lse, const Tensor& entropy,
                           const Tensor& g_logp, const optional<Tensor>& g_entropy) {
-  Tensor grad = at::empty(logits.sizes(), logits.options());
+  Tensor grad = grad_like(logits);
   run_token_logprobs_bwd(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy, grad);
   return grad;
 }
@@ -159,6 +201,7 @@ Tensor token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const opt
 void token_logprobs_bwd_(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
                          const optional<Tensor>& tau_rows, double tau, const Tensor& lse, const Tensor& entropy,
                          const Tensor& g_logp, const optional<Tensor>& g_entropy) {
+  check_writable(logits, "logits");
   run_token_logprobs_bwd(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy, logits);
 }
 
@@ -200,6 +243,7 @@ void run_fused_policy_loss(const Tensor& logits, const Tensor& targets, const op
   TORCH_CHECK(a.params.beta == 0.f || a.ref_logp != nullptr, "ref_logp is required when beta != 0 (the KL term)");
   TORCH_CHECK(path >= -1 && path <= 2, "path must be -1 (auto), 0 (stream), 1 (smem row) or 2 (cluster), got ", path);
   a.path = static_cast<lens::RowPath>(path);
+  a.debug_flags = g_debug_flags;
   a.grad = grad.data_ptr();
   a.grad_layout = row_layout(grad, "grad");
   a.logp = logp.data_ptr<float>();
@@ -214,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_policy_loss(
     const optional<Tensor>& old_logp, const optional<Tensor>& ref_logp, const optional<Tensor>& is_weights,
     c10::ArrayRef<double> params, int64_t path) {
   const int64_t rows = num_rows(logits);
-  Tensor grad = at::empty(logits.sizes(), logits.options());
+  Tensor grad = grad_like(logits);
   Tensor logp = per_row(logits, rows), entropy = per_row(logits, rows), g_logp = per_row(logits, rows);
   run_fused_policy_loss(logits, targets, mask, tau_rows, tau, advantages, loss_weight, entropy_weight, old_logp,
                         ref_logp, is_weights, params, path, grad, logp, entropy, g_logp);
@@ -226,6 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_policy_loss_(
     double tau, const Tensor& advantages, const Tensor& loss_weight, const optional<Tensor>& entropy_weight,
     const optional<Tensor>& old_logp, const optional<Tensor>& ref_logp, const optional<Tensor>& is_weights,
     c10::ArrayRef<double> params, int64_t path) {
+  check_writable(logits, "logits");
   const int64_t rows = num_rows(logits);
   Tensor logp = per_row(logits, rows), entropy = per_row(logits, rows), g_logp = per_row(logits, rows);
   run_fused_policy_loss(logits, targets, mask, tau_rows, tau, advantages, loss_weight, entropy_weight, old_logp,
@@ -251,6 +296,22 @@ int64_t fused_loss_path(int64_t vocab, int64_t dtype, int64_t requested) {
   return static_cast<int64_t>(
       lens::fused_loss_path(vocab, static_cast<lens::DType>(dtype), static_cast<lens::RowPath>(requested)));
 }
+
+std::vector<int64_t> plan_list(const lens::FusedLossPlan& p) {
+  return {static_cast<int64_t>(p.path), p.cluster_size, p.segment, p.smem_bytes};
+}
+
+// [path, cluster_size, segment, smem_bytes] the fused loss launches for this shape on the current
+// device (the same function the launcher calls, occupancy fallback included).
+std::vector<int64_t> fused_loss_plan(int64_t rows, int64_t vocab, int64_t dtype, int64_t requested, int64_t flags) {
+  return plan_list(lens::fused_loss_plan(rows, vocab, static_cast<lens::DType>(dtype),
+                                         static_cast<lens::RowPath>(requested), static_cast<unsigned int>(flags)));
+}
+
+// The plan of this thread's last fused-loss launch ([-1, 0, 0, 0] before any).
+std::vector<int64_t> fused_loss_last_launch() { return plan_list(lens::fused_loss_last_launch()); }
+
+void set_debug_flags(int64_t flags) { g_debug_flags = flags; }
 
 // ---------------------------------------------------------------------------------------------
 // group advantages
@@ -301,9 +362,10 @@ std::tuple<Tensor, Tensor, Tensor> group_advantages(const Tensor& rewards, const
     }
     a.confidence = confidence.data_ptr<float>();
   }
-  Tensor workspace = at::empty({lens::kAdvWorkspacePerItem * n}, rewards.options());
+  Tensor workspace = at::empty({lens::adv_workspace_floats(n)}, rewards.options());
   Tensor advantages = at::empty({n}, rewards.options());
-  Tensor metrics = at::empty({lens::kAdvMetrics}, rewards.options());
+  // zeros: with n = 0 nothing is launched and every metric sum is 0
+  Tensor metrics = at::zeros({lens::kAdvMetrics}, rewards.options());
   a.workspace = workspace.data_ptr<float>();
   a.advantages = advantages.data_ptr<float>();
   a.metrics = metrics.data_ptr<float>();
@@ -331,6 +393,9 @@ TORCH_LIBRARY(lens_kernels, m) {
         "float lens_alpha) -> (Tensor advantages, Tensor confidence, Tensor metrics)");
   m.def("rescale_grad_(Tensor(a!) grad, Tensor ratio) -> ()");
   m.def("fused_loss_path(int vocab, int dtype, int requested) -> int", &fused_loss_path);
+  m.def("fused_loss_plan(int rows, int vocab, int dtype, int requested, int flags) -> int[]", &fused_loss_plan);
+  m.def("fused_loss_last_launch() -> int[]", &fused_loss_last_launch);
+  m.def("set_debug_flags(int flags) -> ()", &set_debug_flags);
 }
 
 TORCH_LIBRARY_IMPL(lens_kernels, CUDA, m) {

@@ -3,14 +3,19 @@
 // advantages._group_advantages, step for step: group statistics are sums over a dense group index
 // (slots of groups with no member stay empty), so the number of groups is never read on the host.
 //
-// One CTA does the batch: the phases need grid-wide barriers, a batch is a few thousand completions,
-// and one launch with no host sync is the target (< 1% of a training step), not bandwidth. The only
-// large input, old_logp [n, T] for LENS, is reduced one warp per row with coalesced loads.
+// One launch, no host sync (the target: < 1% of a training step). The only large input, old_logp
+// [n, T] for LENS, is reduced by the whole grid, one warp per row with coalesced loads; the CTA that
+// finishes last (a counter after a __threadfence, the pattern of CUDA's threadFenceReduction sample)
+// then runs the group phases alone: they need block-wide barriers and a batch is a few thousand
+// completions. Without LENS the grid is that one CTA. 512 threads: at 1024, ptxas capped the kernel
+// at 32 registers on sm_90a and spilled.
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace lens {
 
-constexpr int kAdvThreads = 1024;
+constexpr int kAdvThreads = 512;
 
 // Workspace: per group slot g (n slots each).
 enum GroupSlot : int {
@@ -84,6 +89,7 @@ __device__ __forceinline__ GroupKind group_kind(float count, float k) {
 __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvArgs a) {
   __shared__ float scratch[kAdvThreads / 32];
   __shared__ float metric[kAdvMetrics];
+  __shared__ bool last_cta;
   const int64_t n = a.n;
   float* ws = a.workspace;
   auto slot = [&](int which, int64_t g) -> float& { return ws[which * n + g]; };
@@ -91,28 +97,17 @@ __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvA
   const bool lens_on_neg = lens && a.lens_groups != LensGroups::kMixed;
   const bool lens_on_mixed = lens && a.lens_groups != LensGroups::kNegative;
 
-  for (int64_t g = threadIdx.x; g < n; g += kAdvThreads) {
-    slot(kCount, g) = 0.f;
-    slot(kCorrect, g) = 0.f;
-    slot(kMaxConf, g) = 0.f;  // pbar * v >= 0, and scatter_reduce(amax) starts from 0 too
-    slot(kSumInvQ, g) = 0.f;
-    slot(kTotal, g) = 0.f;
-    slot(kSumSq, g) = 0.f;
-    slot(kRewardMax, g) = -INFINITY;
-    slot(kRewardMin, g) = INFINITY;
-  }
-  if (threadIdx.x < kAdvMetrics) metric[threadIdx.x] = 0.f;
-
-  // LENS confidence: pbar_i = exp(masked mean of old_logp_i), one warp per row
+  // LENS confidence, the whole grid: pbar_i = exp(masked mean of old_logp_i), one warp per row
   if (lens) {
+    constexpr int kWarps = kAdvThreads / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int64_t i = warp; i < n; i += kAdvThreads / 32) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp; i < n; i += static_cast<int64_t>(gridDim.x) * kWarps) {
       const float* lp = a.old_logp + i * a.old_stride;
-      const bool* m = a.old_mask != nullptr ? a.old_mask + i * a.seq_len : nullptr;
+      const uint8_t* m = a.old_mask != nullptr ? reinterpret_cast<const uint8_t*>(a.old_mask) + i * a.seq_len : nullptr;
       float sum = 0.f, count = 0.f;
       for (int64_t t = lane; t < a.seq_len; t += 32) {
-        const bool keep = m == nullptr || m[t];
-        sum += keep ? lp[t] : 0.f;
+        const bool keep = m == nullptr || m[t] != 0;
+        sum += keep ? lp[t] : 0.f;  // a masked entry is never read into the sum (NaN stays out)
         count += keep ? 1.f : 0.f;
       }
 #pragma unroll
@@ -127,7 +122,28 @@ __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvA
         slot(kCalibrated, i) = expf(mean);  // pbar, until the calibrated reward replaces it
       }
     }
+    if (gridDim.x > 1) {
+      __threadfence();  // this CTA's rows are visible to the grid before its ticket
+      __syncthreads();
+      if (threadIdx.x == 0) last_cta = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+      __syncthreads();
+      if (!last_cta) return;
+      __threadfence();
+    }
   }
+
+  for (int64_t g = threadIdx.x; g < n; g += kAdvThreads) {
+    slot(kCount, g) = 0.f;
+    slot(kCorrect, g) = 0.f;
+    slot(kMaxConf, g) = 0.f;  // pbar * v >= 0, and scatter_reduce(amax) starts from 0 too
+    slot(kSumInvQ, g) = 0.f;
+    slot(kTotal, g) = 0.f;
+    slot(kSumSq, g) = 0.f;
+    slot(kRewardMax, g) = -INFINITY;
+    slot(kRewardMin, g) = INFINITY;
+  }
+  if (threadIdx.x < kAdvMetrics) metric[threadIdx.x] = 0.f;
+
   __syncthreads();
 
   // group counts, maxima and D_imp sums
@@ -252,10 +268,19 @@ __global__ void __launch_bounds__(kAdvThreads) group_advantages_kernel(GroupAdvA
 }
 
 cudaError_t launch_group_advantages(const GroupAdvArgs& args, cudaStream_t stream) {
-  if (args.n == 0) return cudaSuccess;
-  if (args.estimator == Estimator::kLENS && (args.old_logp == nullptr || args.seq_len < 0))
-    return cudaErrorInvalidValue;
-  group_advantages_kernel<<<1, kAdvThreads, 0, stream>>>(args);
+  if (args.n == 0) return cudaSuccess;  // empty work: no launch
+  const bool lens = args.estimator == Estimator::kLENS;
+  if (lens && (args.old_logp == nullptr || args.seq_len < 0)) return cudaErrorInvalidValue;
+  // LENS: enough CTAs for one warp per row (at most 1024); the group phases run in the last one
+  constexpr int64_t kWarps = kAdvThreads / 32;
+  const unsigned int grid = lens ? static_cast<unsigned int>(std::min<int64_t>((args.n + kWarps - 1) / kWarps, 1024)) : 1u;
+  GroupAdvArgs a = args;
+  a.counter = reinterpret_cast<unsigned int*>(args.workspace + int64_t{kAdvWorkspacePerItem} * args.n);
+  if (grid > 1) {
+    const cudaError_t err = cudaMemsetAsync(a.counter, 0, sizeof(unsigned int), stream);
+    if (err != cudaSuccess) return err;
+  }
+  group_advantages_kernel<<<grid, kAdvThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

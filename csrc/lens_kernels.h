@@ -129,6 +129,7 @@ struct FusedLossArgs {
   RowLayout layout;
   DType dtype;
   RowPath path;                 // kAuto picks the fastest variant the device can run
+  unsigned int debug_flags;     // 0, or kDebugNoClusterOccupancy (tests: take the fallback of the choice)
   // outputs
   void* grad;                   // dL/dz (dtype ``dtype``), may be ``logits`` (in place)
   RowLayout grad_layout;
@@ -160,12 +161,15 @@ struct GroupAdvArgs {
   bool std_unbiased;
   float eps;
   float lens_alpha;
-  float* workspace;         // fp32 [kAdvWorkspacePerItem * n], any contents
+  float* workspace;         // fp32 [adv_workspace_floats(n)], any contents
+  unsigned int* counter;    // set by the launcher (the workspace's last word)
   float* advantages;        // [n]
   float* confidence;        // [n] pbar (LENS), or nullptr
   float* metrics;           // [kAdvMetrics] sums, see group_advantages.cu
 };
 constexpr int kAdvWorkspacePerItem = 10;
+// Workspace floats of group_advantages for n completions: the per-item slots and a grid counter.
+inline int64_t adv_workspace_floats(int64_t n) { return kAdvWorkspacePerItem * n + 1; }
 
 // Grad-scale contract (SPEC 5): grad *= ratio, ratio = grad_output / grad_scale read on the device.
 // Each row leaves at once when ratio == 1, so the declared scale costs no pass and no host sync.
@@ -184,7 +188,26 @@ cudaError_t launch_fused_policy_loss(const FusedLossArgs& args, cudaStream_t str
 cudaError_t launch_group_advantages(const GroupAdvArgs& args, cudaStream_t stream);
 cudaError_t launch_rescale_grad(const RescaleArgs& args, cudaStream_t stream);
 
-// The variant launch_fused_policy_loss runs for this shape on the current device (kAuto resolved).
+// The kernel variant of the fused loss, as launch_fused_policy_loss chooses it for ``rows`` rows of
+// ``vocab`` on the current device: the path, the CTAs per row (cluster_size, 1 off the cluster
+// path), the elements of the row each CTA holds (segment) and its dynamic shared memory.
+struct FusedLossPlan {
+  RowPath path;
+  int cluster_size;
+  int64_t segment;
+  int64_t smem_bytes;
+};
+
+// FusedLossArgs::debug_flags: treat every cluster as unschedulable (cudaOccupancyMaxActiveClusters
+// = 0), so that tests exercise the fallback the launcher takes on a device that cannot hold one.
+constexpr unsigned int kDebugNoClusterOccupancy = 1u;
+
+// The plan launch_fused_policy_loss follows for this shape on the current device (kAuto resolved,
+// occupancy checked): deterministic, so it is what the launch runs.
+FusedLossPlan fused_loss_plan(int64_t rows, int64_t vocab, DType dtype, RowPath requested, unsigned int flags);
+// The plan of the last launch_fused_policy_loss on this host thread ({kAuto, 0, 0, 0} before any).
+FusedLossPlan fused_loss_last_launch();
+// fused_loss_plan(1, vocab, dtype, requested, 0).path
 RowPath fused_loss_path(int64_t vocab, DType dtype, RowPath requested);
 
 }  // namespace lens

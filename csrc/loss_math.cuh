@@ -22,7 +22,12 @@ struct TokenTerms {
   float rho;   // the importance ratio (metrics)
 };
 
-LENS_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+// min / max / clamp that keep a NaN, as torch.minimum / torch.maximum / torch.clamp do (fminf and
+// fmaxf drop it): a NaN log-prob (a kept target outside [0, V)) must reach the loss and the
+// gradient, never turn into a clamp bound.
+LENS_HD float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+LENS_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+LENS_HD float clampf(float x, float lo, float hi) { return nan_min(nan_max(x, lo), hi); }
 
 // l: log-prob of the current policy; l_old: of the sampling policy (has_old false: on-policy,
 // l_old = l, so rho = 1 with the gradient of rho); l_ref: of the reference policy (used when
@@ -41,19 +46,19 @@ LENS_HD TokenTerms token_terms(float l, float l_old, bool has_old, float l_ref, 
   if (p.policy_loss == PolicyLoss::kPPO) {
     const float lo = 1.f - p.epsilon_low, hi = 1.f + p.epsilon_high;
     const bool has_delta = p.delta > 0.f;
-    const float t1 = (has_delta ? fminf(rho, p.delta) : rho) * A;
+    const float t1 = (has_delta ? nan_min(rho, p.delta) : rho) * A;
     const float d1 = has_delta ? (rho <= p.delta ? A : 0.f) : A;
     const float t2 = clampf(rho, lo, hi) * A;
     const float d2 = (rho >= lo && rho <= hi) ? A : 0.f;
-    f = -fminf(t1, t2);
+    f = -nan_min(t1, t2);
     df = -(t1 < t2 ? d1 : (t2 < t1 ? d2 : 0.5f * (d1 + d2)));
     if (p.dual_clip > 0.f && A < 0.f) {
       const float bound = -p.dual_clip * A;
       df = f > bound ? 0.f : (f == bound ? 0.5f * df : df);
-      f = fminf(f, bound);
+      f = nan_min(f, bound);
     }
   } else if (p.policy_loss == PolicyLoss::kCISPO) {
-    const float capped = fminf(rho, p.cispo_ratio_cap);
+    const float capped = nan_min(rho, p.cispo_ratio_cap);
     f = -capped * A * l;
     df = 0.f;
     direct = -capped * A;

@@ -11,6 +11,9 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "common.cuh"
 #include "loss_math.cuh"
@@ -27,33 +30,34 @@ constexpr int64_t kTargetSegmentBytes = 64 << 10;
 constexpr int kMaxCluster = 16;
 
 struct RowCoefficients {
-  float lse;
-  float entropy;
-  float g_l;  // grad_scale included
-  float g_h;  // grad_scale included
+  GradCoefficients grad;  // grad_scale included
+  float z_t;              // the raw target logit (NaN for a target outside [0, V))
 };
 
-// From the merged softmax state and the target logit (y_t = z_t / tau): the token's outputs and
-// the coefficients of pass 2. Run by one thread per CTA.
+// From the merged softmax state and the target's scaled logit y_t = z_t log2(e) / tau: the token's
+// outputs and the coefficients of pass 2. Run by one thread per row.
 __device__ __forceinline__ RowCoefficients row_coefficients(const FusedLossArgs& a, int64_t row,
-                                                            const SoftmaxState& state, float y_t,
-                                                            bool write_outputs) {
-  RowCoefficients c;
-  c.lse = state.log_sum();
-  c.entropy = fmaxf(state.entropy(), 0.f);
-  const float logp = fminf(y_t - c.lse, 0.f);
+                                                            const SoftmaxState& state, float y_t, float inv_tau,
+                                                            float scale, bool write_outputs) {
+  const float logp = state.log_prob(y_t);
+  const float entropy = state.entropy();
   const bool has_old = a.old_logp != nullptr;
   const TokenTerms t = token_terms(logp, has_old ? a.old_logp[row] : 0.f, has_old,
                                    a.ref_logp != nullptr ? a.ref_logp[row] : 0.f, a.advantages[row],
                                    a.loss_weight[row], a.is_weights != nullptr ? a.is_weights[row] : 1.f, a.params);
+  // a NaN log-prob (a target outside [0, V), a NaN or +inf logit) gives a NaN gradient row whatever
+  // the loss's formula does with it
+  const float g_l = isnan(logp) ? NAN : t.g_l;
   const float g_h = a.entropy_weight != nullptr ? a.entropy_weight[row] : 0.f;
   if (write_outputs) {
     a.logp[row] = logp;
-    a.entropy[row] = c.entropy;
-    a.g_logp[row] = t.g_l;
+    a.entropy[row] = entropy;
+    a.g_logp[row] = g_l;
   }
-  c.g_l = t.g_l * a.params.grad_scale;
-  c.g_h = g_h * a.params.grad_scale;
+  RowCoefficients c;
+  c.grad = GradCoefficients::make(inv_tau, scale, state.log2_sum(), entropy, g_l * a.params.grad_scale,
+                                  g_h * a.params.grad_scale);
+  c.z_t = NAN;
   return c;
 }
 
@@ -82,21 +86,25 @@ __global__ void __launch_bounds__(kThreads) fused_loss_row_kernel(FusedLossArgs 
     }
     const T* z = logits + row_offset(row, a.layout);
     const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
+    const float scale = row_scale(inv_tau);
     T* cache = kCacheRow ? cache_view(reinterpret_cast<T*>(smem_cache), z, 0) : nullptr;
     if (kCacheRow) __syncthreads();  // the previous row's pass 2 may still read the cache
-    SoftmaxState state = SoftmaxState::empty();
-    sweep_read<T, kThreads>(z, 0, a.vocab, [&](int64_t, float x) { state.add(x * inv_tau); }, cache);
+    SoftmaxState state = sweep_softmax<T, kThreads>(z, 0, a.vocab, scale, cache);
     state = block_merge<kThreads>(state, scratch);  // its barriers also publish the cache
+    const int64_t target = a.targets[row];
     if (threadIdx.x == 0) {
-      const float y_t = target_logit(kCacheRow ? static_cast<const T*>(cache) : z, a.targets[row], a.vocab, inv_tau);
-      coef = row_coefficients(a, row, state, y_t, true);
+      // read before pass 2 starts: in place, pass 2 overwrites z
+      const float z_t = target_raw(kCacheRow ? static_cast<const T*>(cache) : z, target, a.vocab);
+      RowCoefficients c = row_coefficients(a, row, state, z_t * scale, inv_tau, scale, true);
+      c.z_t = z_t;
+      coef = c;
     }
     __syncthreads();
     const RowCoefficients c = coef;
-    const int64_t target = a.targets[row];
-    sweep_write<T, kThreads>(kCacheRow ? static_cast<const T*>(cache) : z, out, 0, a.vocab, [&](int64_t v, float x) {
-      return softmax_grad(x, v == target, inv_tau, c.lse, c.entropy, c.g_l, c.g_h);
-    });
+    sweep_write<T, kThreads, kCacheRow>(kCacheRow ? static_cast<const T*>(cache) : z, out, 0, a.vocab,
+                             [&](int64_t, float x) { return c.grad(x); });
+    __syncthreads();  // the sweep's store of out[target] comes first
+    if (threadIdx.x == 0) write_target_grad(out, target, a.vocab, c.z_t, c.grad);
   }
 }
 
@@ -104,17 +112,12 @@ __global__ void __launch_bounds__(kThreads) fused_loss_row_kernel(FusedLossArgs 
 // kCluster (sm_90): cluster of ``cluster_size`` CTAs per row, CTA ``rank`` owns the segment
 // [rank * segment, (rank + 1) * segment) of the row in its shared memory.
 // ---------------------------------------------------------------------------------------------
-struct SegmentPartial {
-  SoftmaxState state = SoftmaxState::empty();
-  float y_t;  // z_t / tau if the target is in this segment, else -inf
-};
-
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) fused_loss_cluster_kernel(FusedLossArgs a, int64_t segment) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ SoftmaxState scratch[kThreads / 32];
   __shared__ SoftmaxState partial_state;  // this segment's softmax partial
-  __shared__ float partial_y_t;           // z_t / tau if the target is in this segment, else -inf
+  __shared__ float partial_y_t;           // z_t log2(e) / tau if the target is in this segment, else -inf
   __shared__ RowCoefficients coef;
   extern __shared__ uint4 smem_cache[];
   cg::cluster_group cluster = cg::this_cluster();
@@ -125,23 +128,24 @@ __global__ void __launch_bounds__(kThreads) fused_loss_cluster_kernel(FusedLossA
   const int64_t begin = min(a.vocab, static_cast<int64_t>(rank) * segment);
   const int64_t end = min(a.vocab, begin + segment);
   T* out = static_cast<T*>(a.grad) + row_offset(row, a.grad_layout);
-  if (a.mask != nullptr && !a.mask[row]) {
+  if (!row_kept(a.mask, row)) {
     sweep_zero<T, kThreads>(out, begin, end);
     if (rank == 0 && threadIdx.x == 0) write_masked_outputs(a, row);
     return;
   }
   const T* z = static_cast<const T*>(a.logits) + row_offset(row, a.layout);
   const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
+  const float scale = row_scale(inv_tau);
   const int64_t target = a.targets[row];
+  const bool owns_target = target >= begin && target < end;  // uniform over the CTA
   T* cache = cache_view(reinterpret_cast<T*>(smem_cache), z, begin);
 
   // pass 1: this segment's partial, from HBM into shared memory
-  SoftmaxState state = SoftmaxState::empty();
-  sweep_read<T, kThreads>(z, begin, end, [&](int64_t, float x) { state.add(x * inv_tau); }, cache);
+  SoftmaxState state = sweep_softmax<T, kThreads>(z, begin, end, scale, cache);
   state = block_merge<kThreads>(state, scratch);
   if (threadIdx.x == 0) {
     partial_state = state;
-    partial_y_t = (target >= begin && target < end) ? to_float(cache[target]) * inv_tau : -INFINITY;
+    partial_y_t = owns_target ? to_float(cache[target]) * scale : -INFINITY;
   }
   cluster.sync();  // every CTA's partial is published
 
@@ -162,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) fused_loss_cluster_kernel(FusedLossA
     s = broadcast_lane0(s);
     if (lane == 0) {
       // a target outside [0, V) was claimed by no segment: NaN, as the one-CTA kernels give
-      if (!(target >= 0 && target < a.vocab)) y_t = NAN;
-      coef = row_coefficients(a, row, s, y_t, rank == 0);
+      if (!target_in_row(target, a.vocab)) y_t = NAN;
+      coef = row_coefficients(a, row, s, y_t, inv_tau, scale, rank == 0);
     }
   }
   cluster.barrier_arrive();  // done reading the other CTAs' partials; they may exit after pass 2
@@ -171,38 +175,106 @@ __global__ void __launch_bounds__(kThreads) fused_loss_cluster_kernel(FusedLossA
   const RowCoefficients c = coef;
 
   // pass 2: dL/dz of this segment from shared memory
-  sweep_write<T, kThreads>(static_cast<const T*>(cache), out, begin, end, [&](int64_t v, float x) {
-    return softmax_grad(x, v == target, inv_tau, c.lse, c.entropy, c.g_l, c.g_h);
-  });
+  sweep_write<T, kThreads, true>(static_cast<const T*>(cache), out, begin, end,
+                           [&](int64_t, float x) { return c.grad(x); });
+  if (owns_target) {
+    __syncthreads();  // the sweep's store of out[target] comes first
+    if (threadIdx.x == 0) write_target_grad(out, target, a.vocab, to_float(cache[target]), c.grad);
+  }
   cluster.barrier_wait();  // keep this CTA's shared memory alive until every CTA has read its partial
 #else
-  __trap();  // the host launches this variant only on sm_90+
+  __trap();  // the host launches this variant only when its code was compiled for sm_90+ (ptxVersion)
 #endif
 }
 
 // ---------------------------------------------------------------------------------------------
-// Path choice and launchers
+// Path choice and launchers. Everything the choice needs from the driver (device limits, the
+// kernels' attributes, cudaFuncSetAttribute, the cluster occupancy) is queried once per device
+// (kernel, configuration) and cached, thread-safely: a launch costs a cudaGetDevice and a lookup.
 // ---------------------------------------------------------------------------------------------
 namespace {
 
+constexpr int kMaxDevices = 64;
+
 struct DeviceLimits {
-  int major;
-  int max_smem_optin;  // dynamic shared memory a block may opt into
+  int major = 0;
+  int max_smem_optin = 48 << 10;  // dynamic shared memory a block may opt into
 };
 
-DeviceLimits device_limits() {
-  DeviceLimits d{0, 48 << 10};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return d;
+DeviceLimits query_device(int dev) {
+  DeviceLimits d;
   cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
   cudaDeviceGetAttribute(&d.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaGetLastError();
   return d;
 }
 
-int64_t elem_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+// Per-device values computed once; devices beyond kMaxDevices are queried on every call.
+template <typename V, typename F>
+V per_device(int dev, V (&values)[kMaxDevices], std::once_flag (&once)[kMaxDevices], F&& compute) {
+  if (dev < 0 || dev >= kMaxDevices) return compute();
+  std::call_once(once[dev], [&] { values[dev] = compute(); });
+  return values[dev];
+}
+
+DeviceLimits device_limits(int dev) {
+  static DeviceLimits values[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  return per_device(dev, values, once, [&] { return query_device(dev); });
+}
 
 // Static shared memory of the kernels (scratch, partial, coefficients) plus slack.
 constexpr int64_t kStaticSmemBytes = 1 << 10;
+
+struct KernelSetup {
+  bool runnable = false;      // machine code for this device whose body is the real kernel
+  bool non_portable = false;  // clusters of 16 allowed
+};
+
+// The cluster kernel's body is real only where it was compiled for sm_90+: a build with only
+// compute_80 PTX JIT-compiles the __trap() variant on an sm_90 device. So the decision is the
+// kernel's ptxVersion (the virtual architecture its code came from) and binaryVersion (the machine
+// code that runs), not the device's compute capability. The attributes are set once per device,
+// to the device's maximum (an upper bound only: occupancy follows each launch's actual request).
+template <typename T>
+KernelSetup cluster_kernel_setup(int dev) {
+  static KernelSetup values[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  return per_device(dev, values, once, [&] {
+    KernelSetup k;
+    auto kernel = fused_loss_cluster_kernel<T, kClusterThreads>;
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+      cudaGetLastError();
+      return k;
+    }
+    const DeviceLimits d = device_limits(dev);
+    k.runnable = d.major >= 9 && attr.ptxVersion >= 90 && attr.binaryVersion >= 90 &&
+                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      d.max_smem_optin - static_cast<int>(attr.sharedSizeBytes)) == cudaSuccess;
+    k.non_portable = k.runnable &&
+                     cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    cudaGetLastError();
+    return k;
+  });
+}
+
+template <typename T>
+KernelSetup smem_row_kernel_setup(int dev) {
+  static KernelSetup values[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  return per_device(dev, values, once, [&] {
+    KernelSetup k;
+    auto kernel = fused_loss_row_kernel<T, kStreamThreads, true>;
+    cudaFuncAttributes attr{};
+    const DeviceLimits d = device_limits(dev);
+    k.runnable = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      d.max_smem_optin - static_cast<int>(attr.sharedSizeBytes)) == cudaSuccess;
+    cudaGetLastError();
+    return k;
+  });
+}
 
 int64_t segment_elems(int64_t vocab, int cluster_size, int64_t vec) {
   const int64_t per = (vocab + cluster_size - 1) / cluster_size;
@@ -211,89 +283,116 @@ int64_t segment_elems(int64_t vocab, int cluster_size, int64_t vec) {
 
 int64_t cache_bytes(int64_t elems, int64_t esize) { return (elems + 16 / esize) * esize; }
 
-struct PathChoice {
-  RowPath path;
-  int cluster_size;
-  int64_t segment;
-  int64_t smem_bytes;
-};
-
-PathChoice choose_path(int64_t rows, int64_t vocab, DType dtype, RowPath requested) {
-  const DeviceLimits dev = device_limits();
-  const int64_t esize = elem_size(dtype);
-  const int64_t vec = 16 / esize;
-  const int64_t smem_limit = dev.max_smem_optin - kStaticSmemBytes;
-  const int64_t row_bytes = cache_bytes(vocab, esize);
-  const bool cluster_ok = dev.major >= 9;
-  PathChoice stream{RowPath::kStream, 1, vocab, 0};
-  PathChoice smem_row{RowPath::kSmemRow, 1, vocab, row_bytes};
-  auto cluster_for = [&](int64_t budget) -> PathChoice {
-    for (int c = 2; c <= kMaxCluster; c *= 2) {
-      const int64_t seg = segment_elems(vocab, c, vec);
-      const int64_t bytes = cache_bytes(seg, esize);
-      if (bytes <= budget && rows * c < (int64_t{1} << 31)) return PathChoice{RowPath::kCluster, c, seg, bytes};
-    }
-    return PathChoice{RowPath::kStream, 1, vocab, 0};
-  };
-  switch (requested) {
-    case RowPath::kStream:
-      return stream;
-    case RowPath::kSmemRow:
-      return row_bytes <= smem_limit ? smem_row : stream;
-    case RowPath::kCluster:
-      return cluster_ok ? cluster_for(smem_limit) : stream;
-    default:
-      break;
-  }
-  if (row_bytes <= std::min<int64_t>(kTargetSegmentBytes, smem_limit)) return smem_row;
-  if (cluster_ok) {
-    PathChoice c = cluster_for(std::min<int64_t>(kTargetSegmentBytes, smem_limit));
-    if (c.path == RowPath::kStream) c = cluster_for(smem_limit);
-    if (c.path == RowPath::kCluster) return c;
-  }
-  return row_bytes <= smem_limit ? smem_row : stream;
-}
-
-template <typename T>
-cudaError_t launch_cluster(const FusedLossArgs& a, const PathChoice& p, cudaStream_t stream) {
-  auto kernel = fused_loss_cluster_kernel<T, kClusterThreads>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(p.smem_bytes));
-  if (err != cudaSuccess) return err;
-  if (p.cluster_size > 8) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (err != cudaSuccess) return err;
-  }
+cudaLaunchConfig_t cluster_config(const FusedLossPlan& p, int64_t rows, cudaLaunchAttribute* attr,
+                                  cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned int>(a.rows * p.cluster_size), 1, 1);
+  config.gridDim = dim3(static_cast<unsigned int>(rows * p.cluster_size), 1, 1);
   config.blockDim = dim3(kClusterThreads, 1, 1);
   config.dynamicSmemBytes = static_cast<size_t>(p.smem_bytes);
   config.stream = stream;
-  cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = p.cluster_size;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  int active_clusters = 0;
-  err = cudaOccupancyMaxActiveClusters(&active_clusters, kernel, &config);
-  if (err != cudaSuccess || active_clusters < 1) {
-    cudaGetLastError();  // clear, and let the caller fall back
-    return cudaErrorNotSupported;
+  return config;
+}
+
+// Clusters of this size and shared-memory request that the device can hold at once (0: none, the
+// launch would fail), cached per (device, dtype, cluster size, bytes).
+template <typename T>
+int active_clusters(int dev, const FusedLossPlan& p) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int64_t>, int> cache;
+  const auto key = std::make_tuple(dev, p.cluster_size, p.smem_bytes);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
   }
-  err = cudaLaunchKernelEx(&config, kernel, a, p.segment);
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = cluster_config(p, 1, attr, nullptr);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, fused_loss_cluster_kernel<T, kClusterThreads>, &config) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache.emplace(key, n);
+  return n;
+}
+
+template <typename T>
+FusedLossPlan plan_for(int64_t rows, int64_t vocab, RowPath requested, unsigned int flags) {
+  constexpr int64_t esize = sizeof(T);
+  constexpr int64_t vec = 16 / esize;
+  const FusedLossPlan stream{RowPath::kStream, 1, vocab, 0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return stream;
+  }
+  const DeviceLimits d = device_limits(dev);
+  const int64_t smem_limit = d.max_smem_optin - kStaticSmemBytes;
+  const int64_t row_bytes = cache_bytes(vocab, esize);
+  const FusedLossPlan smem_row{RowPath::kSmemRow, 1, vocab, row_bytes};
+  const bool smem_row_ok = row_bytes <= smem_limit && smem_row_kernel_setup<T>(dev).runnable;
+  const KernelSetup cluster = cluster_kernel_setup<T>(dev);
+  // a cluster of c CTAs, if its segments fit ``budget`` bytes and the device can schedule it
+  auto cluster_of = [&](int c, int64_t budget, FusedLossPlan* out) {
+    if (!cluster.runnable || (c > 8 && !cluster.non_portable) || rows * c >= (int64_t{1} << 31)) return false;
+    const int64_t seg = segment_elems(vocab, c, vec);
+    const FusedLossPlan p{RowPath::kCluster, c, seg, cache_bytes(seg, esize)};
+    if (p.smem_bytes > budget) return false;
+    if ((flags & kDebugNoClusterOccupancy) != 0 || active_clusters<T>(dev, p) < 1) return false;
+    *out = p;
+    return true;
+  };
+  FusedLossPlan p;
+  switch (requested) {
+    case RowPath::kStream:
+      return stream;
+    case RowPath::kSmemRow:
+      return smem_row_ok ? smem_row : stream;
+    case RowPath::kCluster:
+      // the smallest cluster whose segments fit the device's shared memory
+      for (int c = 2; c <= kMaxCluster; c *= 2)
+        if (cluster_of(c, smem_limit, &p)) return p;
+      return stream;
+    default:
+      break;
+  }
+  const int64_t target = std::min<int64_t>(kTargetSegmentBytes, smem_limit);
+  if (smem_row_ok && row_bytes <= target) return smem_row;
+  // the smallest cluster with segments of at most kTargetSegmentBytes (8 for a 152k bf16 row, the
+  // non-portable 16 for 262k fp16 or 152k fp32); if the device cannot schedule it, the portable
+  // sizes below it with larger segments, then one CTA per row
+  int preferred = 0;
+  for (int c = 2; c <= kMaxCluster && preferred == 0; c *= 2)
+    if (segment_elems(vocab, c, vec) * esize + 16 <= target) preferred = c;
+  if (preferred != 0) {
+    if (cluster_of(preferred, target, &p)) return p;
+    for (int c = std::min(preferred / 2, 8); c >= 2; c /= 2)
+      if (cluster_of(c, smem_limit, &p)) return p;
+  }
+  return smem_row_ok ? smem_row : stream;
+}
+
+thread_local FusedLossPlan g_last_launch{RowPath::kAuto, 0, 0, 0};
+
+template <typename T>
+cudaError_t launch_cluster(const FusedLossArgs& a, const FusedLossPlan& p, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t config = cluster_config(p, a.rows, attr, stream);
+  const cudaError_t err = cudaLaunchKernelEx(&config, fused_loss_cluster_kernel<T, kClusterThreads>, a, p.segment);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_row(const FusedLossArgs& a, const PathChoice& p, cudaStream_t stream) {
+cudaError_t launch_row(const FusedLossArgs& a, const FusedLossPlan& p, cudaStream_t stream) {
   if (p.path == RowPath::kSmemRow) {
-    auto kernel = fused_loss_row_kernel<T, kStreamThreads, true>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(p.smem_bytes));
-    if (err != cudaSuccess) return err;
-    kernel<<<row_grid(a.rows), kStreamThreads, p.smem_bytes, stream>>>(a);
+    fused_loss_row_kernel<T, kStreamThreads, true><<<row_grid(a.rows), kStreamThreads, p.smem_bytes, stream>>>(a);
   } else {
     fused_loss_row_kernel<T, kStreamThreads, false><<<row_grid(a.rows), kStreamThreads, 0, stream>>>(a);
   }
@@ -302,23 +401,26 @@ cudaError_t launch_row(const FusedLossArgs& a, const PathChoice& p, cudaStream_t
 
 }  // namespace
 
-RowPath fused_loss_path(int64_t vocab, DType dtype, RowPath requested) {
-  return choose_path(1, vocab, dtype, requested).path;
+FusedLossPlan fused_loss_plan(int64_t rows, int64_t vocab, DType dtype, RowPath requested, unsigned int flags) {
+  if (vocab < 1) return FusedLossPlan{RowPath::kStream, 1, vocab, 0};
+  LENS_DISPATCH_DTYPE_VALUE(dtype, T, (FusedLossPlan{RowPath::kStream, 1, vocab, 0}),
+                            { return plan_for<T>(std::max<int64_t>(rows, 1), vocab, requested, flags); })
 }
 
+RowPath fused_loss_path(int64_t vocab, DType dtype, RowPath requested) {
+  return fused_loss_plan(1, vocab, dtype, requested, 0).path;
+}
+
+FusedLossPlan fused_loss_last_launch() { return g_last_launch; }
+
 cudaError_t launch_fused_policy_loss(const FusedLossArgs& args, cudaStream_t stream) {
-  if (args.rows == 0) return cudaSuccess;
+  if (args.rows == 0) return cudaSuccess;  // empty work: no launch (a grid of 0 blocks is an error)
   if (args.vocab < 1 || args.layout.inner < 1 || args.grad_layout.inner < 1) return cudaErrorInvalidValue;
   if (args.params.beta != 0.f && args.ref_logp == nullptr) return cudaErrorInvalidValue;
-  const PathChoice choice = choose_path(args.rows, args.vocab, args.dtype, args.path);
   LENS_DISPATCH_DTYPE(args.dtype, T, {
-    if (choice.path == RowPath::kCluster) {
-      const cudaError_t err = launch_cluster<T>(args, choice, stream);
-      if (err != cudaErrorNotSupported) return err;
-      // the cluster does not fit next to this shared-memory request on this device: stream
-      return launch_row<T>(args, PathChoice{RowPath::kStream, 1, args.vocab, 0}, stream);
-    }
-    return launch_row<T>(args, choice, stream);
+    const FusedLossPlan plan = plan_for<T>(args.rows, args.vocab, args.path, args.debug_flags);
+    g_last_launch = plan;
+    return plan.path == RowPath::kCluster ? launch_cluster<T>(args, plan, stream) : launch_row<T>(args, plan, stream);
   })
 }
 

@@ -13,10 +13,10 @@ constexpr int kRowThreads = 512;
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(LogprobFwdArgs a) {
   __shared__ SoftmaxState scratch[kThreads / 32];
-  const T* __restrict__ logits = static_cast<const T*>(a.logits);
+  const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     // masked rows never touch their logits (their targets may be padding ids)
-    if (a.mask != nullptr && !a.mask[row]) {
+    if (!row_kept(a.mask, row)) {
       if (threadIdx.x == 0) {
         a.logp[row] = 0.f;
         a.entropy[row] = 0.f;
@@ -25,18 +25,15 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(LogprobFwd
       continue;
     }
     const T* z = logits + row_offset(row, a.layout);
-    const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
-    SoftmaxState state = SoftmaxState::empty();
-    sweep_read<T, kThreads>(z, 0, a.vocab, [&](int64_t, float x) { state.add(x * inv_tau); });
+    const float scale = row_scale(1.f / row_temperature(row, a.tau_rows, a.tau));
+    SoftmaxState state = sweep_softmax<T, kThreads>(z, 0, a.vocab, scale);
     state = block_merge<kThreads>(state, scratch);
     if (threadIdx.x == 0) {
-      const float y_t = target_logit(z, a.targets[row], a.vocab, inv_tau);
-      const float lse = state.log_sum();
-      // rounding can push y_t - lse a hair above 0 when one logit dominates; a log-prob never is
-      const float logp = fminf(y_t - lse, 0.f);
+      // NaN for a target outside [0, V): never clamped to probability 1
+      const float logp = state.log_prob(target_raw(z, a.targets[row], a.vocab) * scale);
       a.logp[row] = logp;
-      a.entropy[row] = fmaxf(state.entropy(), 0.f);
-      a.lse[row] = lse;
+      a.entropy[row] = state.entropy();
+      a.lse[row] = state.log_sum();
       if (a.seq_sum != nullptr) atomicAdd(a.seq_sum + row / a.layout.inner, logp);
     }
   }
@@ -56,13 +53,17 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_bwd_kernel(LogprobBwd
     const T* z = logits + row_offset(row, a.layout);
     const float inv_tau = 1.f / row_temperature(row, a.tau_rows, a.tau);
     const int64_t target = a.targets[row];
-    const float lse = a.lse[row];
-    const float g_l = a.g_logp[row];
+    // a kept target outside [0, V) has a NaN log-prob: its gradient row is NaN too
+    const float g_l = target_in_row(target, a.vocab) ? a.g_logp[row] : NAN;
     const float g_h = kHasEntropyGrad ? a.g_entropy[row] : 0.f;
     const float entropy = kHasEntropyGrad ? a.entropy[row] : 0.f;
-    sweep_write<T, kThreads>(z, out, 0, a.vocab, [&](int64_t v, float x) {
-      return softmax_grad(x, v == target, inv_tau, lse, entropy, g_l, g_h);
-    });
+    const GradCoefficients c = GradCoefficients::make(inv_tau, row_scale(inv_tau), a.lse[row] * kLog2e, entropy, g_l, g_h);
+    // thread 0 reads the target logit before any thread overwrites the row (in place)
+    const float z_t = threadIdx.x == 0 ? target_raw(z, target, a.vocab) : 0.f;
+    __syncthreads();
+    sweep_write<T, kThreads, false>(z, out, 0, a.vocab, [&](int64_t, float x) { return c(x); });
+    __syncthreads();  // the sweep's store of out[target] comes first
+    if (threadIdx.x == 0) write_target_grad(out, target, a.vocab, z_t, c);
   }
 }
 
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) rescale_grad_kernel(RescaleArgs a) {
   T* grad = static_cast<T*>(a.grad);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     T* g = grad + row_offset(row, a.layout);
-    sweep_write<T, kThreads>(g, g, 0, a.vocab, [&](int64_t, float x) { return x * ratio; });
+    sweep_write<T, kThreads, false>(g, g, 0, a.vocab, [&](int64_t, float x) { return x * ratio; });
   }
 }
 

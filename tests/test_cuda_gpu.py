@@ -2,10 +2,15 @@
 
 Fresh random inputs, outputs that must be written (NaN poison in the standalone binary; here every
 value is compared), bf16/fp16/fp32 with per-dtype tolerances, odd V, strided logits[:, :-1] views,
-masked rows and a fully masked sequence, every fused-loss kernel variant the device runs, in place,
-the grad-scale contract, GSPO's 3-pass path, the group-advantage kernel, and torch.compile.
+masked rows and a fully masked sequence, every fused-loss kernel variant the device runs, ``auto`` at
+the production shapes with the cluster size that ran asserted (8; the non-portable 16) and its
+occupancy fallback, in place (with the version bump), the grad-scale contract, GSPO's 3-pass path,
+-inf logits, kept targets outside [0, V), NaN under the mask, empty work, the group-advantage
+kernel, and torch.compile.
 Skipped without a CUDA GPU and the built extension (benchmarks/device_check.sh runs them).
 """
+import zlib
+
 import pytest
 import torch
 
@@ -13,6 +18,11 @@ import lens_kernels as lk
 from lens_kernels import reference
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.config import LossConfig
+
+
+def _seed(*parts) -> int:
+    """A fixed seed per case (Python's hash() of strings changes per process), printed with the case."""
+    return zlib.crc32(repr(parts).encode())
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,7 +60,7 @@ def _grad_close(got, want, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_token_logprobs_forward_backward(dtype, shape, strided):
-    logits, targets, mask, gen = _batch(*shape, dtype, strided, seed=hash((str(dtype), shape, strided)) % 2 ** 31)
+    logits, targets, mask, gen = _batch(*shape, dtype, strided, seed=_seed(str(dtype), shape, strided))
     temperature = 0.5 + torch.rand(shape[:2], device="cuda", generator=gen)
     x = logits.detach().requires_grad_(True)
     logp, entropy = lk.token_logprobs(x, targets, mask=mask, temperature=temperature, return_entropy=True,
@@ -109,7 +119,7 @@ def test_fused_policy_loss_matches_reference(name, dtype, path):
     if cuda_backend.fused_loss_path(V, dtype, path) != path:
         pytest.skip(f"the {path} variant does not run V={V} {dtype} on this device")
     B, T = 2, 6
-    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=hash((name, str(dtype), path)) % 2 ** 31)
+    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=_seed(name, str(dtype), path))
     adv = torch.randn(B, device="cuda", generator=gen)
     ref_lp, _ = reference.token_logprobs(logits, targets, 1.0, mask)
     old = (ref_lp + 0.3 * torch.randn(B, T, device="cuda", generator=gen, dtype=torch.float64)).float()
@@ -196,3 +206,142 @@ def test_backend_selection():
     logits, targets, mask, _ = _batch(1, 2, 11, torch.float32, False, seed=2)
     assert lk.backend_for("token_logprobs", logits, "cuda") == "cuda"
     assert lk.backend_for("token_logprobs", logits) in ("triton", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# auto at the production shapes: the cluster size that ran, the non-portable 16, the fallback
+# ---------------------------------------------------------------------------------------------
+PRODUCTION = [(torch.bfloat16, 151936, 8), (torch.float16, 262144, 16), (torch.float32, 151936, 16)]
+
+
+def _sm90_cluster_build():
+    return torch.cuda.get_device_capability()[0] >= 9 and cuda_backend.fused_loss_path(4099, torch.float32,
+                                                                                        "cluster") == "cluster"
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["auto", "no_cluster_occupancy"])
+@pytest.mark.parametrize("dtype,V,cluster", PRODUCTION, ids=lambda v: str(v))
+def test_fused_loss_auto_at_production_shapes(dtype, V, cluster, fallback):
+    B, T = 2, 3
+    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=_seed("production", str(dtype), V, fallback))
+    adv = torch.randn(B, device="cuda", generator=gen)
+    cfg = LossConfig(entropy_coef=0.01)
+    ops = torch.ops.lens_kernels
+    ops.set_debug_flags(1 if fallback else 0)  # lens::kDebugNoClusterOccupancy
+    try:
+        planned = cuda_backend._plan(ops.fused_loss_plan(B * T, V, cuda_backend._DTYPE_CODES[dtype], -1,
+                                                         1 if fallback else 0))
+        x = logits.detach().requires_grad_(True)
+        loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg)
+        ran = cuda_backend.last_fused_loss_launch()
+        loss.backward()
+    finally:
+        ops.set_debug_flags(0)
+    assert ran == planned, (ran, planned)
+    if _sm90_cluster_build():
+        if fallback:
+            assert ran["path"] != "cluster", ran
+        else:
+            assert ran["path"] == "cluster" and ran["cluster_size"] == cluster, ran
+    if not fallback:
+        assert cuda_backend.fused_loss_plan(V, dtype, rows=B * T) == planned
+    x64 = logits.detach().double().requires_grad_(True)
+    ref_loss, _ = reference.policy_loss_from_logits(x64, targets, mask, adv, config=cfg)
+    ref_loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-4, atol=1e-6)
+    _grad_close(x.grad, x64.grad, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# README "Inputs and their meaning" on the device
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["stream", "smem_row", "cluster"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_minus_inf_logits_are_exact(dtype, path):
+    V = 151936 if path == "cluster" else 4099
+    if cuda_backend.fused_loss_path(V, dtype, path) != path:
+        pytest.skip(f"the {path} variant does not run V={V} {dtype} on this device")
+    B, T = 2, 4
+    logits, targets, mask, gen = _batch(B, T, V, dtype, False, seed=_seed("-inf", str(dtype), path))
+    logits[..., ::8] = float("-inf")  # the first element of every 16-byte vector (every thread's first)
+    logits[0, :, : min(V - 1, 20000)] = float("-inf")  # whole fragments
+    targets = torch.where(targets % 8 == 0, targets + 1, targets).clamp(max=V - 1)
+    targets[0] = V - 1
+    logits[0, :, V - 1] = 2.0
+    adv = torch.randn(B, device="cuda", generator=gen)
+    cfg = LossConfig(entropy_coef=0.01)
+    x = logits.detach().requires_grad_(True)
+    loss, metrics = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg, path=path)
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_(True)
+    ref_loss, ref_metrics = reference.policy_loss_from_logits(x64, targets, mask, adv, config=cfg)
+    ref_loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(metrics["entropy"])
+    torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(metrics["entropy"].double(), ref_metrics["entropy"].double(), rtol=1e-4, atol=1e-5)
+    _grad_close(x.grad, x64.grad, dtype)
+    assert (x.grad[logits == float("-inf")] == 0).all(), "a -inf logit has gradient exactly 0"
+    logp, entropy = lk.token_logprobs(logits, targets, mask=mask, return_entropy=True, backend="cuda")
+    ref_logp, ref_entropy = reference.token_logprobs(logits.double(), targets, 1.0, mask)
+    torch.testing.assert_close(logp.double(), ref_logp, **LOGP_TOL)
+    torch.testing.assert_close(entropy.double(), ref_entropy, **LOGP_TOL)
+
+
+@pytest.mark.parametrize("path", ["stream", "smem_row", "cluster"])
+def test_kept_target_outside_vocab_is_nan_never_probability_one(path):
+    V = 151936 if path == "cluster" else 1000
+    if cuda_backend.fused_loss_path(V, torch.bfloat16, path) != path:
+        pytest.skip(f"the {path} variant does not run V={V} on this device")
+    logits, targets, mask, gen = _batch(2, 3, V, torch.bfloat16, False, seed=_seed("bad target", path))
+    mask[:] = True
+    targets[0, 1], targets[1, 2] = V, -100  # kept, outside [0, V)
+    logp, _ = cuda_backend.token_logprobs(logits, targets, mask)
+    bad = torch.zeros_like(mask)
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.isnan(logp[bad]).all() and not torch.isnan(logp[~bad]).any()
+    x = logits.detach().requires_grad_(True)
+    adv = torch.randn(2, device="cuda", generator=gen)
+    loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, path=path)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(x.grad[bad]).all(), "a kept bad target gives a NaN gradient row"
+
+
+def test_masked_positions_influence_nothing():
+    logits, targets, mask, gen = _batch(2, 5, 1001, torch.bfloat16, False, seed=_seed("masked garbage"))
+    poisoned = logits.clone()
+    poisoned[~mask] = float("nan")
+    adv = torch.randn(2, device="cuda", generator=gen)
+    out = []
+    for z in (logits, poisoned):
+        x = z.detach().requires_grad_(True)
+        loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv)
+        loss.backward()
+        out.append((loss, x.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0)
+    assert (out[1][1][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 11), (3, 0, 11)], ids=["B0", "T0"])
+def test_empty_work_launches_nothing(shape):
+    logits = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.zeros(shape[:2], dtype=torch.long, device="cuda")
+    mask = torch.ones(shape[:2], dtype=torch.bool, device="cuda")
+    logp, entropy = lk.token_logprobs(logits, targets, mask=mask, return_entropy=True, backend="cuda")
+    assert logp.shape == shape[:2] and entropy.shape == shape[:2]
+    loss, _ = cuda_backend.policy_loss_from_logits(logits, targets, mask, torch.zeros(shape[0], device="cuda"))
+    loss.backward()
+    assert float(loss) == 0.0 and logits.grad.shape == logits.shape
+    adv, _ = cuda_backend.group_advantages(torch.zeros(0, device="cuda"), group_size=4)
+    assert adv.shape == (0,)
+
+
+def test_in_place_write_bumps_the_version_of_a_saved_buffer():
+    logits, targets, mask, gen = _batch(2, 3, 1001, torch.float32, False, seed=_seed("tanh"))
+    h = logits.detach().requires_grad_(True)
+    y = torch.tanh(h)  # saves its output for backward
+    adv = torch.randn(2, device="cuda", generator=gen)
+    loss, _ = cuda_backend.policy_loss_from_logits(y, targets, mask, adv, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -160,7 +160,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
         args = (t, keep, tau_rows, ctx.tau, lse, entropy, g_l, g_h)
         if ctx.inplace_grad:
             _ops().token_logprobs_bwd_(logits, *args)
-            grad = logits
+            # the logits buffer now holds dL/dlogits: an op that saved it for its own backward must
+            # raise autograd's "modified by an inplace operation" error, not use the gradient
+            torch.autograd.graph.increment_version(logits)
+            grad = logits.detach()  # not the input itself: autograd may keep this buffer as .grad
         else:
             grad = _ops().token_logprobs_bwd(logits, *args)
         return grad, None, None, None, None
@@ -211,7 +214,8 @@ class FusedPolicyLossFunction(torch.autograd.Function):
                 _loss_params(cfg, grad_scale), PATHS[path])
         if inplace:
             logp, entropy, _ = _ops().fused_policy_loss_(logits, *args)
-            grad = logits
+            torch.autograd.graph.increment_version(logits)  # see TokenLogprobsFunction.backward
+            grad = logits.detach()
         else:
             grad, logp, entropy, _ = _ops().fused_policy_loss(logits, *args)
         # the loss value and metrics: torch's formulas on the kernel's [B, T] log-probs and entropy
@@ -220,6 +224,7 @@ class FusedPolicyLossFunction(torch.autograd.Function):
                                               num_sequences)
         ctx.grad = grad  # not saved_tensors: it may be the logits buffer, overwritten on purpose
         ctx.grad_scale = grad_scale
+        ctx.inplace = inplace
         ctx.used = False
         metrics = torch.stack([metrics[name] for name in torch_backend.METRIC_NAMES])
         ctx.mark_non_differentiable(metrics)
@@ -239,6 +244,8 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         # the ratio is read; rows leave at once when it is 1
         ratio = (grad_loss.detach().to(torch.float32) / ctx.grad_scale).reshape(1)
         _ops().rescale_grad_(grad, ratio)
+        if ctx.inplace:
+            torch.autograd.graph.increment_version(grad)  # the logits buffer, written once more
         return (grad,) + none
 
 
@@ -259,11 +266,32 @@ def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, r
     return loss, dict(zip(torch_backend.METRIC_NAMES, metrics.unbind(0)))
 
 
+_PATH_NAMES = {v: k for k, v in PATHS.items()}
+
+
+def _plan(values) -> dict:
+    path, cluster_size, segment, smem_bytes = values
+    return {"path": _PATH_NAMES[path], "cluster_size": cluster_size, "segment": segment, "smem_bytes": smem_bytes}
+
+
 def fused_loss_path(vocab: int, dtype: torch.dtype, path: str = "auto") -> str:
     """The kernel variant the fused loss runs for rows of ``vocab`` ``dtype`` logits on the current
     device: "stream", "smem_row" or "cluster"."""
-    code = _ops().fused_loss_path(int(vocab), _DTYPE_CODES[dtype], PATHS[path])
-    return {v: k for k, v in PATHS.items()}[code]
+    return fused_loss_plan(vocab, dtype, path)["path"]
+
+
+def fused_loss_plan(vocab: int, dtype: torch.dtype, path: str = "auto", rows: int = 1) -> dict:
+    """What the fused loss launches for ``rows`` rows of ``vocab`` ``dtype`` logits on the current
+    device, computed by the launcher's own function (occupancy fallback included): {"path",
+    "cluster_size" (CTAs per row, 1 off the cluster path), "segment" (row elements per CTA),
+    "smem_bytes" (dynamic shared memory per CTA)}."""
+    return _plan(_ops().fused_loss_plan(int(rows), int(vocab), _DTYPE_CODES[dtype], PATHS[path], 0))
+
+
+def last_fused_loss_launch() -> Optional[dict]:
+    """The plan of the last fused-loss launch on this thread (as ``fused_loss_plan``), or None."""
+    values = _ops().fused_loss_last_launch()
+    return None if values[0] == PATHS["auto"] else _plan(values)
 
 
 # ---------------------------------------------------------------------------------------------
