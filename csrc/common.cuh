@@ -428,7 +428,7 @@ __device__ __forceinline__ float row_temperature(int64_t row, const float* tau_r
 // target's log-prob and pass 2 must round it identically).
 LENS_HOST_DEVICE float row_scale(float inv_tau) { return inv_tau * kLog2e; }
 
-// dL/dz_v = (1/tau) [g_l (onehot_v - p_v) - g_H p_v (log p_v + H)] (torch_ops._rows_backward), in base
+// dL/dz_v = (1/tau) [g_l (onehot_v - p_v) - g_H p_v (log p_v + H)] (backends/torch/_common.py rows_backward), in base
 // 2: with t = z scale - lse2 = log2 p_v, dz_v = onehot_v k0 - p_v (k1 + k2 t), k0 = g_l / tau,
 // k1 = (g_l + g_H H) / tau, k2 = g_H ln2 / tau. Per element: FMA, ex2, clamp, FMA, multiply. The
 // one-hot term is added once per row by the thread that writes the target (``at_target``) instead

@@ -1,5 +1,5 @@
 // Per-token policy-loss terms for token-level ratios: the value and the closed-form dL/dl of
-// torch_ops.token_coefficients and torch_ops.kl_and_grad, branch for branch (ties of min/clamp
+// backends/torch/policy_loss.py token_coefficients and kl_and_grad, branch for branch (ties of min/clamp
 // split the gradient exactly as torch does). Host and device, so that the standalone test binary
 // can check the kernel's coefficients against the same function evaluated on the CPU.
 #pragma once

@@ -1,6 +1,6 @@
 // token_logprobs: forward (log-prob, entropy, lse and optional per-sequence sums in one read of the
 // logits) and backward (dL/dz in one read and one write, optionally in place). The math is
-// torch_ops._rows_forward / _rows_backward; reference.py is the oracle the tests compare against.
+// backends/torch/_common.py rows_forward / rows_backward; reference.py is the oracle the tests compare against.
 #include "common.cuh"
 
 namespace lens {

@@ -1,5 +1,5 @@
 // C entry point to loss_math.cuh's token_terms compiled for the CPU, so that pytest checks the
-// per-token math of the fused CUDA kernel against torch_ops on a machine without a GPU
+// per-token math of the fused CUDA kernel against the torch backend on a machine without a GPU
 // (tests/test_cuda_build.py compiles this file with the host compiler and loads it with ctypes).
 #include "loss_math.cuh"
 
