@@ -10,6 +10,7 @@ from ._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_mask,
+    check_inplace_buffer,
     check_same_device,
     check_shape,
     check_targets,
@@ -105,6 +106,8 @@ def token_logprobs(
     """
     check_vocab_parallel("process_group", process_group, vocab_start)
     temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=process_group is not None)
+    if inplace_backward:
+        check_inplace_buffer("logits", logits)
     if process_group is not None:
         return vocab_parallel_token_logprobs(logits, targets, group=process_group, vocab_start=vocab_start,
                                              temperature=temperature, mask=mask, return_entropy=return_entropy,

@@ -6,7 +6,15 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import backends
-from ._validation import FLOAT_DTYPES, check_mask, check_same_device, check_shape, check_tensor
+from ._validation import (
+    FLOAT_DTYPES,
+    check_inplace_buffer,
+    check_mask,
+    check_positive_scalar,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 from .backends import torch as torch_backend
 from .config import LossConfig
 from .distributed import (
@@ -29,15 +37,9 @@ def _check_config(config) -> LossConfig:
 
 
 def _check_normalizer(name, value):
-    if value is None:
-        return None
-    if torch.is_tensor(value):
-        if value.numel() != 1 or not (value.dtype.is_floating_point or value.dtype in (torch.int64, torch.int32)):
-            raise ValueError(f"{name} must be a positive number or a 1-element tensor, got shape {list(value.shape)}")
-        return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number or a 1-element tensor, got {value!r}")
-    return float(value)
+    """None, a finite number > 0, or a 1-element tensor (its value checked when values are checked:
+    num_tokens=torch.tensor(-5.) would flip the loss's sign, 0 would make it NaN)."""
+    return check_positive_scalar(name, value)
 
 
 def validate_loss_inputs(shape, device, advantages, mask, old_logps, ref_logps, is_weights, config,
@@ -174,6 +176,8 @@ def policy_loss_from_logits(
         tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
         num_tokens, num_sequences)
     _check_grad_scale(grad_scale)
+    if inplace:
+        check_inplace_buffer("logits", logits)
     if process_group is not None:
         config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
                                                                       num_sequences)
@@ -253,5 +257,5 @@ def policy_loss_from_hidden(
 
 
 def _check_grad_scale(grad_scale):
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not grad_scale > 0:
-        raise ValueError(f"grad_scale must be a positive float (the declared upstream gradient), got {grad_scale!r}")
+    """A finite Python number > 0: the upstream gradient the fused kernels assume in forward."""
+    check_positive_scalar("grad_scale", grad_scale, allow_tensor=False)

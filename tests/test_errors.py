@@ -47,6 +47,16 @@ def loss_from_logits(**over):
     (dict(grad_scale=0), ValueError, "grad_scale"),
     (dict(config=lk.LossConfig(beta=0.1)), ValueError, "ref_logps"),
     (dict(is_weights=torch.rand(B + 1)), ValueError, "is_weights"),
+    (dict(mask=torch.full((B, T), 0.5)), ValueError, "mask"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=torch.ones(T)), ValueError, "temperature"),
+    (dict(temperature=torch.ones(B, T, 1)), ValueError, "temperature"),
+    (dict(temperature=torch.tensor([1.0, float("inf")])), ValueError, "temperature"),
+    (dict(num_tokens=torch.tensor(-5.0)), ValueError, "num_tokens"),
+    (dict(num_tokens=torch.tensor(0.0)), ValueError, "num_tokens"),
+    (dict(num_sequences=float("inf")), ValueError, "num_sequences"),
+    (dict(grad_scale=float("inf")), ValueError, "grad_scale"),
+    (dict(logits=torch.randn(1, T, V).expand(B, T, V), inplace=True), ValueError, "logits"),
 ])
 def test_policy_loss_from_logits_errors(over, exc, name):
     with pytest.raises(exc, match=name):
