@@ -72,7 +72,10 @@ def token_logprobs(logits, targets, temperature=1.0, mask=None) -> Tuple[torch.T
 
 def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, mask=None):
     """z = hidden @ weight^T (+ bias), then ``token_logprobs(z, ...)``: hidden [..., H], weight [V, H]."""
-    z = _f64(hidden) @ _f64(weight).T
+    h = _f64(hidden)
+    if mask is not None:  # a masked row is never read: not even dW = sum_t dz_t h_t may see 0 * NaN
+        h = torch.where(mask.to(torch.bool).unsqueeze(-1), h, torch.zeros((), dtype=F64))
+    z = h @ _f64(weight).T
     if bias is not None:
         z = z + _f64(bias)
     return token_logprobs(z, targets, temperature, mask)
