@@ -30,6 +30,13 @@ LOSS_OPS = ["policy_loss_from_logits", "policy_loss_from_hidden", "lens_policy_l
 CFG = lk.LossConfig(entropy_coef=0.01, epsilon_high=0.28)  # the entropy bonus: 0 * -inf would show
 
 
+@pytest.fixture(autouse=True)
+def _values_checked(monkeypatch):
+    """The error cases expect value checks: always on for CPU tensors; on a GPU they need the flag
+    (tests/gpu/test_special_inputs_gpu.py covers the unchecked GPU path)."""
+    monkeypatch.setenv("LENS_KERNELS_CHECK", "1")
+
+
 # ------------------------------------------------------------------------------------------ inputs
 def make_inputs(seed, b=B, t=T):
     g = torch.Generator().manual_seed(seed)
