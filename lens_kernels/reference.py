@@ -290,16 +290,20 @@ def _per_token(values, keep, fill):
 def kl_estimate(logps, ref_logps, cfg: LossConfig):
     """k1 = l - l_ref;  k2 = (l - l_ref)^2 / 2;  k3 = exp(l_ref - l) - (l_ref - l) - 1; clamped to +-kl_clamp.
 
-    k3 at l = -inf (a kept target with a -inf logit) is +inf, its limit (IEEE gives inf - inf = NaN).
+    At an infinite difference (l = -inf: a kept target with a -inf logit) the estimate is its limit
+    (k1 -d, k2 and k3 +inf; IEEE would give inf - inf = NaN for k3), and with ``kl_clamp`` the bound,
+    with gradient 0 (the double where keeps inf out of backward: 0 * inf would be NaN).
     """
     d = _f64(ref_logps) - _f64(logps)
+    infinite = torch.isinf(d)
+    d_safe = torch.where(infinite, torch.zeros((), dtype=F64), d)
     if cfg.kl_estimator == "k1":
-        kl = -d
+        kl, limit = -d_safe, -d
     elif cfg.kl_estimator == "k2":
-        kl = 0.5 * d * d
+        kl, limit = 0.5 * d_safe * d_safe, torch.full_like(d, math.inf)
     else:
-        kl = torch.exp(d) - d - 1.0
-        kl = torch.where(d == math.inf, torch.tensor(math.inf, dtype=F64), kl)
+        kl, limit = torch.exp(d_safe) - d_safe - 1.0, torch.full_like(d, math.inf)
+    kl = torch.where(infinite, limit.detach(), kl)
     if cfg.kl_clamp is not None:
         kl = kl.clamp(-cfg.kl_clamp, cfg.kl_clamp)
     return kl

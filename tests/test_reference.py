@@ -200,3 +200,32 @@ def test_lens_confidence_uses_the_kept_tokens():
     mask = torch.tensor([[1, 0], [1, 1]])
     s = ref.sequence_mean(torch.where(mask.bool(), old, torch.full_like(old, math.nan)), mask)
     torch.testing.assert_close(s, torch.stack([old[0, 0], old[1].mean()]))
+
+
+@pytest.mark.parametrize("cfg,loss_kind", [
+    (dict(), "finite"), (dict(ratio_level="sequence"), "finite"), (dict(policy_loss="sapo"), "finite"),
+    (dict(dual_clip=3.0), "finite"), (dict(beta=0.1, kl_estimator="k1"), -math.inf),
+    (dict(beta=0.1, kl_estimator="k2"), math.inf), (dict(beta=0.1, kl_estimator="k3"), math.inf),
+    (dict(beta=0.1, kl_estimator="k3", kl_clamp=5.0), "finite"),
+    (dict(beta=0.1, kl_estimator="k2", kl_clamp=5.0), "finite"),
+    (dict(policy_loss="cispo"), "nan"),
+    (dict(ratio_level="sequence_token"), "nan"),
+])
+def test_minus_inf_target_follows_the_formula(cfg, loss_kind):
+    """README: ratio 0 (PPO/SAPO finite, exact gradient), KL infinite unless clamped, CISPO/GSPO-token NaN."""
+    logits, targets = _logits(2, 3, 5, seed=108)
+    logits[0, 1, targets[0, 1]] = -math.inf
+    x = logits.clone().requires_grad_()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    g = torch.Generator().manual_seed(109)
+    loss, _ = ref.policy_loss_from_logits(x, targets, mask, torch.randn(2, generator=g, dtype=torch.float64),
+                                          old_logps=-torch.rand(2, 3, generator=g, dtype=torch.float64),
+                                          ref_logps=-torch.rand(2, 3, generator=g, dtype=torch.float64),
+                                          config=lk.LossConfig(**cfg))
+    if loss_kind == "finite":
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    elif loss_kind == "nan":
+        assert torch.isnan(loss)
+    else:
+        assert float(loss.detach()) == loss_kind
