@@ -143,19 +143,22 @@ def group_advantages(
     """Advantages of a rollout batch of N completions in groups (SPEC 2.1). No gradient, no host sync.
 
     Args:
-        rewards: [N] rewards (binary for LENS unless ``correct`` is given).
+        rewards: [N] rewards (binary for LENS unless ``correct`` is given); N = 0 gives an empty
+            result. Values (finite; binary for LENS) are checked when values are checked: CPU
+            tensors always, GPU tensors with ``LENS_KERNELS_CHECK=1``, never under ``torch.compile``.
         group_size: G for contiguous groups [0..G), [G..2G), ...; or
         group_ids: [N] integer group of each completion, in any order.
         estimator: "grpo" (r - mean) / (std + eps); "dr_grpo" r - mean; "rloo" leave-one-out
             baseline; "lens" (LENS calibrated rewards, see ``reference.group_advantages``).
-        old_logps: [N, T] token log-probs under the sampling policy (LENS confidence). mask: [N, T]
-            completion mask for them (default all ones).
+        old_logps: [N, T] token log-probs under the sampling policy (LENS confidence: the mean over
+            the kept tokens; masked entries are never read). mask: [N, T] 0/1 completion mask for
+            them (default all ones; another value is a ValueError when values are checked).
         correct: [N] bool, which completions are correct (LENS with graded rewards; group kinds).
         scale: "group" (per-group std), "batch" (std of the whole batch, TRL scale_rewards="batch"),
             "none"; None means "group" for grpo/lens and "none" for dr_grpo/rloo.
-        eps: added to the std: TRL 1e-4, verl 1e-6, OpenRLHF 1e-9 (``TRAINER_EPS``).
+        eps: added to the std, finite >= 0: TRL 1e-4, verl 1e-6, OpenRLHF 1e-9 (``TRAINER_EPS``).
         std_unbiased: Bessel's correction (True, as TRL and verl).
-        lens_alpha: weight of negative-group advantages (the method's hyperparameter, 0.25).
+        lens_alpha: weight of negative-group advantages, finite >= 0 (the method's hyperparameter, 0.25).
         lens_d_estimate: "mean" (D_imp from pbar = exp(mean log-prob)) or "sequence" (from the raw
             sequence probability).
         lens_groups: "all", or the paper's ablations "negative" (LENS on negative groups only) and

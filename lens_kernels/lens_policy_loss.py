@@ -123,7 +123,9 @@ def lens_policy_loss_from_logits(
     """From logits and rewards to the loss, with the group advantages computed inside.
 
     Args:
-        logits: [B, T, V] (a strided view is fine), targets: [B, T], mask: [B, T], rewards: [B].
+        logits: [B, T, V] (a strided view is fine), targets: [B, T], mask: [B, T] (0/1), rewards:
+            [B] (a wrong length is a ValueError naming ``rewards``). Special inputs and checks as in
+            ``policy_loss_from_logits`` and ``group_advantages`` (B = 0 gives a zero loss).
         group_size: completions per group (contiguous groups), or with ``group_ids`` the expected
             count of every group, which is then checked; group_ids: [B] group of each completion.
         estimator: any estimator of ``group_advantages`` ("lens", "grpo", "dr_grpo", "rloo").
