@@ -161,8 +161,9 @@ def _call(lib, op, kw, backend, **extra):
     if op.startswith("lens_"):
         loss_kw.pop("old_logps")  # on-policy: the fused path
         if lib is None:
-            if op.endswith("hidden"):
-                z = kw["hidden"] @ kw["weight"].T + (kw["bias"] if kw.get("bias") is not None else 0)
+            if op.endswith("hidden"):  # masked rows of hidden are never read (as ref.linear_token_logprobs)
+                h = torch.where(mask.bool()[..., None], kw["hidden"], torch.zeros((), dtype=kw["hidden"].dtype))
+                z = h @ kw["weight"].T + (kw["bias"] if kw.get("bias") is not None else 0)
             else:
                 z = kw["logits"]
             conf = ref.token_logprobs(z.detach(), kw["targets"], temperature, mask)[0]
