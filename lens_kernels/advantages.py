@@ -14,6 +14,8 @@ from ._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     MASK_DTYPES,
+    check_finite_number,
+    check_mask,
     check_same_device,
     check_shape,
     check_tensor,
@@ -66,8 +68,7 @@ def _validate(rewards, group_size, group_ids, estimator, old_logps, mask, correc
     if nan_rewards not in NAN_REWARDS:
         raise ValueError(f"nan_rewards must be one of {list(NAN_REWARDS)}, got {nan_rewards!r}")
     for name, value in (("eps", eps), ("lens_alpha", lens_alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_finite_number(name, value, low=0.0)
     if (group_size is None) == (group_ids is None):
         raise ValueError("give exactly one of group_size (contiguous groups) or group_ids ([N] group of each completion)")
     if group_size is not None:
@@ -86,8 +87,7 @@ def _validate(rewards, group_size, group_ids, estimator, old_logps, mask, correc
         if old_logps.shape[0] != n:
             raise ValueError(f"old_logps must have shape [N, T] with N = {n}, got {list(old_logps.shape)}")
         if mask is not None:
-            check_tensor("mask", mask, dtypes=MASK_DTYPES)
-            check_shape("mask", mask, tuple(old_logps.shape), "[N, T] (as old_logps)")
+            check_mask(mask, tuple(old_logps.shape), expected="[N, T] (as old_logps)")
     check_same_device([("rewards", rewards), ("group_ids", group_ids), ("old_logps", old_logps), ("mask", mask),
                        ("correct", correct)])
     if process_group is not None:
@@ -143,19 +143,22 @@ def group_advantages(
     """Advantages of a rollout batch of N completions in groups (SPEC 2.1). No gradient, no host sync.
 
     Args:
-        rewards: [N] rewards (binary for LENS unless ``correct`` is given).
+        rewards: [N] rewards (binary for LENS unless ``correct`` is given); N = 0 gives an empty
+            result. Values (finite; binary for LENS) are checked when values are checked: CPU
+            tensors always, GPU tensors with ``LENS_KERNELS_CHECK=1``, never under ``torch.compile``.
         group_size: G for contiguous groups [0..G), [G..2G), ...; or
         group_ids: [N] integer group of each completion, in any order.
         estimator: "grpo" (r - mean) / (std + eps); "dr_grpo" r - mean; "rloo" leave-one-out
             baseline; "lens" (LENS calibrated rewards, see ``reference.group_advantages``).
-        old_logps: [N, T] token log-probs under the sampling policy (LENS confidence). mask: [N, T]
-            completion mask for them (default all ones).
+        old_logps: [N, T] token log-probs under the sampling policy (LENS confidence: the mean over
+            the kept tokens; masked entries are never read). mask: [N, T] 0/1 completion mask for
+            them (default all ones; another value is a ValueError when values are checked).
         correct: [N] bool, which completions are correct (LENS with graded rewards; group kinds).
         scale: "group" (per-group std), "batch" (std of the whole batch, TRL scale_rewards="batch"),
             "none"; None means "group" for grpo/lens and "none" for dr_grpo/rloo.
-        eps: added to the std: TRL 1e-4, verl 1e-6, OpenRLHF 1e-9 (``TRAINER_EPS``).
+        eps: added to the std, finite >= 0: TRL 1e-4, verl 1e-6, OpenRLHF 1e-9 (``TRAINER_EPS``).
         std_unbiased: Bessel's correction (True, as TRL and verl).
-        lens_alpha: weight of negative-group advantages (the method's hyperparameter, 0.25).
+        lens_alpha: weight of negative-group advantages, finite >= 0 (the method's hyperparameter, 0.25).
         lens_d_estimate: "mean" (D_imp from pbar = exp(mean log-prob)) or "sequence" (from the raw
             sequence probability).
         lens_groups: "all", or the paper's ablations "negative" (LENS on negative groups only) and
@@ -192,9 +195,11 @@ def group_advantages(
 def sequence_log_stats(old_logps, mask, cdt):
     """(sum_t m l_old, sum_t m) of each completion, in the compute dtype: all LENS needs of old_logps."""
     lp = old_logps.to(cdt)
-    m = torch.ones_like(lp) if mask is None else mask.to(cdt)
-    lp = torch.where(m > 0, lp, torch.zeros((), dtype=cdt, device=lp.device))
-    return lp.sum(-1), m.sum(-1)
+    if mask is None:
+        return lp.sum(-1), torch.full(lp.shape[:-1], lp.shape[-1], dtype=cdt, device=lp.device)
+    keep = mask.to(torch.bool)  # the 0/1 mask: an unweighted sum over the kept tokens, and their count
+    lp = torch.where(keep, lp, torch.zeros((), dtype=cdt, device=lp.device))
+    return lp.sum(-1), keep.to(cdt).sum(-1)
 
 
 def _distributed_group_advantages(group, rewards, group_size, group_ids, estimator, seq_stats, correct,

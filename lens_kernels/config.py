@@ -282,8 +282,8 @@ def _check_choice(name: str, value: Any, choices) -> None:
 def _check_number(name, value, low=None, high=None, low_open=False, high_open=False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value != value:
-        raise ValueError(f"{name} must not be NaN")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):

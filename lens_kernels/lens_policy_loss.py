@@ -22,7 +22,7 @@ from ._validation import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor, 
 from .advantages import group_advantages
 from .config import LossConfig
 from .logprobs import linear_token_logprobs, token_logprobs
-from .loss import policy_loss, policy_loss_from_hidden, policy_loss_from_logits
+from .loss import _check_grad_scale, policy_loss, policy_loss_from_hidden, policy_loss_from_logits
 
 
 def _check_whole_groups(batch: int, group_size: Optional[int], group_ids: Optional[torch.Tensor]) -> None:
@@ -53,8 +53,17 @@ def _check_whole_groups(batch: int, group_size: Optional[int], group_ids: Option
             )
 
 
-def _advantages(rewards, logps_for_confidence, mask, group_size, group_ids, estimator, correct, adv_kwargs):
+def _check_rewards(batch: int, rewards, correct) -> None:
+    """Before anything else reads them: a wrong length must name rewards (or correct), not the
+    old_logps / advantages the step derives from them."""
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES + INDEX_DTYPES + (torch.bool,), ndim=(1,), expected="[B]")
+    check_shape("rewards", rewards, (batch,), "[B] (one per completion)")
+    if correct is not None:
+        check_tensor("correct", correct, ndim=(1,), expected="[B]")
+        check_shape("correct", correct, (batch,), "[B] (one per completion)")
+
+
+def _advantages(rewards, logps_for_confidence, mask, group_size, group_ids, estimator, correct, adv_kwargs):
     # with group_ids, group_size only states the expected count (checked above)
     size = group_size if group_ids is None else None
     needs_logps = estimator == "lens"
@@ -114,7 +123,9 @@ def lens_policy_loss_from_logits(
     """From logits and rewards to the loss, with the group advantages computed inside.
 
     Args:
-        logits: [B, T, V] (a strided view is fine), targets: [B, T], mask: [B, T], rewards: [B].
+        logits: [B, T, V] (a strided view is fine), targets: [B, T], mask: [B, T] (0/1), rewards:
+            [B] (a wrong length is a ValueError naming ``rewards``). Special inputs and checks as in
+            ``policy_loss_from_logits`` and ``group_advantages`` (B = 0 gives a zero loss).
         group_size: completions per group (contiguous groups), or with ``group_ids`` the expected
             count of every group, which is then checked; group_ids: [B] group of each completion.
         estimator: any estimator of ``group_advantages`` ("lens", "grpo", "dr_grpo", "rloo").
@@ -131,6 +142,8 @@ def lens_policy_loss_from_logits(
         when old_logps were given and the loss took the two-stage path).
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, V]")
+    _check_rewards(logits.shape[0], rewards, correct)
+    _check_grad_scale(grad_scale)
     _check_whole_groups(logits.shape[0], group_size, group_ids)
     adv_kwargs = dict(scale=scale, eps=eps, std_unbiased=std_unbiased, lens_alpha=lens_alpha,
                       lens_d_estimate=lens_d_estimate, lens_groups=lens_groups, nan_rewards=nan_rewards)
@@ -181,6 +194,8 @@ def lens_policy_loss_from_hidden(
     backward; with ``old_logps`` the loss takes ``policy_loss_from_hidden`` in ``mode``.
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H]")
+    _check_rewards(hidden.shape[0], rewards, correct)
+    _check_grad_scale(grad_scale)
     _check_whole_groups(hidden.shape[0], group_size, group_ids)
     adv_kwargs = dict(scale=scale, eps=eps, std_unbiased=std_unbiased, lens_alpha=lens_alpha,
                       lens_d_estimate=lens_d_estimate, lens_groups=lens_groups, nan_rewards=nan_rewards)

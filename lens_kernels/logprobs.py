@@ -10,6 +10,7 @@ from ._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_mask,
+    check_inplace_buffer,
     check_same_device,
     check_shape,
     check_targets,
@@ -86,13 +87,22 @@ def token_logprobs(
     Args:
         logits: [B, T, V] or [N, V], fp16/bf16/fp32 (fp64 on the torch backend). May be a strided
             view such as ``logits[:, :-1]`` (stride 1 along V); it is never copied whole.
-        targets: [B, T] or [N] integer token ids in [0, V) where the mask keeps the token.
-        temperature: a float > 0, or a tensor broadcastable to ``targets`` (per token or per row).
-        mask: optional [B, T] bool/0-1 mask. Masked tokens give 0 and an exact-zero gradient; their
-            targets may be padding ids (e.g. -100).
+        targets: [B, T] or [N] integer token ids in [0, V) where the mask keeps the token. A kept
+            target outside [0, V) is a ValueError when values are checked (*), else a NaN log-prob.
+        temperature: a finite float > 0, or a tensor of shape [], [B] or [B, 1] (per sequence) or
+            [B, T] (per token); [] or [N] for [N, V] logits. Values finite and > 0 (checked (*)).
+        mask: optional [B, T] mask of 0/1 values (bool, integer or float; any other value is a
+            ValueError (*)). Masked tokens give 0 and an exact-zero gradient row whatever their logits
+            hold (NaN, +-inf); their targets may be padding ids (e.g. -100).
         return_entropy: also return H = -sum_v p_v log p_v (differentiable).
         inplace_backward: write dL/dlogits into the logits buffer in backward (zero extra memory);
-            the logits are destroyed.
+            the logits are destroyed. An expanded or self-overlapping ``logits`` is a ValueError.
+
+    Special inputs (README "Inputs and their meaning"): a -inf logit has probability 0 and adds 0
+    to the entropy (a -inf target gives -inf); a kept row with no finite logit or a NaN/+inf logit
+    gives NaN; B = 0 or T = 0 gives empty outputs. (*) Values are checked for CPU tensors always, for
+    GPU tensors only with ``LENS_KERNELS_CHECK=1`` (a check reads values: a host sync), never while
+    ``torch.compile`` traces; shapes, dtypes and strides are always checked.
         backend: "auto", "torch", "triton" or "cuda".
         process_group, vocab_start: vocab parallelism. ``logits`` holds the columns
             [vocab_start, vocab_start + V_s) of the full logits, the other shards sit on the other
@@ -105,6 +115,8 @@ def token_logprobs(
     """
     check_vocab_parallel("process_group", process_group, vocab_start)
     temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=process_group is not None)
+    if inplace_backward:
+        check_inplace_buffer("logits", logits)
     if process_group is not None:
         return vocab_parallel_token_logprobs(logits, targets, group=process_group, vocab_start=vocab_start,
                                              temperature=temperature, mask=mask, return_entropy=return_entropy,
@@ -132,8 +144,9 @@ def linear_token_logprobs(
     Args:
         hidden: [B, T, H] or [N, H] last hidden states, fp16/bf16/fp32 (fp64 on torch).
         weight: [V, H] lm_head weight, same dtype. A frozen weight (requires_grad=False) gets no dW.
-        targets: [B, T] or [N] token ids. bias: optional [V]. temperature, mask, return_entropy: as
-            in ``token_logprobs``.
+        targets: [B, T] or [N] token ids. bias: optional [V] (a -inf entry bans that token).
+            temperature, mask, return_entropy: as in ``token_logprobs``, with the same special
+            inputs and checks (a masked row of ``hidden`` is never read).
         process_group, vocab_start: vocab parallelism: ``weight`` [V_s, H] (and ``bias`` [V_s]) are
             the lm_head rows [vocab_start, vocab_start + V_s), ``hidden`` is the same on every rank of
             ``process_group``, ``targets`` are global ids. dW and db stay local; d_hidden is summed

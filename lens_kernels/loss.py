@@ -6,7 +6,15 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import backends
-from ._validation import FLOAT_DTYPES, check_mask, check_same_device, check_shape, check_tensor
+from ._validation import (
+    FLOAT_DTYPES,
+    check_inplace_buffer,
+    check_mask,
+    check_positive_scalar,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
 from .backends import torch as torch_backend
 from .config import LossConfig
 from .distributed import (
@@ -29,15 +37,9 @@ def _check_config(config) -> LossConfig:
 
 
 def _check_normalizer(name, value):
-    if value is None:
-        return None
-    if torch.is_tensor(value):
-        if value.numel() != 1 or not (value.dtype.is_floating_point or value.dtype in (torch.int64, torch.int32)):
-            raise ValueError(f"{name} must be a positive number or a 1-element tensor, got shape {list(value.shape)}")
-        return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number or a 1-element tensor, got {value!r}")
-    return float(value)
+    """None, a finite number > 0, or a 1-element tensor (its value checked when values are checked:
+    num_tokens=torch.tensor(-5.) would flip the loss's sign, 0 would make it NaN)."""
+    return check_positive_scalar(name, value)
 
 
 def validate_loss_inputs(shape, device, advantages, mask, old_logps, ref_logps, is_weights, config,
@@ -88,15 +90,19 @@ def policy_loss(
     Args:
         logps: [B, T] fp32/fp64 log-probs of the current policy (differentiable).
         advantages: [B] per sequence or [B, T] per token (no gradient).
-        mask: [B, T] loss mask (bool or 0/1). Fully masked rows contribute 0.
+        mask: [B, T] loss mask of 0/1 values (bool, integer or float; another value is a
+            ValueError (*)). Nothing at a masked position (log-probs, entropy, advantages, old and
+            reference log-probs, IS weights) is read: a NaN there changes nothing. Fully masked rows,
+            a fully masked batch and B = 0 or T = 0 give 0 (and zero gradients).
         old_logps: [B, T] log-probs of the sampling policy; None means on-policy (rho = 1, with
             the gradient of rho).
         ref_logps: [B, T] reference log-probs, required when ``config.beta != 0``.
         entropy: [B, T] token entropy (differentiable); required when ``config.entropy_coef != 0``.
         is_weights: [B] or [B, T] importance-sampling weights from the rollout engine (vLLM TIS).
         config: a ``LossConfig``; default GRPO-style PPO clip with token-mean aggregation.
-        num_tokens / num_sequences: global normalizers (numbers or 0-d tensors); default the local
-            counts of the mask (with ``process_group``, the counts over the group).
+        num_tokens / num_sequences: global normalizers, finite and > 0: numbers (always checked)
+            or 1-element tensors (value checked (*)); default the local counts of the mask (with
+            ``process_group``, the counts over the group).
         process_group: the data-parallel group (``torch.distributed``). The default normalizers
             become the token / sequence counts over the group (one all-reduce, no host sync) and the
             loss is multiplied by the group size, so that after the usual DP gradient averaging the
@@ -108,6 +114,9 @@ def policy_loss(
         (loss 0-d tensor, metrics) with metrics ``policy_loss``, ``kl``, ``entropy``,
         ``clip_frac_low``, ``clip_frac_high``, ``clip_frac``, ``ratio_mean``, ``ratio_min``,
         ``ratio_max``: 0-d tensors, never synced to the host.
+
+    (*) Checks that read tensor values run for CPU tensors always, for GPU tensors only with
+    ``LENS_KERNELS_CHECK=1``, never while ``torch.compile`` traces (README "Inputs and their meaning").
     """
     check_tensor("logps", logps, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), ndim=(2,),
                  expected="[B, T]")
@@ -150,13 +159,17 @@ def policy_loss_from_logits(
     Args:
         logits: [B, T, V] fp16/bf16/fp32 (fp64 on torch); a strided view with stride 1 on V is
             used without a copy.
-        targets: [B, T] token ids. mask, advantages, old_logps, ref_logps, is_weights, config,
-            num_tokens, num_sequences: as in ``policy_loss``.
-        temperature: float > 0 or a tensor broadcastable to [B, T].
+        targets: [B, T] token ids, in [0, V) where kept (as in ``token_logprobs``). mask,
+            advantages, old_logps, ref_logps, is_weights, config, num_tokens, num_sequences: as in
+            ``policy_loss``. Special inputs (-inf logits, NaN under the mask, empty work) as in
+            ``token_logprobs`` and ``policy_loss``.
+        temperature: a finite float > 0, or a tensor of shape [], [B], [B, 1] or [B, T].
         grad_scale: the upstream gradient the fused kernels assume when they compute dL/dlogits in
-            forward (e.g. 1 / gradient_accumulation_steps). A different grad_output in backward is
-            rescaled exactly, at the cost of one extra pass and a warning.
+            forward (e.g. 1 / gradient_accumulation_steps), a finite Python number > 0. A different
+            grad_output in backward is rescaled exactly, at the cost of one extra pass and a warning.
         inplace: write dL/dlogits into the logits buffer (zero extra memory; logits are destroyed).
+            An expanded or self-overlapping ``logits`` is a ValueError; if another op saved the
+            buffer for its backward, autograd raises instead of computing a wrong gradient.
         backend: "auto", "torch", "triton" or "cuda".
         process_group: the data-parallel group, as in ``policy_loss``.
         vocab_group, vocab_start: vocab parallelism: ``logits`` holds the columns
@@ -174,6 +187,8 @@ def policy_loss_from_logits(
         tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
         num_tokens, num_sequences)
     _check_grad_scale(grad_scale)
+    if inplace:
+        check_inplace_buffer("logits", logits)
     if process_group is not None:
         config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
                                                                       num_sequences)
@@ -214,7 +229,9 @@ def policy_loss_from_hidden(
     """The loss head from the last hidden states and the lm_head weight, never materializing [B, T, V].
 
     Args:
-        hidden: [B, T, H]; weight: [V, H] (same dtype); bias: optional [V].
+        hidden: [B, T, H]; weight: [V, H] (same dtype); bias: optional [V] (a -inf entry bans a token).
+            Masked rows of ``hidden`` are never read; special inputs and checks as in
+            ``policy_loss_from_logits``.
         mode: "fast" (no recompute of the logits in backward where the backend supports it) or
             "lean" (recompute in backward, the smallest memory). Gradients are exact in both.
         process_group: the data-parallel group, as in ``policy_loss``.
@@ -253,5 +270,5 @@ def policy_loss_from_hidden(
 
 
 def _check_grad_scale(grad_scale):
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not grad_scale > 0:
-        raise ValueError(f"grad_scale must be a positive float (the declared upstream gradient), got {grad_scale!r}")
+    """A finite Python number > 0: the upstream gradient the fused kernels assume in forward."""
+    check_positive_scalar("grad_scale", grad_scale, allow_tensor=False)

@@ -23,41 +23,87 @@ def _f64(x):
 # -------------------------------------------------------------------------------------------------
 # Token log-probs and entropy
 # -------------------------------------------------------------------------------------------------
+def _tau(temperature, lead_ndim):
+    """The temperature as a float64 tensor that broadcasts against [..., V] logits: [] and [B, T]
+    (or [N]) as given, a per-sequence [B] or [B, 1] over every token of its row."""
+    if not torch.is_tensor(temperature):
+        return float(temperature)
+    tau = _f64(temperature)
+    if tau.dim() == 1 and lead_ndim == 2:  # [B]: one per sequence, never along T
+        tau = tau.unsqueeze(-1)
+    return tau.unsqueeze(-1)
+
+
 def token_logprobs(logits, targets, temperature=1.0, mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """l_t = z_t[y_t] / tau - logsumexp_v(z_t[v] / tau);   H_t = -sum_v p_v log p_v, p = softmax(z_t / tau).
 
-    logits [..., V], targets [...] (ids), temperature a float or a tensor broadcastable to
-    targets. Masked positions (mask == 0) give l = 0 and H = 0. Returns float64 (logps, entropy).
+    logits [..., V], targets [...] (ids), temperature a float or a tensor of shape [], [B], [B, 1],
+    [B, T] (3-D logits) or [], [N] (2-D). Returns float64 (logps, entropy). Special values, exactly
+    as README "Inputs and their meaning" says:
+
+    - masked positions (mask == 0) give l = 0 and H = 0, whatever their logits and targets hold, and
+      their gradient row is exactly 0 (the row is replaced by zeros *before* the softmax: a where()
+      after it would still send 0 * NaN = NaN back through the softmax of a NaN row);
+    - a -inf logit has p = 0 and adds 0 to H (0 log 0 = 0), with gradient 0;
+    - a kept target whose logit is -inf has l = -inf; a kept row with no finite logit, or with a NaN
+      or +inf logit, has NaN l and H;
+    - a kept target outside [0, V) has l = NaN, and a NaN gradient row.
     """
     z = _f64(logits)
-    tau = temperature if not torch.is_tensor(temperature) else _f64(temperature).unsqueeze(-1)
-    x = z / tau
+    V = z.shape[-1]
+    targets = targets.long()
+    keep = torch.ones(targets.shape, dtype=torch.bool, device=z.device) if mask is None else mask.to(torch.bool)
+    z = torch.where(keep.unsqueeze(-1), z, torch.zeros((), dtype=F64))
+    x = z / _tau(temperature, targets.dim())
     log_p = torch.log_softmax(x, dim=-1)
-    if mask is not None:
-        keep = mask.to(torch.bool)
-        safe_targets = torch.where(keep, targets, torch.zeros_like(targets))
-    else:
-        keep, safe_targets = None, targets
-    logps = log_p.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    if keep is not None:
-        logps = torch.where(keep, logps, torch.zeros_like(logps))
-        entropy = torch.where(keep, entropy, torch.zeros_like(entropy))
-    return logps, entropy
+    in_range = (targets >= 0) & (targets < V)
+    poisoned = (x == math.inf).any(-1)  # +inf - logsumexp is NaN there, but -inf elsewhere in the row
+    safe_targets = torch.where(keep & in_range, targets, torch.zeros_like(targets))
+    logps = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    # a kept bad target: NaN, and (multiplied, not substituted) a NaN gradient row as well
+    logps = logps * torch.where(keep & (~in_range | poisoned), math.nan, 1.0).to(F64)
+    # 0 log 0 = 0 at -inf entries; the double where keeps -inf out of the product in backward too
+    banned = log_p == -math.inf
+    safe_log_p = torch.where(banned, torch.zeros((), dtype=F64), log_p)
+    entropy = -torch.where(banned, torch.zeros((), dtype=F64), safe_log_p.exp() * safe_log_p).sum(-1)
+    zero = torch.zeros((), dtype=F64)
+    return torch.where(keep, logps, zero), torch.where(keep, entropy, zero)
 
 
 def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, mask=None):
     """z = hidden @ weight^T (+ bias), then ``token_logprobs(z, ...)``: hidden [..., H], weight [V, H]."""
-    z = _f64(hidden) @ _f64(weight).T
+    h = _f64(hidden)
+    if mask is not None:  # a masked row is never read: not even dW = sum_t dz_t h_t may see 0 * NaN
+        h = torch.where(mask.to(torch.bool).unsqueeze(-1), h, torch.zeros((), dtype=F64))
+    z = h @ _f64(weight).T
     if bias is not None:
         z = z + _f64(bias)
     return token_logprobs(z, targets, temperature, mask)
 
 
+def _keep(mask, like):
+    """The 0/1 mask as bool (every token kept for None)."""
+    if mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    return mask.to(torch.bool)
+
+
+def _masked(values, keep, fill=0.0):
+    """values where the token is kept, ``fill`` elsewhere: a where, never a product with the mask, so a
+    NaN or inf under the mask reaches neither the value nor (through autograd) any gradient."""
+    return torch.where(keep, _f64(values), torch.tensor(fill, dtype=F64))
+
+
+def sequence_sum(values, mask):
+    """sum_t m_it v_it, with masked values never read."""
+    return _masked(values, _keep(mask, values)).sum(-1)
+
+
 def sequence_mean(values, mask):
-    """s_i = sum_t m_it v_it / max(1, sum_t m_it)."""
-    m = _f64(mask)
-    return (_f64(values) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    """s_i = sum_t m_it v_it / max(1, sum_t m_it): the masked mean (the 0/1 mask: an unweighted sum
+    over the kept tokens, divided by their count)."""
+    keep = _keep(mask, values)
+    return sequence_sum(values, keep) / keep.to(F64).sum(-1).clamp(min=1.0)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -128,7 +174,7 @@ def group_advantages(
 
     if estimator == "lens":
         s_mean = sequence_mean(old_logps, mask).tolist()
-        s_sum = (_f64(old_logps) * _f64(mask)).sum(-1).tolist()
+        s_sum = sequence_sum(old_logps, mask).tolist()
         pbar = [math.exp(v) for v in s_mean]
         log_q = s_mean if lens_d_estimate == "mean" else s_sum
 
@@ -199,15 +245,15 @@ def per_token_policy_loss(logps, old_logps, advantages, mask, cfg: LossConfig, i
     log r = l - l_old per token, or per sequence s - s_old (broadcast over t), optionally clamped
     to +-log_ratio_clamp; "sequence_token" keeps the value of the sequence ratio but routes the
     gradient through each token: log r_t = l_t - sg(l_t) + sg(s - s_old).
+    Masked entries of every input are replaced before use (``policy_loss`` does it; so does this).
     """
-    l, l_old, m = _f64(logps), _f64(old_logps), _f64(mask)
-    A = _f64(advantages)
-    if A.dim() == 1:
-        A = A.unsqueeze(-1)
+    keep = _keep(mask, logps)
+    l, l_old = _masked(logps, keep), _masked(old_logps, keep)
+    A = _per_token(advantages, keep, 0.0)
     if cfg.ratio_level == "token":
         log_r = l - l_old
     else:
-        seq_log_r = ((l - l_old) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        seq_log_r = sequence_mean(l - l_old, keep).unsqueeze(-1)
         if cfg.ratio_level == "sequence":
             log_r = seq_log_r.expand_as(l)
         else:
@@ -229,42 +275,63 @@ def per_token_policy_loss(logps, old_logps, advantages, mask, cfg: LossConfig, i
                           torch.tensor(cfg.sapo_temperature_neg, dtype=F64))
         loss = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * A
     if is_weights is not None:
-        w = _f64(is_weights)
-        loss = loss * (w.unsqueeze(-1) if w.dim() == 1 else w)
-    return loss, rho
+        loss = loss * _per_token(is_weights, keep, 1.0)
+    return _masked(loss, keep), rho
+
+
+def _per_token(values, keep, fill):
+    """A [B] (per sequence) or [B, T] input as [B, T], ``fill`` under the mask."""
+    v = _f64(values)
+    if v.dim() == 1:
+        v = v.unsqueeze(-1).expand(keep.shape)
+    return _masked(v, keep, fill)
 
 
 def kl_estimate(logps, ref_logps, cfg: LossConfig):
-    """k1 = l - l_ref;  k2 = (l - l_ref)^2 / 2;  k3 = exp(l_ref - l) - (l_ref - l) - 1; clamped to +-kl_clamp."""
+    """k1 = l - l_ref;  k2 = (l - l_ref)^2 / 2;  k3 = exp(l_ref - l) - (l_ref - l) - 1; clamped to +-kl_clamp.
+
+    At an infinite difference (l = -inf: a kept target with a -inf logit) the estimate is its limit
+    (k1 -d, k2 and k3 +inf; IEEE would give inf - inf = NaN for k3), and with ``kl_clamp`` the bound,
+    with gradient 0 (the double where keeps inf out of backward: 0 * inf would be NaN).
+    """
     d = _f64(ref_logps) - _f64(logps)
+    infinite = torch.isinf(d)
+    d_safe = torch.where(infinite, torch.zeros((), dtype=F64), d)
     if cfg.kl_estimator == "k1":
-        kl = -d
+        kl, limit = -d_safe, -d
     elif cfg.kl_estimator == "k2":
-        kl = 0.5 * d * d
+        kl, limit = 0.5 * d_safe * d_safe, torch.full_like(d, math.inf)
     else:
-        kl = torch.exp(d) - d - 1.0
+        kl, limit = torch.exp(d_safe) - d_safe - 1.0, torch.full_like(d, math.inf)
+    kl = torch.where(infinite, limit.detach(), kl)
     if cfg.kl_clamp is not None:
         kl = kl.clamp(-cfg.kl_clamp, cfg.kl_clamp)
     return kl
 
 
 def aggregate(values, mask, mode, num_tokens=None, num_sequences=None, norm_length=None, dp_size=1.0):
-    """The aggregations of SPEC 2.2 (see ``LossConfig``), times dp_size."""
-    v, m = _f64(values), _f64(mask)
-    B, T = m.shape
-    T_norm = m.sum().clamp(min=1.0) if num_tokens is None else torch.as_tensor(num_tokens, dtype=F64)
-    B_norm = float(B) if num_sequences is None else torch.as_tensor(num_sequences, dtype=F64)
+    """The aggregations of SPEC 2.2 (see ``LossConfig``), times dp_size.
+
+    Masked values are never read (a where, not a product with the mask). Empty work (B = 0, T = 0 or
+    every token masked) gives 0: the default normalizers are clamped to >= 1.
+    """
+    keep = _keep(mask, values)
+    v = _masked(values, keep)
+    B, T = keep.shape
+    count = keep.to(F64).sum()
+    T_norm = count.clamp(min=1.0) if num_tokens is None else torch.as_tensor(num_tokens, dtype=F64)
+    B_norm = float(max(B, 1)) if num_sequences is None else torch.as_tensor(num_sequences, dtype=F64)
     if mode == "token-mean":
-        out = (v * m).sum() / T_norm
+        out = v.sum() / T_norm
     elif mode == "seq-mean-token-mean":
-        out = ((v * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / B_norm
+        out = sequence_mean(v, keep).sum() / B_norm
     elif mode == "seq-mean-token-sum":
-        out = (v * m).sum() / B_norm
+        out = v.sum() / B_norm
     elif mode == "seq-mean-token-sum-norm":
-        L = float(T) if norm_length is None else float(norm_length)
-        out = (v * m).sum() / (B_norm * L)
+        L = float(max(T, 1)) if norm_length is None else float(norm_length)
+        out = v.sum() / (B_norm * L)
     elif mode == "token-sum":
-        out = (v * m).sum()
+        out = v.sum()
     else:
         raise ValueError(mode)
     return out * dp_size
@@ -284,38 +351,38 @@ def policy_loss(
 ):
     """loss = agg(policy term + beta * KL) - entropy_coef * agg_H(H); returns (loss, metrics), float64.
 
-    old_logps defaults to sg(logps) (on-policy: rho = 1 with the gradient of rho).
+    old_logps defaults to sg(logps) (on-policy: rho = 1 with the gradient of rho). Nothing at a masked
+    position (log-probs, old and reference log-probs, entropy, advantages, IS weights) is read: each
+    is replaced before use, so a NaN there reaches neither the loss nor a gradient.
     """
     cfg = config
-    l = _f64(logps)
-    l_old = l.detach() if old_logps is None else _f64(old_logps)
-    m = _f64(mask)
-    per_token, rho = per_token_policy_loss(l, l_old, advantages, m, cfg, is_weights)
+    keep = _keep(mask, logps)
+    l = _masked(logps, keep)
+    l_old = l.detach() if old_logps is None else _masked(old_logps, keep)
+    per_token, rho = per_token_policy_loss(l, l_old, advantages, keep, cfg, is_weights)
     agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
                dp_size=cfg.dp_size)
     metrics = {}
     total = per_token
     if cfg.beta != 0.0:
-        kl = kl_estimate(l, ref_logps, cfg)
+        kl = _masked(kl_estimate(l, _masked(ref_logps, keep), cfg), keep)
         total = total + cfg.beta * kl
-        metrics["kl"] = _masked_mean(kl, m)
-    loss = aggregate(total, m, cfg.loss_agg_mode, **agg)
-    metrics["policy_loss"] = aggregate(per_token, m, cfg.loss_agg_mode, **agg).detach()
+        metrics["kl"] = _masked_mean(kl, keep)
+    loss = aggregate(total, keep, cfg.loss_agg_mode, **agg)
+    metrics["policy_loss"] = aggregate(per_token, keep, cfg.loss_agg_mode, **agg).detach()
     if entropy is not None:
-        H = _f64(entropy)
-        metrics["entropy"] = _masked_mean(H, m).detach()
+        H = _masked(entropy, keep)
+        metrics["entropy"] = _masked_mean(H, keep).detach()
         if cfg.entropy_coef != 0.0:
-            loss = loss - cfg.entropy_coef * aggregate(H, m, cfg.entropy_agg_mode or cfg.loss_agg_mode, **agg)
-    A = _f64(advantages)
-    A = A.unsqueeze(-1) if A.dim() == 1 else A
+            loss = loss - cfg.entropy_coef * aggregate(H, keep, cfg.entropy_agg_mode or cfg.loss_agg_mode, **agg)
+    A = _per_token(advantages, keep, 0.0)
     r = rho.detach()
     low = ((r < 1.0 - cfg.epsilon_low) & (A < 0)).to(F64)
     high = ((r > 1.0 + cfg.eps_high) & (A > 0)).to(F64)
-    metrics["clip_frac_low"] = _masked_mean(low, m)
-    metrics["clip_frac_high"] = _masked_mean(high, m)
-    metrics["clip_frac"] = _masked_mean(torch.clamp(low + high, max=1.0), m)
-    metrics["ratio_mean"] = _masked_mean(r, m)
-    keep = m > 0
+    metrics["clip_frac_low"] = _masked_mean(low, keep)
+    metrics["clip_frac_high"] = _masked_mean(high, keep)
+    metrics["clip_frac"] = _masked_mean(torch.clamp(low + high, max=1.0), keep)
+    metrics["ratio_mean"] = _masked_mean(r, keep)
     if keep.any():
         metrics["ratio_min"], metrics["ratio_max"] = r[keep].min(), r[keep].max()
     else:
@@ -323,8 +390,9 @@ def policy_loss(
     return loss, metrics
 
 
-def _masked_mean(v, m):
-    return (v.detach() * m).sum() / m.sum().clamp(min=1.0)
+def _masked_mean(v, keep):
+    keep = keep.to(torch.bool)
+    return _masked(v.detach(), keep).sum() / keep.to(F64).sum().clamp(min=1.0)
 
 
 def policy_loss_from_logits(logits, targets, mask, advantages, temperature=1.0, **kwargs):

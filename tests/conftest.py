@@ -1,9 +1,35 @@
 """Without a GPU the Triton kernels run under the interpreter. TRITON_INTERPRET must be set before
 triton is first imported (triton.language's own @jit helpers are decorated at import), and test
-modules import triton while they are collected, so it is set here, before any of them."""
+modules import triton while they are collected, so it is set here, before any of them.
+
+A failing test's report shows the seeds it took from ``seeds.stable_seed``. A test module may name,
+in ``PENDING_BACKEND_FIXES``, cases that fail until another change merges: they become strict xfails
+(a fixed case XPASSes and fails until its name is deleted)."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        pending = getattr(getattr(item, "module", None), "PENDING_BACKEND_FIXES", ())
+        if item.name in pending:
+            item.add_marker(pytest.mark.xfail(strict=True, reason="pending backend fix (see PENDING_BACKEND_FIXES)"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "setup":
+        import seeds
+        seeds.take_used()  # drop what collection or an earlier test took
+    if report.when == "call":
+        import seeds
+        used = seeds.take_used()
+        if report.failed and used:
+            report.sections.append(("seeds", "\n".join(f"stable_seed{parts} = {seed}" for parts, seed in used)))

@@ -16,10 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import zlib
-
 import pytest
 import torch
+from seeds import stable_seed
 
 import lens_kernels as lk
 from lens_kernels.backends import AUTO_PREFERENCE, BACKENDS, OPS
@@ -27,10 +26,6 @@ from lens_kernels.backends import torch as torch_backend
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.config import LossConfig
 
-
-def _seed(*parts) -> int:
-    """A fixed seed per case (Python's hash() of strings changes per process), printed with the case."""
-    return zlib.crc32(repr(parts).encode())
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -188,7 +183,7 @@ def _expected_terms(l, l_old, l_ref, A, w, isw, cfg):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fused_kernel_token_math_matches_torch_backend(token_terms_lib, name, on_policy):
     cfg = CONFIGS[name]
-    gen = torch.Generator().manual_seed(_seed(name, on_policy))
+    gen = torch.Generator().manual_seed(stable_seed(name, on_policy))
     n = 4096
     l = -3.0 * torch.rand(n, generator=gen)
     l_old = l.clone() if on_policy else l + 0.4 * torch.randn(n, generator=gen)

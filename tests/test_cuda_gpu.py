@@ -9,20 +9,15 @@ occupancy fallback, in place (with the version bump), the grad-scale contract, G
 kernel, and torch.compile.
 Skipped without a CUDA GPU and the built extension (benchmarks/device_check.sh runs them).
 """
-import zlib
-
 import pytest
 import torch
+from seeds import stable_seed
 
 import lens_kernels as lk
 from lens_kernels import reference
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.config import LossConfig
 
-
-def _seed(*parts) -> int:
-    """A fixed seed per case (Python's hash() of strings changes per process), printed with the case."""
-    return zlib.crc32(repr(parts).encode())
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,7 +55,7 @@ def _grad_close(got, want, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_token_logprobs_forward_backward(dtype, shape, strided):
-    logits, targets, mask, gen = _batch(*shape, dtype, strided, seed=_seed(str(dtype), shape, strided))
+    logits, targets, mask, gen = _batch(*shape, dtype, strided, seed=stable_seed(str(dtype), shape, strided))
     temperature = 0.5 + torch.rand(shape[:2], device="cuda", generator=gen)
     x = logits.detach().requires_grad_(True)
     logp, entropy = lk.token_logprobs(x, targets, mask=mask, temperature=temperature, return_entropy=True,
@@ -119,7 +114,7 @@ def test_fused_policy_loss_matches_reference(name, dtype, path):
     if cuda_backend.fused_loss_path(V, dtype, path) != path:
         pytest.skip(f"the {path} variant does not run V={V} {dtype} on this device")
     B, T = 2, 6
-    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=_seed(name, str(dtype), path))
+    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=stable_seed(name, str(dtype), path))
     adv = torch.randn(B, device="cuda", generator=gen)
     ref_lp, _ = reference.token_logprobs(logits, targets, 1.0, mask)
     old = (ref_lp + 0.3 * torch.randn(B, T, device="cuda", generator=gen, dtype=torch.float64)).float()
@@ -223,7 +218,7 @@ def _sm90_cluster_build():
 @pytest.mark.parametrize("dtype,V,cluster", PRODUCTION, ids=lambda v: str(v))
 def test_fused_loss_auto_at_production_shapes(dtype, V, cluster, fallback):
     B, T = 2, 3
-    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=_seed("production", str(dtype), V, fallback))
+    logits, targets, mask, gen = _batch(B, T, V, dtype, True, seed=stable_seed("production", str(dtype), V, fallback))
     adv = torch.randn(B, device="cuda", generator=gen)
     cfg = LossConfig(entropy_coef=0.01)
     ops = torch.ops.lens_kernels
@@ -262,7 +257,7 @@ def test_minus_inf_logits_are_exact(dtype, path):
     if cuda_backend.fused_loss_path(V, dtype, path) != path:
         pytest.skip(f"the {path} variant does not run V={V} {dtype} on this device")
     B, T = 2, 4
-    logits, targets, mask, gen = _batch(B, T, V, dtype, False, seed=_seed("-inf", str(dtype), path))
+    logits, targets, mask, gen = _batch(B, T, V, dtype, False, seed=stable_seed("-inf", str(dtype), path))
     logits[..., ::8] = float("-inf")  # the first element of every 16-byte vector (every thread's first)
     logits[0, :, : min(V - 1, 20000)] = float("-inf")  # whole fragments
     targets = torch.where(targets % 8 == 0, targets + 1, targets).clamp(max=V - 1)
@@ -292,7 +287,7 @@ def test_kept_target_outside_vocab_is_nan_never_probability_one(path):
     V = 151936 if path == "cluster" else 1000
     if cuda_backend.fused_loss_path(V, torch.bfloat16, path) != path:
         pytest.skip(f"the {path} variant does not run V={V} on this device")
-    logits, targets, mask, gen = _batch(2, 3, V, torch.bfloat16, False, seed=_seed("bad target", path))
+    logits, targets, mask, gen = _batch(2, 3, V, torch.bfloat16, False, seed=stable_seed("bad target", path))
     mask[:] = True
     targets[0, 1], targets[1, 2] = V, -100  # kept, outside [0, V)
     logp, _ = cuda_backend.token_logprobs(logits, targets, mask)
@@ -308,7 +303,7 @@ def test_kept_target_outside_vocab_is_nan_never_probability_one(path):
 
 
 def test_masked_positions_influence_nothing():
-    logits, targets, mask, gen = _batch(2, 5, 1001, torch.bfloat16, False, seed=_seed("masked garbage"))
+    logits, targets, mask, gen = _batch(2, 5, 1001, torch.bfloat16, False, seed=stable_seed("masked garbage"))
     poisoned = logits.clone()
     poisoned[~mask] = float("nan")
     adv = torch.randn(2, device="cuda", generator=gen)
@@ -338,7 +333,7 @@ def test_empty_work_launches_nothing(shape):
 
 
 def test_in_place_write_bumps_the_version_of_a_saved_buffer():
-    logits, targets, mask, gen = _batch(2, 3, 1001, torch.float32, False, seed=_seed("tanh"))
+    logits, targets, mask, gen = _batch(2, 3, 1001, torch.float32, False, seed=stable_seed("tanh"))
     h = logits.detach().requires_grad_(True)
     y = torch.tanh(h)  # saves its output for backward
     adv = torch.randn(2, device="cuda", generator=gen)

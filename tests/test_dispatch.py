@@ -17,13 +17,6 @@ def test_cpu_auto_is_torch():
     assert "torch" in lk.available_backends()
 
 
-def test_explicit_torch_matches_auto():
-    logits, targets = _inputs()
-    a, _ = lk.token_logprobs(logits, targets, backend="torch")
-    b, _ = lk.token_logprobs(logits, targets)
-    assert torch.equal(a, b)
-
-
 def test_environment_variable(monkeypatch):
     logits, targets = _inputs()
     monkeypatch.setenv("LENS_KERNELS_BACKEND", "torch")

@@ -47,6 +47,16 @@ def loss_from_logits(**over):
     (dict(grad_scale=0), ValueError, "grad_scale"),
     (dict(config=lk.LossConfig(beta=0.1)), ValueError, "ref_logps"),
     (dict(is_weights=torch.rand(B + 1)), ValueError, "is_weights"),
+    (dict(mask=torch.full((B, T), 0.5)), ValueError, "mask"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=torch.ones(T)), ValueError, "temperature"),
+    (dict(temperature=torch.ones(B, T, 1)), ValueError, "temperature"),
+    (dict(temperature=torch.tensor([1.0, float("inf")])), ValueError, "temperature"),
+    (dict(num_tokens=torch.tensor(-5.0)), ValueError, "num_tokens"),
+    (dict(num_tokens=torch.tensor(0.0)), ValueError, "num_tokens"),
+    (dict(num_sequences=float("inf")), ValueError, "num_sequences"),
+    (dict(grad_scale=float("inf")), ValueError, "grad_scale"),
+    (dict(logits=torch.randn(1, T, V).expand(B, T, V), inplace=True), ValueError, "logits"),
 ])
 def test_policy_loss_from_logits_errors(over, exc, name):
     with pytest.raises(exc, match=name):
@@ -127,13 +137,21 @@ def test_group_advantages_errors(call, exc, name):
         call()
 
 
-def test_inputs_are_not_modified():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inputs_are_not_modified(backend):
+    """Forward and backward, on every backend here (triton under the interpreter; see also
+    test_special_inputs.py::test_inputs_are_not_modified for every op)."""
+    import triton_interp  # noqa: F401  (TRITON_INTERPRET before triton is imported)
+
     kw = good()
-    copies = {k: v.clone() for k, v in kw.items()}
-    loss, _ = loss_from_logits(**kw)
+    kw["logits"].requires_grad_()
+    copies = {k: v.detach().clone() for k, v in kw.items()}
+    loss, _ = loss_from_logits(backend=backend, ref_logps=kw["old_logps"] - 0.1, is_weights=torch.rand(B) + 0.5,
+                               config=lk.LossConfig(beta=0.1, entropy_coef=0.01), **kw)
+    loss.backward()
     rewards = torch.tensor([0.0, 1.0, 0.0, 0.0])
     r_copy = rewards.clone()
     lk.group_advantages(rewards, group_size=2, estimator="lens", old_logps=kw["old_logps"].repeat(2, 1))
     assert torch.equal(rewards, r_copy)
     for k, v in kw.items():
-        assert torch.equal(v, copies[k]), k
+        assert torch.equal(v.detach(), copies[k]), k

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from seeds import stable_seed
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'lens-kernels[trl]')")
 accelerate = pytest.importorskip("accelerate")
@@ -103,7 +104,7 @@ CASES = [c for c in itertools.product(LOSS_TYPES, ("token", "sequence"), (0.0, 0
 
 @pytest.mark.parametrize("loss_type,level,beta,with_is", CASES)
 def test_compute_loss_parity(accelerator, loss_type, level, beta, with_is):
-    logps, ent, inputs = make_inputs(hash((loss_type, level, beta, with_is)) % 1000, beta, with_is, level)
+    logps, ent, inputs = make_inputs(stable_seed(loss_type, level, beta, with_is) % 1000, beta, with_is, level)
     want = run_loss(bare_trainer(GRPOTrainer, accelerator, loss_type, level, beta, with_is), logps, ent, inputs)
     got = run_loss(bare_trainer(LensGRPOTrainer, accelerator, loss_type, level, beta, with_is), logps, ent, inputs)
     assert torch.isfinite(got[0]) and want[1].abs().sum() > 0
@@ -271,7 +272,7 @@ def test_fused_loss_head_matches_default_path(accelerator, fused, loss_type, bet
     model, _ = load_example().tiny_model_and_tokenizer(seed=1)
     model.train()
     trl.trainer.utils.add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
-    inputs = fused_case_inputs(hash((fused, loss_type)) % 1000, model.config.vocab_size, beta)
+    inputs = fused_case_inputs(stable_seed(fused, loss_type) % 1000, model.config.vocab_size, beta)
     want = fused_case_loss(GRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, None)
     default = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, None)
     got = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, fused)

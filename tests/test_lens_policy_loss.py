@@ -1,6 +1,8 @@
 """The one-call LENS step against the reference composition group_advantages + policy_loss_from_logits."""
 import pytest
 import torch
+from seeds import stable_seed
+from tolerances import assert_grad_close, assert_value_close
 
 import lens_kernels as lk
 from lens_kernels import reference as ref
@@ -36,7 +38,7 @@ def _reference(logits, targets, mask, rewards, cfg, estimator="lens", old=None, 
 @pytest.mark.parametrize("estimator", ["lens", "grpo", "dr_grpo", "rloo"])
 @pytest.mark.parametrize("on_policy", [True, False])
 def test_matches_reference_composition(dtype, tol, estimator, on_policy):
-    logits, targets, mask, rewards = _batch(4, dtype, seed=hash((estimator, on_policy)) % 2**31)
+    logits, targets, mask, rewards = _batch(4, dtype, seed=stable_seed(estimator, on_policy))
     old = None
     if not on_policy:
         old = ref.token_logprobs(logits, targets, mask=mask)[0] + 0.1 * torch.randn(logits.shape[:2],
@@ -114,8 +116,8 @@ def test_partial_group_is_a_clear_error():
 
 
 @pytest.mark.parametrize("estimator", ["lens", "grpo"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-3)])
-def test_triton_backend_matches_reference_composition(estimator, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_matches_reference_composition(estimator, dtype):
     import triton_interp  # the interpreter on CPU, the GPU otherwise
 
     device = triton_interp.DEVICE
@@ -127,5 +129,7 @@ def test_triton_backend_matches_reference_composition(estimator, dtype, tol):
     loss.backward()
     exp_loss, exp_adv, exp_grad = _reference(logits, targets, mask, rewards, cfg, estimator)
     torch.testing.assert_close(metrics["advantages"].double().cpu(), exp_adv, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(loss.double().cpu(), exp_loss, atol=tol, rtol=tol)
-    torch.testing.assert_close(x.grad.double().cpu(), exp_grad, atol=tol, rtol=10 * tol)
+    assert_value_close(loss, exp_loss, dtype, "loss")
+    # the triton kernels' bf16 gradient is measured within 0.72% of each element (about two bf16
+    # roundings, 2^-7), against one rounding (2^-8) for torch: 4 half-ulps (1.6%) allowed, margin x2
+    assert_grad_close(x.grad, exp_grad, dtype, "dL/dlogits", ulps=4.0)

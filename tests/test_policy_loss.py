@@ -7,6 +7,8 @@ import itertools
 
 import pytest
 import torch
+from seeds import stable_seed
+from tolerances import assert_grad_close, assert_value_close
 
 import lens_kernels as lk
 from lens_kernels import reference as ref
@@ -64,7 +66,7 @@ def _compare(cfg, dtype, seed, with_old=True, is_weights=False, adv_per_token=Fa
 def test_every_loss_type_level_aggregation_and_kl(dtype, policy, level, agg, kl):
     cfg = lk.LossConfig(policy_loss=policy, ratio_level=level, loss_agg_mode=agg, kl_estimator=kl, beta=0.05,
                         epsilon_high=0.28, entropy_coef=0.01, cispo_ratio_cap=1.2)
-    _compare(cfg, dtype, seed=hash((policy, level, agg, kl)) % 2**31)
+    _compare(cfg, dtype, seed=stable_seed(policy, level, agg, kl))
 
 
 OPTION_CASES = {
@@ -160,11 +162,7 @@ def _logits_batch(B, T, V, dtype, seed):
     return logits, targets, mask, adv, old
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
-@pytest.mark.parametrize("level", RATIO_LEVELS)
-@pytest.mark.parametrize("inplace", [False, True])
-def test_policy_loss_from_logits(dtype, tol, level, inplace, monkeypatch):
-    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 8192)
+def _logits_case(dtype, level, inplace):
     logits, targets, mask, adv, old = _logits_batch(4, 6, 211, dtype, seed=8)
     cfg = lk.LossConfig(ratio_level=level, beta=0.05, entropy_coef=0.01, dual_clip=3.0)
     refl = old + 0.1
@@ -175,11 +173,32 @@ def test_policy_loss_from_logits(dtype, tol, level, inplace, monkeypatch):
     y = logits.detach().double().requires_grad_()
     exp_loss, exp_metrics = ref.policy_loss_from_logits(y, targets, mask, adv, temperature=0.9, old_logps=old,
                                                         ref_logps=refl, config=cfg)
-    torch.testing.assert_close(loss.double(), exp_loss, atol=tol, rtol=tol)
-    torch.testing.assert_close(metrics["entropy"].double(), exp_metrics["entropy"], atol=tol * 10, rtol=tol)
     loss.backward()
     exp_loss.backward()
-    torch.testing.assert_close(base.grad.double(), y.grad, atol=tol, rtol=10 * tol)
+    return (loss, metrics, base.grad), (exp_loss, exp_metrics, y.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("level", RATIO_LEVELS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_policy_loss_from_logits(dtype, level, inplace, monkeypatch):
+    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 8192)
+    (loss, metrics, grad), (exp_loss, exp_metrics, exp_grad) = _logits_case(dtype, level, inplace)
+    assert_value_close(loss, exp_loss, dtype, "loss")
+    assert_value_close(metrics["entropy"], exp_metrics["entropy"], dtype, "entropy")
+    assert_grad_close(grad, exp_grad, dtype, "dL/dlogits")
+
+
+@pytest.mark.parametrize("factor", [1.10, 1.01, 0.99])
+def test_bf16_gradient_tolerance_rejects_a_scaled_gradient(factor, monkeypatch):
+    """The tolerance above is not a rubber stamp: the right gradient scaled by 1% fails it."""
+    monkeypatch.setattr(torch_common, "CHUNK_BYTES", 8192)
+    (loss, _, grad), (exp_loss, _, exp_grad) = _logits_case(torch.bfloat16, "token", False)
+    assert_grad_close(grad, exp_grad, torch.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_grad_close(grad.double() * factor, exp_grad, torch.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_value_close(loss.double() * factor, exp_loss, torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode", ["fast", "lean"])

@@ -78,7 +78,7 @@ def test_linear_token_logprobs_matches_reference(dtype, temperature, entropy_gra
         (logp * g_logp.float()).sum().backward()
         (exp_logp * g_logp).sum().backward()
     check({k: v.grad for k, v in inputs.items()} | dict(loss=logp.sum(), metrics={}),
-          {k: v.grad for k, v in expected_in.items()} | dict(loss=logp.sum(), metrics={}), tol)
+          {k: v.grad for k, v in expected_in.items()} | dict(loss=exp_logp.sum(), metrics={}), tol)
     assert torch.all(inputs["hidden"].grad[~batch["mask"]] == 0)
 
 
@@ -140,9 +140,12 @@ def test_gspo_in_both_modes(mode, level):
     check(ours, want, TOL_TRITON[torch.float32])
 
 
-@pytest.mark.parametrize("mode,dtype", [("fast", torch.bfloat16), ("fast", torch.float16), ("lean", torch.float16)])
+@pytest.mark.parametrize("mode,dtype", [("fast", torch.bfloat16), ("fast", torch.float16), ("lean", torch.float16),
+                                        ("lean", torch.bfloat16)])
 def test_half_precision_weights(mode, dtype):
     if DEVICE == "cpu" and dtype == torch.bfloat16 and mode == "lean":
+        # the interpreter's bf16 tl.dot gives garbage (loss inf, entropy 0, in both modes when called
+        # directly): this case runs on a GPU
         pytest.skip("bf16 tl.dot is broken in the interpreter")
     batch = _to_device(make_batch(B, T, H, V, dtype, seed=43))
     ours, want = run_both(batch, CONFIGS["dapo_kl_entropy"], mode=mode, op=_loss_op())
