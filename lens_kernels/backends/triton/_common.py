@@ -101,8 +101,23 @@ def row_stats(row_ptr, target, V, inv_tau, BLOCK_V: tl.constexpr):
     """One sweep over a row: (m_i, log_l, entropy, logp of the target) of softmax(z / tau)."""
     m_i, l_i, s_i = row_partials(row_ptr, V, inv_tau, BLOCK_V)
     log_l, entropy = finish_stats(l_i, s_i)
-    logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+    logp = (target_logit(row_ptr, target, V) * inv_tau - m_i) - log_l
     return m_i, log_l, entropy, logp
+
+
+@triton.jit
+def target_logit(row_ptr, target, V):
+    """z[target] in fp32, or NaN for a target outside [0, V) (e.g. a kept -100): never a read out of
+    bounds, and the NaN carries into the log-prob, the loss and the gradient row (README)."""
+    in_vocab = (target >= 0) & (target < V)
+    return tl.load(row_ptr + target, mask=in_vocab, other=float("nan")).to(tl.float32)
+
+
+@triton.jit
+def bad_target_nan(target, V):
+    """0 for a target in [0, V), NaN otherwise: added to a row's dL/dl so that a kept out-of-range
+    target gives a NaN gradient row even when the upstream gradient is finite."""
+    return tl.where((target >= 0) & (target < V), 0.0, float("nan"))
 
 
 @triton.jit

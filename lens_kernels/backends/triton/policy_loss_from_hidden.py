@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import torch_ops
+from ._common import bad_target_nan, row_partials, target_logit
 from .linear_token_logprobs import check_dtype, linear_token_logprobs
 
 # vocabulary lanes one program holds per step of a row sweep
@@ -42,21 +43,10 @@ def _chunk_row_stats_kernel(
     row_ptr = logits_ptr + row * V
     inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
     target = tl.load(targets_ptr + row)
-    m_i = -float("inf")
-    l_i = 0.0
-    s_i = 0.0  # sum exp(x - m_i) (x - m_i)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        v_in = offs < V
-        x = tl.load(row_ptr + offs, mask=v_in, other=-float("inf")).to(tl.float32) * inv_tau
-        m_new = tl.maximum(m_i, tl.max(x, 0))
-        alpha = tl.exp(m_i - m_new)
-        shift = tl.where(l_i > 0, m_i - m_new, 0.0)
-        e = tl.exp(x - m_new)
-        s_i = alpha * (s_i + shift * l_i) + tl.sum(e * tl.where(v_in, x - m_new, 0.0), 0)
-        l_i = alpha * l_i + tl.sum(e, 0)
-        m_i = m_new
-    x_target = tl.load(row_ptr + target).to(tl.float32) * inv_tau
+    # the shared online-softmax sweep: -inf lanes (a -inf bias, a banned token) add exactly 0, also
+    # when a whole block starts with them (no -inf - (-inf), no 0 * -inf)
+    m_i, l_i, s_i = row_partials(row_ptr, V, inv_tau, BLOCK_V)
+    x_target = target_logit(row_ptr, target, V) * inv_tau  # NaN for a target outside [0, V)
     log_l = tl.log(l_i)
     tl.store(logp_ptr + row, (x_target - m_i) - log_l)
     tl.store(entropy_ptr + row, log_l - s_i / l_i)
@@ -93,6 +83,7 @@ def _chunk_row_grad_kernel(
     else:
         inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
         target = tl.load(targets_ptr + row)
+        g_logp += bad_target_nan(target, V)  # a kept target outside [0, V): a NaN gradient row
         m_i = tl.load(m_ptr + row)
         log_l = tl.load(log_l_ptr + row)
         for v0 in range(0, V, BLOCK_V):
