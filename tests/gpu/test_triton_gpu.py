@@ -164,10 +164,17 @@ def test_split_in_place_equals_row_out_of_place(monkeypatch):
 
 def test_split_choice_checks_resident_capacity():
     pl = _pl()
-    capacity = pl.resident_programs(torch.device("cuda"), pl.SPLIT_REG_BUDGET, pl.SPLIT_NUM_WARPS)
+    capacity = pl.resident_programs(torch.device("cuda"), pl.split_reg_budget(torch.bfloat16, 151936),
+                                    pl.SPLIT_NUM_WARPS)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert sms <= capacity <= 16 * sms
     assert pl.split_fits(151936, torch.device("cuda"), torch.bfloat16) == (19 <= capacity // 2)
+    # after a launch, the compiled kernel's own register count replaces the budget
+    base, targets, mask, old = _inputs(1, 4, 151936, torch.bfloat16, seed=7, pad=0)
+    pl.fused_policy_loss_forward(base, None, targets, mask, torch.ones(1, device="cuda"), old, None, None, 1.0,
+                                 LossConfig(), None, None, 1.0, variant="split")
+    regs = pl._SPLIT_REGS.get((torch.cuda.current_device(), torch.bfloat16, True))
+    assert regs is not None and 0 < regs <= pl.split_reg_budget(torch.bfloat16, 151936)
 
 
 def test_logits_past_2_31_elements():

@@ -116,7 +116,7 @@ def _linear_logprobs_fwd_kernel(
         tl.store(m_ptr + offs_n, m_i, mask=row_in)
         tl.store(log_l_ptr + offs_n, log_l, mask=row_in)
         if SEQ_SUM:
-            tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep)
+            tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep, sem="relaxed")
 
 
 @triton.jit
@@ -152,7 +152,9 @@ def _linear_logprobs_bwd_kernel(
     else:
         g_entropy = g_logp * 0.0
         live = g_logp != 0.0
-    live = live & row_in
+    target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
+    bad_target = (target < 0) | (target >= V_TOTAL)  # kept (masked targets are 0): a NaN row, see below
+    live = (live | bad_target) & row_in
     if tl.max(live.to(tl.int32), 0) != 0:  # a block of masked tokens has dz = 0: skip its 3 dots
         if PER_ROW_TAU:
             inv_tau = 1.0 / tl.load(tau_ptr + offs_n, mask=row_in, other=1.0)
@@ -162,9 +164,8 @@ def _linear_logprobs_bwd_kernel(
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION) * inv_tau[:, None]
         m_i = tl.load(m_ptr + offs_n, mask=row_in, other=0.0)
         log_l = tl.load(log_l_ptr + offs_n, mask=row_in, other=0.0)
-        target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
         # a kept target outside [0, V) makes its whole row NaN (README); dead rows stay exactly 0 below
-        g_logp = g_logp + tl.where((target >= 0) & (target < V_TOTAL), 0.0, float("nan"))
+        g_logp = g_logp + tl.where(bad_target, float("nan"), 0.0)
         log_p = (x - m_i[:, None]) - log_l[:, None]
         p = tl.where(v_in[None, :], tl.exp(log_p), 0.0)
         coef = -g_logp[:, None] + tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -176,8 +177,10 @@ def _linear_logprobs_bwd_kernel(
         # exactly 0, and their hidden rows are never read into dW
         dz = tl.where(live[:, None] & v_in[None, :], dz, 0.0)
         if WANT_DB:
-            tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, 0), mask=v_in)
+            tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, 0), mask=v_in, sem="relaxed")
         dz_in = dz.to(hidden_ptr.dtype.element_ty)  # tensor-core operands in the input dtype
+        # The atomics below are relaxed: the sums are read only after the kernel ends, so they need no
+        # ordering with other memory operations (Triton's default acq_rel adds a fence to every one).
         for k0 in range(0, H, BLOCK_H):
             offs_k = k0 + tl.arange(0, BLOCK_H)
             k_in = offs_k < H
@@ -186,13 +189,13 @@ def _linear_logprobs_bwd_kernel(
                             mask=v_in[:, None] & k_in[None, :], other=0.0)
                 dx = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
                 tl.atomic_add(d_hidden_ptr + offs_n[:, None] * H + offs_k[None, :], dx,
-                              mask=row_in[:, None] & k_in[None, :])
+                              mask=row_in[:, None] & k_in[None, :], sem="relaxed")
             if WANT_DW:
                 h = tl.load(hidden_ptr + offs_n[:, None] * stride_hn + offs_k[None, :],
                             mask=live[:, None] & k_in[None, :], other=0.0)
                 dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
                 tl.atomic_add(d_weight_ptr + (offs_v - v_start)[:, None] * H + offs_k[None, :], dw,
-                              mask=v_in[:, None] & k_in[None, :])
+                              mask=v_in[:, None] & k_in[None, :], sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------

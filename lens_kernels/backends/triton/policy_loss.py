@@ -49,6 +49,7 @@ from ._common import (
     flat_rows,
     keep_rows,
     logit_grad_block,
+    merge_stats,
     num_warps_for,
     row_layout,
     row_offset,
@@ -303,11 +304,7 @@ def _policy_loss_split_kernel(
         m_p = tl.load(all_ptr, mask=present, other=-float("inf"), cache_modifier=".cg")
         l_p = tl.load(all_ptr + 1, mask=present, other=0.0, cache_modifier=".cg")
         s_p = tl.load(all_ptr + 2, mask=present, other=0.0, cache_modifier=".cg")
-        m_i = tl.max(m_p, 0)
-        m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
-        scale = tl.where(l_p > 0, tl.exp(m_p - m_safe), 0.0)
-        l_i = tl.sum(l_p * scale, 0)
-        s_i = tl.sum(tl.where(l_p > 0, scale * (s_p + (m_p - m_safe) * l_p), 0.0), 0)
+        m_i, l_i, s_i = merge_stats(m_p, l_p, s_p)
         log_l, entropy = finish_stats(l_i, s_i)
         logp = (x_target - m_i) - log_l
         g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
@@ -361,14 +358,21 @@ def _rescale_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# Registers per thread the split kernel is held to by the static compile check
-# (tests/test_triton_kernels_static.py); the capacity check uses it until a launch reports the real count.
+# Registers per thread the split kernel is held to by the static compile check (tests/test_triton_compile.py,
+# ptxas -v at sm_90 and sm_80); the capacity check uses it until a launch reports the real count.
+# bf16/fp16 rows with V a multiple of 8 (128-bit loads): ~104 registers, 2 programs per SM. fp32, or
+# V not a multiple of 8 (scalar loads, ~250 registers): 1 program per SM.
 SPLIT_NUM_WARPS = 8
-SPLIT_REG_BUDGET = 128
+
+
+def split_reg_budget(dtype: torch.dtype, vocab: int) -> int:
+    return 128 if dtype in (torch.bfloat16, torch.float16) and vocab % 8 == 0 else 255
+
+
 # Only this fraction of the resident capacity may be needed by one row: the rest is headroom for other
 # streams' kernels and for SM limits the device properties do not report (green contexts).
 SPLIT_CAPACITY_FRACTION = 0.5
-_SPLIT_REGS = {}  # (device index, logits dtype) -> registers per thread of the compiled split kernel
+_SPLIT_REGS = {}  # (device index, logits dtype, V % 8 == 0) -> registers per thread of the compiled split kernel
 
 
 def resident_programs(device: torch.device, regs_per_thread: int, num_warps: int) -> int:
@@ -394,7 +398,7 @@ def split_fits(vocab: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether every block of a row can be resident at once (the split variant's progress condition)."""
     blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    regs = _SPLIT_REGS.get((index, dtype), SPLIT_REG_BUDGET)
+    regs = _SPLIT_REGS.get((index, dtype, vocab % 8 == 0), split_reg_budget(dtype, vocab))
     return blocks <= SPLIT_CAPACITY_FRACTION * resident_programs(device, regs, SPLIT_NUM_WARPS)
 
 
@@ -485,7 +489,7 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
         regs = getattr(compiled, "n_regs", None)
         if isinstance(regs, int) and regs > 0 and device.type == "cuda":
             _SPLIT_REGS[(device.index if device.index is not None else torch.cuda.current_device(),
-                         logits.dtype)] = regs
+                         logits.dtype, vocab % 8 == 0)] = regs
     else:
         block = block_v(vocab)
         _policy_loss_row_kernel[(n,)](

@@ -76,13 +76,14 @@ def _chunk_row_grad_kernel(
     if HAS_ENTROPY_GRAD:
         g_entropy = tl.load(g_entropy_ptr + row)
         live = live | (g_entropy != 0.0)
+    target = tl.load(targets_ptr + row)
+    live = live | (target < 0) | (target >= V)  # a kept bad target (masked ones are 0): a NaN row below
     if not live:  # a masked token: write zeros, read nothing
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty), mask=offs < V)
     else:
         inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
-        target = tl.load(targets_ptr + row)
         g_logp += bad_target_nan(target, V)  # a kept target outside [0, V): a NaN gradient row
         m_i = tl.load(m_ptr + row)
         log_l = tl.load(log_l_ptr + row)

@@ -65,7 +65,7 @@ def _token_logprobs_fwd_kernel(
         m_i, log_l, entropy, logp = row_stats(row_ptr, tl.load(targets_ptr + row), V, inv_tau, BLOCK_V)
         if SEQ_SUM:
             # one float atomic per kept token onto its sequence: the order of the adds is not fixed
-            tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp)
+            tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp, sem="relaxed")  # read after the kernel
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(stats_ptr + row, m_i)
