@@ -20,8 +20,9 @@ From each compiled artifact the test asserts the design's promises, each failure
 - int64 offsets: no int32 multiply of a kernel argument (a stride or a size) anywhere;
 - shared memory within the architecture's limit.
 
-Under 2 minutes on 2 cores (distinct compiles run in 2 processes). Needs triton >= 3.9's JIT
-internals; on older triton the module skips with the reason.
+About 2 minutes of CPU (distinct compiles run in 2 processes): about 1 minute on 2 free cores. Uses
+triton 3.9's JIT internals; on another triton version whose internals differ, the tests skip with the
+reason (on 3.9 any failure fails).
 """
 import importlib.util
 import json
@@ -254,6 +255,18 @@ def _compile_worker(jobs):
 
 
 def _main():
+    import triton
+
+    try:
+        print(json.dumps(_check_all()))
+    except Exception as exc:  # noqa: BLE001
+        if triton.__version__.startswith("3.9"):
+            raise  # the version CI runs: any failure is a finding
+        # older triton: its JIT internals (binder, _pack_args, knobs) differ; say so and skip
+        print(json.dumps(dict(skip=f"triton {triton.__version__}: {type(exc).__name__}: {exc}"[:300])))
+
+
+def _check_all():
     import multiprocessing
 
     from triton.backends.compiler import GPUTarget
@@ -275,7 +288,7 @@ def _main():
     jobs.sort(key=lambda job: (job[1] not in DOT_KERNELS, job[2]["dtype"] != "float32"))
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         rows = [row for part in pool.map(_compile_worker, [jobs[0::2], jobs[1::2]]) for row in part]
-    print(json.dumps(dict(rows=rows, launches=len(launches), split_budget=split_budget)))
+    return dict(rows=rows, launches=len(launches), split_budget=split_budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +302,11 @@ def report():
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=900)
-    if proc.returncode != 0 and ("AttributeError" in proc.stderr or "ImportError" in proc.stderr) and \
-            "lens_kernels" not in proc.stderr.splitlines()[-1]:
-        pytest.skip("this triton's JIT internals differ from 3.9's (binder / _pack_args): " +
-                    proc.stderr.strip().splitlines()[-1][:200])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip("this triton's JIT internals differ from 3.9's: " + report["skip"])
+    return report
 
 
 def _rows(report, kernel=None):
@@ -307,7 +319,8 @@ def _where(r):
 
 def test_every_kernel_and_specialization_was_compiled(report):
     names = {r["kernel"] for r in report["rows"]}
-    assert names == set(ROW_LOOPS) | DOT_KERNELS, f"kernels never launched by a launcher: {set(ROW_LOOPS) | DOT_KERNELS - names}"
+    expected = set(ROW_LOOPS) | DOT_KERNELS
+    assert names == expected, f"kernels never launched by a launcher: {expected - names}"
     assert {(name, aligned): regs for name, aligned, regs in report["split_budget"]} == SPLIT_REG_BUDGET, \
         "policy_loss.split_reg_budget and this check disagree"
     for r in report["rows"]:
