@@ -1,88 +1,383 @@
-"""Every Triton kernel variant that matters compiles for sm_90 and sm_80 without a GPU.
+"""Static check of every Triton kernel as a real launch compiles it, for sm_90 and sm_80, without a GPU.
 
-The compile runs in a subprocess without TRITON_INTERPRET: the interpreter tests of this suite set it
-for the whole pytest process, and interpreted kernels cannot be compiled.
+The launchers themselves run (on CPU tensors of the real shapes, in a subprocess without
+TRITON_INTERPRET) with each kernel's ``run`` replaced by a recorder, so that what is compiled has
+exactly the launch's constexprs, num_warps / num_stages and the JIT's specialization of every
+argument (16-divisibility of pointers and integers, integers equal to 1 as constants), built with
+triton's own binder and ``_pack_args`` as ``JITFunction.run`` does. Each distinct specialization is
+compiled once per architecture (V = 151936 and 128256 specialize alike; 50257 does not).
+
+From each compiled artifact the test asserts the design's promises, each failure naming the promise:
+
+- registers and spills (ptxas -v, as triton runs it): no spill in any logits-row kernel; the split
+  variant within ``SPLIT_REG_BUDGET`` registers (its residency check relies on it); the hidden-path
+  dot kernels within 255 registers and, for bf16/fp16, without spills (fp32 inputs are a documented
+  slow path: CUDA-core FMA, they spill);
+- 128-bit global loads (and stores where a gradient row is written) when rows are 16-byte aligned
+  (V a multiple of 8);
+- the number of loops that read the row: forward 1, ``row`` variant 2, backward 1, ``split`` no loop
+  and one block load;
+- int64 offsets: no int32 multiply of a kernel argument (a stride or a size) anywhere;
+- shared memory within the architecture's limit.
+
+About 2 minutes of CPU (distinct compiles run in 2 processes): about 1 minute on 2 free cores. Uses
+triton 3.9's JIT internals; on another triton version whose internals differ, the tests skip with the
+reason (on 3.9 any failure fails).
 """
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-# no import of triton in this process: the interpreter tests set TRITON_INTERPRET for the process,
-# which triton reads once, at its own import
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-# (module, kernel, logits dtype, constexprs): the switches each op launches with most often, plus the
-# ones that change the code the most (entropy gradient, per-row temperature, KL, dual clip, CISPO, SAPO).
-_PPO_ALL = dict(POLICY_LOSS=0, HAS_DELTA=True, HAS_DUAL_CLIP=True, HAS_LOG_RATIO_CLAMP=True, HAS_OLD=True,
-                HAS_IS=True, HAS_KL=True, KL_ESTIMATOR=3, HAS_KL_CLAMP=True, HAS_ENTROPY_BONUS=True,
-                PER_ROW_TAU=False, WRITE_GRAD=True)
-_CISPO = dict(_PPO_ALL, POLICY_LOSS=1, HAS_DELTA=False, HAS_DUAL_CLIP=False, KL_ESTIMATOR=2, PER_ROW_TAU=True)
-_SAPO = dict(_PPO_ALL, POLICY_LOSS=2, HAS_DUAL_CLIP=False, HAS_KL=False, HAS_ENTROPY_BONUS=False, HAS_OLD=False)
-VARIANTS = [
-    ("token_logprobs", "_token_logprobs_fwd_kernel", "bf16", dict(PER_ROW_TAU=False, SEQ_SUM=True, BLOCK_V=4096)),
-    ("token_logprobs", "_token_logprobs_bwd_kernel", "bf16", dict(PER_ROW_TAU=True, HAS_ENTROPY_GRAD=True,
-                                                                  BLOCK_V=4096)),
-    ("policy_loss", "_policy_loss_row_kernel", "bf16", dict(_PPO_ALL, BLOCK_V=4096)),
-    ("policy_loss", "_policy_loss_row_kernel", "fp32", dict(_CISPO, BLOCK_V=2048)),
-    ("policy_loss", "_policy_loss_split_kernel", "bf16", dict(_PPO_ALL, BLOCK_V=8192, BLOCKS_POW2=32)),
-    ("policy_loss", "_policy_loss_split_kernel", "fp16", dict(_SAPO, BLOCK_V=8192, BLOCKS_POW2=64)),
-    ("policy_loss", "_rescale_grad_kernel", "bf16", dict(BLOCK_V=4096)),
-    ("vocab_shard", "_vocab_shard_partials_kernel", "bf16", dict(PER_ROW_TAU=True, BLOCK_V=4096)),
-    ("vocab_shard", "_vocab_shard_grad_kernel", "bf16", dict(PER_ROW_TAU=False, HAS_ENTROPY_GRAD=True,
-                                                             BLOCK_V=4096)),
-]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCABS = (151936, 128256, 50257)
+HIDDEN = (2048, 4096)
+DTYPES = ("bfloat16", "float16", "float32")
+ARCHS = (90, 80)
+SMEM_LIMIT = {90: 232448, 80: 166912}  # opt-in shared memory per block (bytes)
+# == policy_loss.split_reg_budget (checked below): 2 programs per SM for aligned 16-bit rows, else 1
+SPLIT_REG_BUDGET = {("bfloat16", True): 128, ("float16", True): 128, ("float32", True): 255,
+                    ("bfloat16", False): 255, ("float16", False): 255, ("float32", False): 255}
+# loops whose body loads a block of a logits row, per row kernel ("split": none, one block load)
+ROW_LOOPS = {
+    "_token_logprobs_fwd_kernel": 1, "_token_logprobs_bwd_kernel": 1, "_policy_loss_row_kernel": 2,
+    "_policy_loss_split_kernel": 0, "_rescale_grad_kernel": 1, "_vocab_shard_partials_kernel": 1,
+    "_vocab_shard_grad_kernel": 1, "_chunk_row_stats_kernel": 1, "_chunk_row_grad_kernel": 1,
+}
+# kernels that write a gradient row (128-bit stores promised where rows are aligned)
+GRAD_WRITERS = {"_token_logprobs_bwd_kernel", "_policy_loss_row_kernel", "_policy_loss_split_kernel",
+                "_rescale_grad_kernel", "_vocab_shard_grad_kernel", "_chunk_row_grad_kernel"}
+DOT_KERNELS = {"_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"}
 
-_SCRIPT = textwrap.dedent(r"""
-    import importlib, json, sys, time
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess side: run the launchers, record their launches, compile each distinct one
+# ---------------------------------------------------------------------------------------------
+def _record_launches():
+    """[(kernel, args, kwargs, tags)] of every launch the launchers make at the real shapes."""
+    import torch
+    import triton  # noqa: F401
+
+    from lens_kernels import LossConfig
+
+    # the package re-exports functions under the modules' names: fetch the modules themselves
+    lin, pl, plh, tlp, vs = (importlib.import_module("lens_kernels.backends.triton." + name) for name in (
+        "linear_token_logprobs", "policy_loss", "policy_loss_from_hidden", "token_logprobs", "vocab_shard"))
+
+    kernels = [tlp._token_logprobs_fwd_kernel, tlp._token_logprobs_bwd_kernel, pl._policy_loss_row_kernel,
+               pl._policy_loss_split_kernel, pl._rescale_grad_kernel, vs._vocab_shard_partials_kernel,
+               vs._vocab_shard_grad_kernel, plh._chunk_row_stats_kernel, plh._chunk_row_grad_kernel,
+               lin._linear_logprobs_fwd_kernel, lin._linear_logprobs_bwd_kernel]
+    launches, tags = [], {}
+
+    class Stop(Exception):
+        pass
+
+    def recorder(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            launches.append((kernel, args, kwargs, dict(tags)))
+            if kernel is lin._linear_logprobs_bwd_kernel:
+                raise Stop  # one vocabulary slab is the whole story; the rest would touch GBs of dW
+            return None
+        return run
+
+    for kernel in kernels:
+        kernel.run = recorder(kernel)
+    # the hidden path's GPU tiles, not the interpreter's (chosen by device type); a smaller dW slab
+    # (only the grid and the runtime v_stop change, with the same specialization) spares zeroing 256 MiB
+    cpu_tiles = lin.tile_config
+    lin.tile_config = lambda device, dtype: cpu_tiles(torch.device("cuda"), dtype)
+    lin.DW_SLAB_ROWS = 256
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 1, 16
+    full = LossConfig(epsilon_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0, beta=0.001, kl_clamp=10.0,
+                      entropy_coef=0.001)
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for V in VOCABS:
+            tags.update(dtype=dtype_name, V=V, H=0)
+            base = torch.empty(B, T + 1, V, dtype=dtype)
+            view = base[:, :-1]  # the usual strided slice
+            targets = torch.randint(0, V, (B, T), generator=g)
+            mask = torch.ones(B, T, dtype=torch.bool)
+            adv = torch.randn(B, generator=g)
+            old = -torch.rand(B, T, generator=g)
+            logp, entropy, stats, row_inputs, _ = tlp.token_logprobs_forward(view, targets, mask, 1.0)
+            if dtype_name == "bfloat16":
+                tlp.token_logprobs_forward(view, targets, mask, 1.0, sequence_sums=True)
+            grad = torch.empty(view.shape, dtype=dtype)
+            tlp.token_logprobs_backward(view, grad, row_inputs, stats, entropy, logp, entropy)
+            # every switch on (the most code), and the default config (the most common launch; bf16 only:
+            # it differs from the full one in constexprs, not in how a dtype is loaded)
+            for cfg in (full, LossConfig()) if dtype_name == "bfloat16" else (full,):
+                for variant in ("row", "split"):
+                    pl.fused_policy_loss_forward(view, grad, targets, mask, adv, old, old, None, 1.0, cfg,
+                                                 None, None, 1.0, variant=variant)
+            z = base.clone().requires_grad_(True)
+            loss, _ = pl.FusedPolicyLossFunction.apply(z[:, :-1], targets, mask, adv, old, None, None, 1.0,
+                                                       LossConfig(), None, None, 1.0, True, True)
+            loss.backward(torch.tensor(0.5))  # a grad_output != grad_scale: the rescale kernel
+            n = B * T
+            vs.vocab_shard_partials(view, targets)
+            vs.vocab_shard_grad(view, targets, 1.0, logp, entropy, logp, entropy, logp)
+            chunk = torch.empty(n, V, dtype=dtype)
+            plh.triton_chunk_step(chunk, targets.reshape(n), 1.0, lambda lp, ent: (lp, ent))
+            for H in HIDDEN:
+                tags.update(H=H)
+                hidden = torch.empty(64, H, dtype=dtype)
+                weight = torch.empty(V, H, dtype=dtype)
+                t = torch.randint(0, V, (64,), generator=g)
+                keep = torch.ones(64, dtype=torch.int8)
+                lp, ent, m_i, log_l, _ = lin.linear_logprobs_forward(hidden, weight, None, t, keep, 1.0, None)
+                try:
+                    lin.linear_logprobs_backward(hidden, weight, None, t, 1.0, None, m_i, log_l, ent, lp, ent,
+                                                 True, True, False)
+                except Stop:
+                    pass
+    budget = getattr(pl, "split_reg_budget", None)
+    return launches, [[name, aligned, budget(getattr(torch, name), 151936 if aligned else 50257)]
+                      for name in DTYPES for aligned in (True, False)] if budget else []
+
+
+def _bind(kernel, args, kwargs, backend):
+    """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` builds them."""
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
+
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+_LOAD_V4 = re.compile(r"\bld\.global(\.[\w:]+)*\.v4\.(b32|f32|u32)")
+_STORE_V4 = re.compile(r"\bst\.global(\.[\w:]+)*\.v4\.(b32|f32|u32)")
+
+
+def _row_loops(ttir):
+    """(loops of the kernel whose body loads a block (tensor) of values, tensor loads outside loops)."""
+    lines = ttir.splitlines()
+    loops, block_loads = 0, 0
+    in_loop_until = []
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        while in_loop_until and indent <= in_loop_until[-1] and line.strip().startswith("}"):
+            in_loop_until.pop()
+            break
+        if re.search(r"\bscf\.for\b", line):
+            body = []
+            for later in lines[i + 1:]:
+                later_indent = len(later) - len(later.lstrip())
+                if later_indent <= indent and later.strip().startswith("}"):
+                    break
+                body.append(later)
+            if any(re.search(r"tt\.load .*: tensor<", b) for b in body):
+                loops += 1
+            in_loop_until.append(indent)
+        elif not in_loop_until and re.search(r"tt\.load .*: tensor<", line):
+            block_loads += 1
+    return loops, block_loads
+
+
+def _i32_arg_products(ttir):
+    """Lines with an int32 multiply that has a kernel argument (through splat/broadcast) as operand."""
+    defs, args = {}, set()
+    for line in ttir.splitlines():
+        if "tt.func" in line:  # arguments are named (%stride_wv: i32) or numbered (%arg3: i32)
+            args.update(re.findall(r"(%[\w#]+): ", line))
+        m = re.match(r"\s*(%[\w#]+) = (\S+) (.*)", line)
+        if m:
+            defs[m.group(1)] = (m.group(2), m.group(3))
+
+    def from_arg(name, depth=0):
+        if name in args:
+            return True
+        op = defs.get(name)
+        if op is None or depth > 8 or op[0] not in ("tt.splat", "tt.broadcast", "tt.expand_dims"):
+            return False
+        src = re.match(r"(%[\w#]+)", op[1])
+        return bool(src) and from_arg(src.group(1), depth + 1)
+
+    bad = []
+    for line in ttir.splitlines():
+        m = re.match(r"\s*%[\w#]+ = arith\.muli (%[\w#]+), (%[\w#]+).*: (.*)", line)
+        if m and re.search(r"(^|[x\s])i32\b", m.group(3)) and (from_arg(m.group(1)) or from_arg(m.group(2))):
+            bad.append(line.strip()[:160])
+    return bad
+
+
+def _ptxas_figures(log):
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return (max(regs) if regs else -1), (max(spills) if spills else -1)
+
+
+def _compile_worker(jobs):
+    """Compiles [(module, kernel name, tags, arch, signature, constexprs, attrs, options)]; report rows."""
+    import contextlib
+    import importlib
+    import io
+
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    variants, archs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-    FLOATS = {"tau", "grad_scale", "clip_low", "clip_high", "delta", "dual_clip", "cispo_cap", "sapo_temp_pos",
-              "sapo_temp_neg", "log_ratio_clamp", "beta", "kl_clamp", "entropy_coef"}
-    POINTERS = {"logits_ptr": None, "grad_ptr": None, "targets_ptr": "i32", "keep_ptr": "i8", "arrivals_ptr": "i32"}
+    from triton.compiler import ASTSource
 
-    def signature(kernel, dtype, constexprs):
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + (POINTERS.get(name, "fp32") or dtype)
-            elif name in FLOATS:
-                sig[name] = "fp32"
-            else:  # shapes and strides; strides of big tensors exceed int32
-                sig[name] = "i64" if name.startswith(("stride", "grad_stride")) else "i32"
-        return sig
-
-    report = []
-    for module, name, dtype, constexprs in variants:
-        kernel = getattr(importlib.import_module("lens_kernels.backends.triton." + module), name)
-        src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs),
-                                        constexprs=constexprs)
-        for arch in archs:
-            start = time.time()
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": 8})
-            report.append([name, dtype, arch, len(compiled.asm["cubin"]), round(time.time() - start, 2)])
-    print(json.dumps(report))
-""")
+    knobs.nvidia.dump_ptxas_log = True  # triton runs ptxas -v; its log is printed, and captured here
+    rows = []
+    for module, name, tags, arch, signature, constexprs, attrs, options in jobs:
+        kernel = getattr(importlib.import_module(module), name)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        regs, spills = _ptxas_figures(log.getvalue())
+        ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
+        loops, block_loads = _row_loops(ttir)
+        rows.append(dict(
+            kernel=name, arch=arch, **tags, num_warps=options.num_warps, regs=regs, spills=spills,
+            smem=compiled.metadata.shared, v4_loads=len(_LOAD_V4.findall(ptx)), v4_stores=len(_STORE_V4.findall(ptx)),
+            row_loops=loops, block_loads=block_loads, i32_arg_products=_i32_arg_products(ttir),
+        ))
+    return rows
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-def test_every_kernel_compiles_for_gpu_targets(arch):
+def _main():
+    import triton
+
+    try:
+        print(json.dumps(_check_all()))
+    except Exception as exc:  # noqa: BLE001
+        if triton.__version__.startswith("3.9"):
+            raise  # the version CI runs: any failure is a finding
+        # older triton: its JIT internals (binder, _pack_args, knobs) differ; say so and skip
+        print(json.dumps(dict(skip=f"triton {triton.__version__}: {type(exc).__name__}: {exc}"[:300])))
+
+
+def _check_all():
+    import multiprocessing
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    launches, split_budget = _record_launches()
+    jobs, seen = [], set()
+    for arch in ARCHS:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        for kernel, args, kwargs, tags in launches:
+            signature, constexprs, attrs, options = _bind(kernel, args, kwargs, backend)
+            key = (arch, kernel.fn.__name__, str(signature), str(sorted(constexprs.items())),
+                   str(sorted(attrs.items())), str(options))
+            if key not in seen:
+                seen.add(key)
+                jobs.append((kernel.fn.__module__, kernel.fn.__name__, tags, arch, signature, constexprs, attrs,
+                             options))
+    # the heavy dot kernels first, dealt alternately to the two workers
+    jobs.sort(key=lambda job: (job[1] not in DOT_KERNELS, job[2]["dtype"] != "float32"))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        rows = [row for part in pool.map(_compile_worker, [jobs[0::2], jobs[1::2]]) for row in part]
+    return dict(rows=rows, launches=len(launches), split_budget=split_budget)
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest side
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS), json.dumps([arch])],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    env["TRITON_ALWAYS_COMPILE"] = "1"  # ptxas must run (and report) for every variant
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(report) == len(VARIANTS)
-    for name, dtype, got_arch, cubin_bytes, _ in report:
-        assert got_arch == arch and cubin_bytes > 0, (name, dtype)
+    if "skip" in report:
+        pytest.skip("this triton's JIT internals differ from 3.9's: " + report["skip"])
+    return report
+
+
+def _rows(report, kernel=None):
+    return [r for r in report["rows"] if kernel is None or r["kernel"] == kernel]
+
+
+def _where(r):
+    return f"{r['kernel']} sm_{r['arch']} {r['dtype']} V={r['V']}" + (f" H={r['H']}" if r["H"] else "")
+
+
+def test_every_kernel_and_specialization_was_compiled(report):
+    names = {r["kernel"] for r in report["rows"]}
+    expected = set(ROW_LOOPS) | DOT_KERNELS
+    assert names == expected, f"kernels never launched by a launcher: {expected - names}"
+    assert {(name, aligned): regs for name, aligned, regs in report["split_budget"]} == SPLIT_REG_BUDGET, \
+        "policy_loss.split_reg_budget and this check disagree"
+    for r in report["rows"]:
+        assert r["regs"] > 0 and r["spills"] >= 0, f"{_where(r)}: no ptxas -v figures"
+
+
+@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS) + sorted(DOT_KERNELS))
+def test_registers_and_spills_within_budget(report, kernel):
+    for r in _rows(report, kernel):
+        assert r["regs"] <= 255, f"{_where(r)}: {r['regs']} registers"
+        if kernel == "_policy_loss_split_kernel":
+            budget = SPLIT_REG_BUDGET[(r["dtype"], r["V"] % 8 == 0)]
+            assert r["regs"] <= budget, \
+                f"promise broken: split variant within {budget} registers (its residency check), " \
+                f"{_where(r)} uses {r['regs']}"
+        if kernel in DOT_KERNELS and r["dtype"] == "float32":
+            continue  # documented slow path: fp32 dots on CUDA cores
+        assert r["spills"] == 0, f"promise broken: no spill in a vocabulary loop; {_where(r)} spills " \
+                                 f"{r['spills']} bytes ({r['regs']} registers)"
+
+
+@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS))
+def test_128_bit_row_accesses_when_rows_are_aligned(report, kernel):
+    for r in _rows(report, kernel):
+        if r["V"] % 8:
+            continue  # rows not 16-byte aligned: scalar accesses (documented in benchmarks/NOTES.md)
+        assert r["v4_loads"] > 0, \
+            f"promise broken: 128-bit global loads of an aligned row; {_where(r)} has none"
+        if kernel in GRAD_WRITERS:
+            assert r["v4_stores"] > 0, f"promise broken: 128-bit stores of the gradient row; {_where(r)} has none"
+
+
+@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS))
+def test_number_of_loops_reading_the_row(report, kernel):
+    for r in _rows(report, kernel):
+        assert r["row_loops"] == ROW_LOOPS[kernel], \
+            f"promise broken: {ROW_LOOPS[kernel]} loop(s) reading the row; {_where(r)} has {r['row_loops']}"
+        if kernel == "_policy_loss_split_kernel":
+            assert r["block_loads"] >= 1, f"{_where(r)}: the split variant's one block load is missing"
+
+
+@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS) + sorted(DOT_KERNELS))
+def test_offsets_are_int64(report, kernel):
+    for r in _rows(report, kernel):
+        assert not r["i32_arg_products"], \
+            f"promise broken: int64 offsets; {_where(r)} multiplies a kernel argument in int32: " \
+            f"{r['i32_arg_products'][:2]}"
+
+
+@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS) + sorted(DOT_KERNELS))
+def test_shared_memory_within_the_limit(report, kernel):
+    for r in _rows(report, kernel):
+        assert r["smem"] <= SMEM_LIMIT[r["arch"]], \
+            f"promise broken: shared memory within sm_{r['arch']}'s {SMEM_LIMIT[r['arch']]} B; {_where(r)} " \
+            f"uses {r['smem']} B"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    _main()

@@ -224,10 +224,27 @@ def test_huge_logits_policy_loss():
     assert_close_scaled(z.grad, ref_grad, 1e-4, "dL/dz")
 
 
+class _Props:
+    """torch.cuda.get_device_properties of an H200-like device, with a settable SM count."""
+
+    def __init__(self, sms):
+        self.multi_processor_count = sms
+        self.regs_per_multiprocessor = 65536
+        self.max_threads_per_multi_processor = 2048
+
+
+def _fake_device(monkeypatch, sms):
+    monkeypatch.setattr(pl.torch.cuda, "get_device_properties", lambda device: _Props(sms))
+    monkeypatch.setattr(pl.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(pl, "_SPLIT_REGS", {})
+
+
 def test_variant_choice_is_data_driven(monkeypatch):
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", 0)
+    _fake_device(monkeypatch, sms=132)
     monkeypatch.setattr(pl, "INTERPRETING", False)
     monkeypatch.delenv("LENS_KERNELS_TRITON_VARIANT", raising=False)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
     assert pl.choose_variant(16384, 151936, cuda) == "row"  # split is opt-in until measured on a GPU
     monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", "split")
     assert pl.choose_variant(16384, 151936, cuda) == "split"
@@ -240,6 +257,35 @@ def test_variant_choice_is_data_driven(monkeypatch):
     monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", "split")
     monkeypatch.setattr(pl, "INTERPRETING", True)  # programs run one by one: a spin-wait would deadlock
     assert pl.choose_variant(16384, 151936, cuda) == "row"
+
+
+def test_split_variant_falls_back_when_a_row_does_not_fit(monkeypatch):
+    """The split kernel's spin-wait needs every block of a row resident: 19 blocks at V = 151936."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(pl, "INTERPRETING", False)
+    monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", "split")
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    # 128 registers x 256 threads: 2 programs per SM (65536 registers)
+    _fake_device(monkeypatch, sms=132)
+    assert pl.resident_programs(cuda, 128, 8) == 264
+    assert pl.resident_programs(cuda, 129, 8) == 132  # 129 rounds up to 136 per thread: 1 per SM
+    assert pl.resident_programs(cuda, 32, 8) == 8 * 132  # thread limit: 2048 / 256 per SM
+    _fake_device(monkeypatch, sms=10)  # a small MIG slice / green context: 20 resident, 19 needed > 10
+    assert pl.choose_variant(16384, 151936, cuda) == "row"
+    _fake_device(monkeypatch, sms=19)  # 38 resident: 19 blocks fit in half
+    assert pl.choose_variant(16384, 151936, cuda) == "split"
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "25")  # MPS: a quarter of the SMs
+    assert pl.choose_variant(16384, 151936, cuda) == "row"
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    pl._SPLIT_REGS[(0, torch.bfloat16, True)] = 200  # a launch reported 200 registers: 1 program per SM
+    assert pl.choose_variant(16384, 151936, cuda, torch.bfloat16) == "row"
+    assert pl.choose_variant(16384, 151936, cuda, torch.float16) == "split"
+    # the budget before any launch: fp32 or unaligned rows hold 1 program per SM
+    assert pl.split_reg_budget(torch.bfloat16, 151936) == 128
+    assert pl.split_reg_budget(torch.bfloat16, 50257) == 255 and pl.split_reg_budget(torch.float32, 151936) == 255
+    _fake_device(monkeypatch, sms=30)  # 60 resident bf16 programs, 30 fp32: 19 blocks fit in half of 60 only
+    assert pl.choose_variant(16384, 151936, cuda, torch.bfloat16) == "split"
+    assert pl.choose_variant(16384, 151936, cuda, torch.float32) == "row"
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -18,7 +18,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     if "triton" in sys.modules:  # triton reads the setting once, at its import: too late to switch
         raise RuntimeError("triton was imported before the triton backend tests could set TRITON_INTERPRET=1; "
                            "run the tests with TRITON_INTERPRET=1 in the environment")
-    for name in ("_common", "token_logprobs", "policy_loss", "vocab_shard", "__init__"):
+    for name in ("_common", "token_logprobs", "policy_loss", "vocab_shard", "linear_token_logprobs",
+                 "policy_loss_from_hidden", "__init__"):
         module = sys.modules.get("lens_kernels.backends.triton" + ("" if name == "__init__" else "." + name))
         if module is not None:
             importlib.reload(module)

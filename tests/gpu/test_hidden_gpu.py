@@ -114,3 +114,40 @@ def test_linear_token_logprobs_forward_bf16_headline(case):
     assert (logp <= 0).all() and torch.isfinite(entropy).all()
     assert (logp - want).abs().max().item() < 2e-3
     torch.testing.assert_close(sums, want.sum(-1), atol=0.5, rtol=1e-4)
+
+
+def test_lean_kernels_special_inputs_on_gpu():
+    """Compiled (not interpreted) lean kernels: a -inf bias over whole vocabulary tiles gives exact
+    log-probs and finite gradients with exact zeros on banned rows of dW; NaN hidden states at masked
+    tokens influence nothing; a kept target of -100 gives a NaN log-prob and NaN dX row."""
+    lin = importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    n, h, v = 256, 512, 4096
+    hidden = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(v, device="cuda", generator=g).to(torch.bfloat16)
+    bias[:300] = float("-inf")  # more than two 128-lane tiles
+    targets = torch.randint(300, v, (n,), device="cuda", generator=g)
+    mask = torch.rand(n, device="cuda", generator=g) < 0.8
+    dirty = hidden.clone()
+    dirty[~mask] = float("nan")
+    results = []
+    for x in (hidden, dirty):
+        hx, w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logp, entropy = lin.linear_token_logprobs(hx, w, targets, bias=bias, mask=mask, return_entropy=True)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        results.append((logp, entropy, hx.grad[mask], w.grad))
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    logp, entropy, _, dw = results[0]
+    z = hidden.float() @ weight.float().T + bias.float()
+    want = torch.log_softmax(z, -1).gather(-1, targets[:, None])[:, 0]
+    assert ((logp - want)[mask]).abs().max() < 2e-3 and torch.isfinite(entropy).all()
+    assert (dw[:300] == 0).all() and torch.isfinite(dw.float()).all()
+    bad = targets.clone()
+    bad[0] = -100
+    hx = hidden.clone().requires_grad_(True)
+    logp, _ = lin.linear_token_logprobs(hx, weight, bad)
+    logp[1:].sum().backward()
+    assert torch.isnan(logp[0]) and torch.isfinite(logp[1:]).all()
+    assert torch.isnan(hx.grad[0].float()).all() and torch.isfinite(hx.grad[1:].float()).all()

@@ -139,3 +139,63 @@ def test_auto_prefers_triton_on_cuda_and_torch_for_fp64():
     x = torch.zeros(2, 3, 10, device="cuda")
     assert lk.backend_for("policy_loss_from_logits", x) in ("triton", "cuda")
     assert lk.backend_for("policy_loss_from_logits", x.double()) == "torch"
+
+
+# The split variant's tests carry "split" in their names: the device script runs them last, on their
+# own, under `timeout -k` (``pytest -k split``), so that a hang there cannot take the other results.
+def test_split_in_place_equals_row_out_of_place(monkeypatch):
+    """In place, a block's gradient may land on the target logit before another block of the row has
+    read it: every program must read the target logit before it publishes its arrival."""
+    base, targets, mask, old = _inputs(4, 128, 151936, torch.float32, seed=5, pad=0)
+    adv = torch.randn(4, device="cuda")
+    cfg = LossConfig(entropy_coef=0.01, beta=0.02)
+    results = {}
+    for variant, inplace in (("split", True), ("row", False)):
+        monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", variant)
+        z = base.clone().requires_grad_(True)
+        loss, metrics = lk.policy_loss_from_logits(z, targets, mask, adv, old_logps=old, ref_logps=old, config=cfg,
+                                                   backend="triton", inplace=inplace)
+        loss.backward()
+        results[variant] = (loss.detach(), torch.stack(list(metrics.values())), z.grad if not inplace else z.detach())
+    assert _rel_err(results["split"][0], results["row"][0]) <= 1e-5
+    assert _rel_err(results["split"][1], results["row"][1]) <= 1e-5
+    assert _rel_err(results["split"][2], results["row"][2]) <= 1e-5
+
+
+def test_split_choice_checks_resident_capacity():
+    pl = _pl()
+    capacity = pl.resident_programs(torch.device("cuda"), pl.split_reg_budget(torch.bfloat16, 151936),
+                                    pl.SPLIT_NUM_WARPS)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert sms <= capacity <= 16 * sms
+    assert pl.split_fits(151936, torch.device("cuda"), torch.bfloat16) == (19 <= capacity // 2)
+    # after a launch, the compiled kernel's own register count replaces the budget
+    base, targets, mask, old = _inputs(1, 4, 151936, torch.bfloat16, seed=7, pad=0)
+    pl.fused_policy_loss_forward(base, None, targets, mask, torch.ones(1, device="cuda"), old, None, None, 1.0,
+                                 LossConfig(), None, None, 1.0, variant="split")
+    regs = pl._SPLIT_REGS.get((torch.cuda.current_device(), torch.bfloat16, True))
+    assert regs is not None and 0 < regs <= pl.split_reg_budget(torch.bfloat16, 151936)
+
+
+def test_logits_past_2_31_elements():
+    """More than 2^31 logits in one tensor: every row offset past 2^31 elements must be int64."""
+    V = 151936
+    T = 2 ** 31 // V + 8  # 14142 + 8 rows: the last rows start past element 2^31
+    g = torch.Generator(device="cuda").manual_seed(6)
+    base = torch.randn(1, T, V, generator=g, device="cuda", dtype=torch.bfloat16)
+    assert base.numel() > 2 ** 31
+    targets = torch.randint(0, V, (1, T), generator=g, device="cuda")
+    mask = torch.ones(1, T, dtype=torch.bool, device="cuda")
+    tail = slice(T - 8, T)
+    want = torch.log_softmax(base[0, tail].double(), -1).gather(-1, targets[0, tail, None])[:, 0]
+    logp, _ = lk.token_logprobs(base, targets, mask=mask, backend="triton")
+    assert (logp[0, tail].double() - want).abs().max() < 1e-4 * want.abs().max()
+    adv = torch.randn(1, device="cuda")
+    ref = base[:, tail].double().requires_grad_(True)
+    ref_loss, _ = reference.policy_loss_from_logits(ref, targets[:, tail], mask[:, tail], adv, num_tokens=T,
+                                                    num_sequences=1)
+    ref_loss.backward()
+    z = base.requires_grad_(True)  # in place: the gradient overwrites the 4.3 GB of logits
+    loss, _ = lk.policy_loss_from_logits(z, targets, mask, adv, backend="triton", inplace=True)
+    loss.backward()
+    assert _rel_err(z.grad[:, tail].float(), ref.grad) <= GRAD_REL[torch.bfloat16]

@@ -83,9 +83,32 @@ def logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, g_
 
 
 @triton.jit
+def merge_stats(m_p, l_p, s_p):
+    """(m_i, l_i, s_i) of a row from partial states (vectors: the blocks of a row in ``split``).
+
+    Partials with l == 0 (only -inf seen) add nothing; a NaN partial makes the row NaN (the test is
+    l == 0, not l > 0, which would drop it).
+    """
+    m_i = tl.max(m_p, 0)
+    m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
+    empty = l_p == 0
+    shift = tl.where(empty, 0.0, m_p - m_safe)  # an empty partial's m is -inf: keep it out of the products
+    scale = tl.where(empty, 0.0, tl.exp(shift))
+    l_i = tl.sum(l_p * scale, 0)
+    s_i = tl.sum(scale * (s_p + shift * l_p), 0)
+    return m_i, l_i, s_i
+
+
+@triton.jit
 def row_partials(row_ptr, V, inv_tau, BLOCK_V: tl.constexpr):
     """One sweep over a row (or a vocabulary shard of it): the online-softmax state (m_i, l_i, s_i)
-    of z / tau, see ``softmax_stats_update``."""
+    of z / tau, see ``softmax_stats_update``.
+
+    The block-wide state costs 3 reductions per block. A per-lane state merged once after the loop
+    (no reduction in the loop) was tried for issue 14: ptxas then used 80-93 registers and spilled
+    4-8 bytes in the fused row kernel at sm_90 (40 registers, no spill, this way), so it waits for a
+    GPU measurement (benchmarks/NOTES.md).
+    """
     m_i = -float("inf")
     l_i = 0.0
     s_i = 0.0
@@ -101,8 +124,23 @@ def row_stats(row_ptr, target, V, inv_tau, BLOCK_V: tl.constexpr):
     """One sweep over a row: (m_i, log_l, entropy, logp of the target) of softmax(z / tau)."""
     m_i, l_i, s_i = row_partials(row_ptr, V, inv_tau, BLOCK_V)
     log_l, entropy = finish_stats(l_i, s_i)
-    logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+    logp = (target_logit(row_ptr, target, V) * inv_tau - m_i) - log_l
     return m_i, log_l, entropy, logp
+
+
+@triton.jit
+def target_logit(row_ptr, target, V):
+    """z[target] in fp32, or NaN for a target outside [0, V) (e.g. a kept -100): never a read out of
+    bounds, and the NaN carries into the log-prob, the loss and the gradient row (README)."""
+    in_vocab = (target >= 0) & (target < V)
+    return tl.load(row_ptr + target, mask=in_vocab, other=float("nan")).to(tl.float32)
+
+
+@triton.jit
+def bad_target_nan(target, V):
+    """0 for a target in [0, V), NaN otherwise: added to a row's dL/dl so that a kept out-of-range
+    target gives a NaN gradient row even when the upstream gradient is finite."""
+    return tl.where((target >= 0) & (target < V), 0.0, float("nan"))
 
 
 @triton.jit

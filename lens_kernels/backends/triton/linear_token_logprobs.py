@@ -28,7 +28,13 @@ DW_SLAB_ROWS = 16384
 def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_in, v_in, H, stride_hn, stride_wv,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """[BLOCK_N, BLOCK_V] fp32 tile of h W^T (+ b): a K-loop of tensor-core dots over H."""
+    """[BLOCK_N, BLOCK_V] fp32 tile of h W^T (+ b): a K-loop of tensor-core dots over H.
+
+    Row offsets are int64: ``offs_v * stride_wv`` passes 2^31 once V * H does (H >= 14,135 at
+    V = 151936), and an int32 product wraps (on the GPU and in the interpreter alike).
+    """
+    offs_n = offs_n.to(tl.int64)
+    offs_v = offs_v.to(tl.int64)
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         offs_k = k0 + tl.arange(0, BLOCK_H)
@@ -90,14 +96,19 @@ def _linear_logprobs_fwd_kernel(
                              stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION) * inv_tau[:, None]
             x = tl.where(v_in[None, :], x, -float("inf"))
             x_target += tl.sum(tl.where(offs_v[None, :] == target[:, None], x, 0.0), 1)
-            m_new = tl.maximum(m_i, tl.max(x, 1))  # finite: every tile has at least one in-range lane
-            alpha = tl.exp(m_i - m_new)
-            shift = tl.where(l_i > 0, m_i - m_new, 0.0)  # no -inf * 0 on the first tile
-            e = tl.exp(x - m_new[:, None])
-            s_i = alpha * (s_i + shift * l_i) + tl.sum(e * tl.where(v_in[None, :], x - m_new[:, None], 0.0), 1)
+            # a -inf bias (banned tokens) can make a whole tile of a row -inf: shift by 0 then, so that
+            # no -inf - (-inf) appears, and let lanes with e == 0 add 0, not 0 * -inf, to s_i
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            shift = tl.where(l_i > 0, m_i - m_safe, 0.0)  # no -inf * 0 on the first tile
+            e = tl.exp(x - m_safe[:, None])
+            s_i = alpha * (s_i + shift * l_i) + tl.sum(tl.where(e > 0, e * (x - m_safe[:, None]), 0.0), 1)
             l_i = alpha * l_i + tl.sum(e, 1)
             m_i = m_new
         log_l = tl.log(l_i)
+        # a kept target outside [0, V) (e.g. -100) matched no lane: its log-prob is NaN (README)
+        x_target = tl.where((target >= 0) & (target < V), x_target, float("nan"))
         logp = tl.where(keep, (x_target - m_i) - log_l, 0.0)
         entropy = tl.where(keep, log_l - s_i / l_i, 0.0)
         tl.store(logp_ptr + offs_n, logp, mask=row_in)
@@ -105,7 +116,7 @@ def _linear_logprobs_fwd_kernel(
         tl.store(m_ptr + offs_n, m_i, mask=row_in)
         tl.store(log_l_ptr + offs_n, log_l, mask=row_in)
         if SEQ_SUM:
-            tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep)
+            tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep, sem="relaxed")
 
 
 @triton.jit
@@ -119,8 +130,8 @@ def _linear_logprobs_bwd_kernel(
     d_hidden_ptr,  # [N, H] fp32, zeroed, atomically accumulated (only if WANT_DX)
     d_weight_ptr,  # [v_stop - v_start, H] fp32 slab, zeroed (only if WANT_DW)
     d_bias_ptr,  # [V] fp32, zeroed (only if WANT_DB)
-    # shapes: this launch covers vocabulary rows [v_start, v_stop)
-    N, H, v_start, v_stop,
+    # shapes: this launch covers vocabulary rows [v_start, v_stop) of V_TOTAL
+    N, H, v_start, v_stop, V_TOTAL,
     # strides (elements)
     stride_hn, stride_wv,
     # scalars
@@ -141,6 +152,9 @@ def _linear_logprobs_bwd_kernel(
     else:
         g_entropy = g_logp * 0.0
         live = g_logp != 0.0
+    target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
+    bad_target = (target < 0) | (target >= V_TOTAL)  # kept (masked targets are 0): a NaN row, see below
+    live = (live | bad_target) & row_in
     if tl.max(live.to(tl.int32), 0) != 0:  # a block of masked tokens has dz = 0: skip its 3 dots
         if PER_ROW_TAU:
             inv_tau = 1.0 / tl.load(tau_ptr + offs_n, mask=row_in, other=1.0)
@@ -150,7 +164,8 @@ def _linear_logprobs_bwd_kernel(
                          HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION) * inv_tau[:, None]
         m_i = tl.load(m_ptr + offs_n, mask=row_in, other=0.0)
         log_l = tl.load(log_l_ptr + offs_n, mask=row_in, other=0.0)
-        target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
+        # a kept target outside [0, V) makes its whole row NaN (README); dead rows stay exactly 0 below
+        g_logp = g_logp + tl.where(bad_target, float("nan"), 0.0)
         log_p = (x - m_i[:, None]) - log_l[:, None]
         p = tl.where(v_in[None, :], tl.exp(log_p), 0.0)
         coef = -g_logp[:, None] + tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -158,10 +173,14 @@ def _linear_logprobs_bwd_kernel(
             entropy = tl.load(entropy_ptr + offs_n, mask=row_in, other=0.0)
             coef = coef - g_entropy[:, None] * tl.where(p > 0, log_p + entropy[:, None], 0.0)
         dz = (p * coef + tl.where(offs_v[None, :] == target[:, None], g_logp[:, None], 0.0)) * inv_tau[:, None]
-        dz = tl.where(row_in[:, None] & v_in[None, :], dz, 0.0)
+        # rows that are not live (masked tokens: NaN or garbage hidden states, NaN statistics) give
+        # exactly 0, and their hidden rows are never read into dW
+        dz = tl.where(live[:, None] & v_in[None, :], dz, 0.0)
         if WANT_DB:
-            tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, 0), mask=v_in)
+            tl.atomic_add(d_bias_ptr + offs_v, tl.sum(dz, 0), mask=v_in, sem="relaxed")
         dz_in = dz.to(hidden_ptr.dtype.element_ty)  # tensor-core operands in the input dtype
+        # The atomics below are relaxed: the sums are read only after the kernel ends, so they need no
+        # ordering with other memory operations (Triton's default acq_rel adds a fence to every one).
         for k0 in range(0, H, BLOCK_H):
             offs_k = k0 + tl.arange(0, BLOCK_H)
             k_in = offs_k < H
@@ -170,13 +189,13 @@ def _linear_logprobs_bwd_kernel(
                             mask=v_in[:, None] & k_in[None, :], other=0.0)
                 dx = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
                 tl.atomic_add(d_hidden_ptr + offs_n[:, None] * H + offs_k[None, :], dx,
-                              mask=row_in[:, None] & k_in[None, :])
+                              mask=row_in[:, None] & k_in[None, :], sem="relaxed")
             if WANT_DW:
                 h = tl.load(hidden_ptr + offs_n[:, None] * stride_hn + offs_k[None, :],
-                            mask=row_in[:, None] & k_in[None, :], other=0.0)
+                            mask=live[:, None] & k_in[None, :], other=0.0)
                 dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
                 tl.atomic_add(d_weight_ptr + (offs_v - v_start)[:, None] * H + offs_k[None, :], dw,
-                              mask=v_in[:, None] & k_in[None, :])
+                              mask=v_in[:, None] & k_in[None, :], sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +284,7 @@ def linear_logprobs_backward(h, weight, bias, t, tau, tau_rows, m_i, log_l, entr
                 h, weight, bias if bias is not None else h, t, tau_rows if tau_rows is not None else m_i,
                 m_i, log_l, entropy, g_logp, g_entropy if g_entropy is not None else g_logp,
                 d_hidden if need_h else m_i, dw_slab if need_w else m_i, d_bias if need_b else m_i,
-                n, width, v_start, v_stop,
+                n, width, v_start, v_stop, vocab,
                 h.stride(0), weight.stride(0),
                 tau,
                 HAS_BIAS=bias is not None, PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None,
@@ -300,9 +319,12 @@ class TritonLinearTokenLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if (g_logp is None and g_entropy is None) or not (need_h or need_w or need_b):
             return None, None, None, None, None, None
-        keep = keep8.to(torch.float32)
-        g_l = torch.zeros_like(keep) if g_logp is None else g_logp.reshape(-1).float() * keep
-        g_h = None if g_entropy is None else (g_entropy.reshape(-1).float() * keep).contiguous()
+        keep = keep8 != 0
+        zero = torch.zeros((), dtype=torch.float32, device=keep.device)
+        # where, not * keep: a NaN upstream gradient at a masked token must not become NaN * 0
+        g_l = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device) if g_logp is None else \
+            torch.where(keep, g_logp.reshape(-1).float(), zero)
+        g_h = None if g_entropy is None else torch.where(keep, g_entropy.reshape(-1).float(), zero).contiguous()
         d_hidden, d_weight, d_bias = linear_logprobs_backward(
             h, w, b, t, ctx.tau, tau_rows, m_i, log_l, entropy, g_l.contiguous(), g_h, need_h, need_w, need_b)
         d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)

@@ -12,10 +12,13 @@ Two variants, chosen in one place (``choose_variant``):
 - ``split``: each row is cut into ``cdiv(V, BLOCK_V)`` blocks, one program per block. A program loads
   its block once and keeps it in registers, publishes its (m_i, l_i, s_i) partials, waits on a per-row
   arrival counter until every block of the row has published, merges the partials and writes its
-  block's gradient: 1 read + 1 write of HBM. The wait is a spin on global memory, so it needs all
-  blocks of a row resident at once; the blocks of a row are consecutive program ids, and GPUs
-  dispatch programs in id order, so the earliest unfinished row always completes. The interpreter runs
-  programs one after the other and would deadlock: the variant is GPU-only.
+  block's gradient: 1 read + 1 write of HBM. Everything a program reads from the logits (its block and
+  the target logit) is read before it publishes, so ``inplace`` cannot read a gradient as a logit.
+  The wait is a spin on global memory, so it needs all blocks of a row resident at once: a program
+  takes its logical id from a ticket counter (never from program_id, whose dispatch order is not
+  guaranteed), and the launcher falls back to ``row`` unless the blocks of a row fit in half the
+  device's resident capacity (registers and SM count, ``split_fits``). The interpreter runs programs
+  one after the other and would deadlock: the variant is GPU-only.
 
 Sequence-level ratios (GSPO, ``ratio_level`` "sequence" / "sequence_token") need the whole sequence
 before any coefficient is known: they take the 3-pass path (the forward log-prob kernel, the per-token
@@ -40,17 +43,20 @@ from ...config import LossConfig
 from .. import torch as torch_backend
 from ._common import (
     INTERPRETING,
+    bad_target_nan,
     block_v,
     check_kernel_dtype,
     finish_stats,
     flat_rows,
     keep_rows,
     logit_grad_block,
+    merge_stats,
     num_warps_for,
     row_layout,
     row_offset,
     row_stats,
     softmax_stats_update,
+    target_logit,
     temperature_args,
     write_row_grad,
     write_zero_row,
@@ -87,7 +93,9 @@ def _token_loss_terms(
     """
     adv = tl.load(adv_ptr + row)
     weight = tl.load(weight_ptr + row)
-    log_ratio = 0.0 * logp  # on-policy: rho = 1 with the gradient of rho
+    # zeros typed like logp, never 0 * logp: a -inf target log-prob would make them NaN
+    zero = tl.zeros_like(logp)
+    log_ratio = zero  # on-policy: rho = 1 with the gradient of rho
     if HAS_OLD:
         log_ratio = logp - tl.load(old_logp_ptr + row)
     ratio_gate = 1.0
@@ -95,7 +103,7 @@ def _token_loss_terms(
         ratio_gate = tl.where((log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp), 1.0, 0.0)
         log_ratio = tl.minimum(tl.maximum(log_ratio, -log_ratio_clamp), log_ratio_clamp)
     rho = tl.exp(log_ratio)
-    direct = 0.0 * logp  # dL/dl not through rho (CISPO)
+    direct = zero  # dL/dl not through rho (CISPO)
     if POLICY_LOSS == 0:  # PPO clip
         if HAS_DELTA:
             unclipped = tl.minimum(rho, delta) * adv
@@ -116,7 +124,7 @@ def _token_loss_terms(
     elif POLICY_LOSS == 1:  # CISPO
         capped = tl.minimum(rho, cispo_cap)
         f = -capped * adv * logp
-        df = 0.0 * logp
+        df = zero
         direct = -capped * adv
     else:  # SAPO
         temp = tl.where(adv > 0, sapo_temp_pos, sapo_temp_neg)
@@ -131,12 +139,12 @@ def _token_loss_terms(
     policy = weight * f
     loss = policy
     g_logp = weight * direct + weight * df * rho * ratio_gate
-    kl = 0.0 * logp
+    kl = zero
     if HAS_KL:
         d = tl.load(ref_logp_ptr + row) - logp
         if KL_ESTIMATOR == 1:
             kl = -d
-            d_kl = 1.0 + 0.0 * d
+            d_kl = zero + 1.0
         elif KL_ESTIMATOR == 2:
             kl = 0.5 * d * d
             d_kl = -d
@@ -149,7 +157,7 @@ def _token_loss_terms(
             kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
         loss = loss + beta * weight * kl
         g_logp = g_logp + beta * weight * d_kl
-    g_entropy = 0.0 * logp
+    g_entropy = zero
     if HAS_ENTROPY_BONUS:
         entropy_weight = tl.load(entropy_weight_ptr + row)
         loss = loss - entropy_coef * entropy_weight * entropy
@@ -209,6 +217,11 @@ def _policy_loss_row_kernel(
             entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
             log_ratio_clamp, beta, kl_clamp, entropy_coef, POLICY_LOSS, HAS_DELTA, HAS_DUAL_CLIP,
             HAS_LOG_RATIO_CLAMP, HAS_OLD, HAS_IS, HAS_KL, KL_ESTIMATOR, HAS_KL_CLAMP, HAS_ENTROPY_BONUS)
+        # clamps (tl.minimum/maximum) may drop the NaN of a bad target: poison loss and gradient explicitly
+        bad = bad_target_nan(target, V)
+        loss += bad
+        policy += bad
+        g_logp += bad
         if WRITE_GRAD:
             g_logp = g_logp * grad_scale
             g_entropy = g_entropy * grad_scale
@@ -234,6 +247,7 @@ def _policy_loss_split_kernel(
     # data pointers: workspace
     partials_ptr,  # [N, NUM_BLOCKS, 3] fp32: (m_i, l_i, s_i) of each block of each row
     arrivals_ptr,  # [N] int32, zero-initialised: blocks of the row that have published
+    ticket_ptr,  # [1] int32, zero-initialised: the next logical program id to hand out
     # shapes
     rows_per_batch, V, NUM_BLOCKS,
     # strides (elements)
@@ -249,7 +263,11 @@ def _policy_loss_split_kernel(
     PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCKS_POW2: tl.constexpr,  # next power of 2 of NUM_BLOCKS, to load all partials at once
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    # The logical id comes from a ticket counter, not from program_id: a program holding ticket k is
+    # running, so every ticket below k has been handed to a program that started. With at least
+    # NUM_BLOCKS programs resident (checked by the launcher), the row of the lowest unfinished ticket
+    # has all its blocks started and completes, whatever order the hardware dispatches programs in.
+    pid = tl.atomic_add(ticket_ptr, 1, sem="relaxed").to(tl.int64)
     row = pid // NUM_BLOCKS
     block = pid % NUM_BLOCKS
     keep = tl.load(keep_ptr + row) != 0
@@ -263,6 +281,10 @@ def _policy_loss_split_kernel(
         row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
         # the only HBM read of this block: x stays in registers until its gradient is written
         x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
+        # Everything read from the logits is read before the arrival is published: with inplace the
+        # block that owns the target may write its gradient over it as soon as the row is complete.
+        target = tl.load(targets_ptr + row)
+        x_target = target_logit(row_ptr, target, V) * inv_tau
         m_b, l_b, s_b = softmax_stats_update(x, -float("inf"), 0.0, 0.0)
         part_ptr = partials_ptr + (row * NUM_BLOCKS + block) * 3
         tl.store(part_ptr, m_b)
@@ -283,19 +305,18 @@ def _policy_loss_split_kernel(
         m_p = tl.load(all_ptr, mask=present, other=-float("inf"), cache_modifier=".cg")
         l_p = tl.load(all_ptr + 1, mask=present, other=0.0, cache_modifier=".cg")
         s_p = tl.load(all_ptr + 2, mask=present, other=0.0, cache_modifier=".cg")
-        m_i = tl.max(m_p, 0)
-        m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
-        scale = tl.where(l_p > 0, tl.exp(m_p - m_safe), 0.0)
-        l_i = tl.sum(l_p * scale, 0)
-        s_i = tl.sum(tl.where(l_p > 0, scale * (s_p + (m_p - m_safe) * l_p), 0.0), 0)
+        m_i, l_i, s_i = merge_stats(m_p, l_p, s_p)
         log_l, entropy = finish_stats(l_i, s_i)
-        target = tl.load(targets_ptr + row)
-        logp = (tl.load(row_ptr + target).to(tl.float32) * inv_tau - m_i) - log_l
+        logp = (x_target - m_i) - log_l
         g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
             row, logp, entropy, adv_ptr, old_logp_ptr, ref_logp_ptr, is_weight_ptr, weight_ptr,
             entropy_weight_ptr, clip_low, clip_high, delta, dual_clip, cispo_cap, sapo_temp_pos, sapo_temp_neg,
             log_ratio_clamp, beta, kl_clamp, entropy_coef, POLICY_LOSS, HAS_DELTA, HAS_DUAL_CLIP,
             HAS_LOG_RATIO_CLAMP, HAS_OLD, HAS_IS, HAS_KL, KL_ESTIMATOR, HAS_KL_CLAMP, HAS_ENTROPY_BONUS)
+        bad = bad_target_nan(target, V)
+        loss += bad
+        policy += bad
+        g_logp += bad
         if WRITE_GRAD:
             dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp * grad_scale,
                                   g_entropy * grad_scale, g_logp * grad_scale, inv_tau, HAS_ENTROPY_BONUS)
@@ -338,19 +359,63 @@ def _rescale_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def choose_variant(n_rows: int, vocab: int, device: torch.device) -> str:
+# Registers per thread the split kernel is held to by the static compile check (tests/test_triton_compile.py,
+# ptxas -v at sm_90 and sm_80); the capacity check uses it until a launch reports the real count.
+# bf16/fp16 rows with V a multiple of 8 (128-bit loads): ~104 registers, 2 programs per SM. fp32, or
+# V not a multiple of 8 (scalar loads, ~250 registers): 1 program per SM.
+SPLIT_NUM_WARPS = 8
+
+
+def split_reg_budget(dtype: torch.dtype, vocab: int) -> int:
+    return 128 if dtype in (torch.bfloat16, torch.float16) and vocab % 8 == 0 else 255
+
+
+# Only this fraction of the resident capacity may be needed by one row: the rest is headroom for other
+# streams' kernels and for SM limits the device properties do not report (green contexts).
+SPLIT_CAPACITY_FRACTION = 0.5
+_SPLIT_REGS = {}  # (device index, logits dtype, V % 8 == 0) -> registers per thread of the compiled split kernel
+
+
+def resident_programs(device: torch.device, regs_per_thread: int, num_warps: int) -> int:
+    """How many programs of ``num_warps`` warps using ``regs_per_thread`` registers fit on the device at
+    once: SM count (scaled by CUDA_MPS_ACTIVE_THREAD_PERCENTAGE when set) x programs per SM (register
+    file, rounded to the 256-register warp allocation unit, and thread limit)."""
+    props = torch.cuda.get_device_properties(device)
+    sms = props.multi_processor_count
+    mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    if mps:
+        try:
+            sms = max(1, int(sms * float(mps) / 100.0))
+        except ValueError:
+            pass
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    regs_per_warp = -(-max(1, regs_per_thread) * 32 // 256) * 256
+    per_sm = min(regs_per_sm // (regs_per_warp * num_warps), threads_per_sm // (32 * num_warps))
+    return sms * per_sm
+
+
+def split_fits(vocab: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether every block of a row can be resident at once (the split variant's progress condition)."""
+    blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    regs = _SPLIT_REGS.get((index, dtype, vocab % 8 == 0), split_reg_budget(dtype, vocab))
+    return blocks <= SPLIT_CAPACITY_FRACTION * resident_programs(device, regs, SPLIT_NUM_WARPS)
+
+
+def choose_variant(n_rows: int, vocab: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """The one place that picks the fused kernel's variant: "split" or "row" (see the module doc).
 
-    "split" is opt-in (``LENS_KERNELS_TRITON_VARIANT=split``) until it has run on a GPU: its per-row
-    handshake relies on in-order dispatch of the row's programs, which no test has exercised yet,
-    and a default must never risk a hang. It is taken only where it can apply (CUDA, 2..64 vocab
-    blocks, a grid under 2^31); everything else runs "row".
+    "split" is opt-in (``LENS_KERNELS_TRITON_VARIANT=split``) until it has been measured on a GPU.
+    It is taken only where it can apply (CUDA, 2..64 vocab blocks, a grid under 2^31) and where every
+    block of a row fits on the device at once (``split_fits``); everything else runs "row".
     """
+    if os.environ.get("LENS_KERNELS_TRITON_VARIANT", "") != "split":
+        return "row"
     blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
     split_ok = (device.type == "cuda" and not INTERPRETING and 2 <= blocks <= SPLIT_MAX_BLOCKS
                 and n_rows * blocks < 2 ** 31)
-    forced = os.environ.get("LENS_KERNELS_TRITON_VARIANT", "")
-    return "split" if (forced == "split" and split_ok) else "row"
+    return "split" if (split_ok and split_fits(vocab, device, dtype)) else "row"
 
 
 def _loss_switches(cfg, has_old, has_is, has_entropy_bonus):
@@ -385,7 +450,7 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
     n = B * T
     device = logits.device
     lead = (B, T)
-    mask_f = mask.to(torch.float32)
+    mask_f = (mask != 0).to(torch.float32)  # kept = mask != 0: never a weight (README)
     agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
                dp_size=cfg.dp_size)
     weight = torch_backend.aggregation_weights(mask_f, cfg.loss_agg_mode, **agg).reshape(n).contiguous()
@@ -412,16 +477,20 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
     scalars = (tau, float(grad_scale)) + _loss_scalars(cfg)
     if n == 0:
         return outputs
-    variant = variant or choose_variant(n, vocab, device)
+    variant = variant or choose_variant(n, vocab, device, logits.dtype)
     if variant == "split":
         blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
         partials = torch.empty((n, blocks, 3), dtype=torch.float32, device=device)
-        arrivals = torch.zeros(n, dtype=torch.int32, device=device)
-        _policy_loss_split_kernel[(n * blocks,)](
-            *head, partials, arrivals, rows_per_batch, vocab, blocks,
+        counters = torch.zeros(n + 1, dtype=torch.int32, device=device)  # arrivals per row, then the ticket
+        compiled = _policy_loss_split_kernel[(n * blocks,)](
+            *head, partials, counters, counters[n:], rows_per_batch, vocab, blocks,
             stride_b, stride_t, grad_stride_b, grad_stride_t, *scalars, **switches,
-            BLOCK_V=SPLIT_BLOCK_V, BLOCKS_POW2=triton.next_power_of_2(blocks), num_warps=8,
+            BLOCK_V=SPLIT_BLOCK_V, BLOCKS_POW2=triton.next_power_of_2(blocks), num_warps=SPLIT_NUM_WARPS,
         )
+        regs = getattr(compiled, "n_regs", None)
+        if isinstance(regs, int) and regs > 0 and device.type == "cuda":
+            _SPLIT_REGS[(device.index if device.index is not None else torch.cuda.current_device(),
+                         logits.dtype, vocab % 8 == 0)] = regs
     else:
         block = block_v(vocab)
         _policy_loss_row_kernel[(n,)](
@@ -517,11 +586,16 @@ class FusedPolicyLossFunction(torch.autograd.Function):
             grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         outputs = fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps, ref_logps,
                                             is_weights, temperature, cfg, num_tokens, num_sequences, grad_scale)
+        if inplace and grad is not None:
+            # the logits now hold the gradient: an op that saved them for its backward must raise
+            # ("modified by an inplace operation"), not compute a wrong gradient
+            torch.autograd.graph.increment_version(logits)
         loss, metrics = reduce_metrics(outputs, advantages, mask, cfg)
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.grad_scale = float(grad_scale)
         ctx.has_grad = grad is not None
+        ctx.inplace = bool(inplace)
         ctx.used = False
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
@@ -544,13 +618,15 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         if n:
             _rescale_grad_kernel[(n,)](grad, ratio, rows_per_batch, grad.shape[-1], grad_stride_b, grad_stride_t,
                                        BLOCK_V=block, num_warps=num_warps_for(block))
+            if ctx.inplace:
+                torch.autograd.graph.increment_version(grad)
         return (grad,) + nones
 
 
 def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
                             temperature=1.0, config=LossConfig(), num_tokens=None,
                             num_sequences=None, grad_scale=1.0, inplace=False):
-    """Same contract as ``backends.torch_backend.policy_loss_from_logits``; returns (loss, metrics)."""
+    """Same contract as ``backends.torch.policy_loss_from_logits``; returns (loss, metrics)."""
     check_kernel_dtype(logits, "policy_loss_from_logits")
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] for the policy loss, got shape {list(logits.shape)}")

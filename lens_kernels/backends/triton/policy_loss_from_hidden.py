@@ -20,6 +20,7 @@ import triton.language as tl
 from ...config import LossConfig
 from .. import torch as torch_backend
 from ..torch import _common as torch_common
+from ._common import bad_target_nan, row_partials, target_logit
 from .linear_token_logprobs import check_dtype, linear_token_logprobs
 
 # vocabulary lanes one program holds per step of a row sweep
@@ -44,21 +45,10 @@ def _chunk_row_stats_kernel(
     row_ptr = logits_ptr + row * V
     inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
     target = tl.load(targets_ptr + row)
-    m_i = -float("inf")
-    l_i = 0.0
-    s_i = 0.0  # sum exp(x - m_i) (x - m_i)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        v_in = offs < V
-        x = tl.load(row_ptr + offs, mask=v_in, other=-float("inf")).to(tl.float32) * inv_tau
-        m_new = tl.maximum(m_i, tl.max(x, 0))
-        alpha = tl.exp(m_i - m_new)
-        shift = tl.where(l_i > 0, m_i - m_new, 0.0)
-        e = tl.exp(x - m_new)
-        s_i = alpha * (s_i + shift * l_i) + tl.sum(e * tl.where(v_in, x - m_new, 0.0), 0)
-        l_i = alpha * l_i + tl.sum(e, 0)
-        m_i = m_new
-    x_target = tl.load(row_ptr + target).to(tl.float32) * inv_tau
+    # the shared online-softmax sweep: -inf lanes (a -inf bias, a banned token) add exactly 0, also
+    # when a whole block starts with them (no -inf - (-inf), no 0 * -inf)
+    m_i, l_i, s_i = row_partials(row_ptr, V, inv_tau, BLOCK_V)
+    x_target = target_logit(row_ptr, target, V) * inv_tau  # NaN for a target outside [0, V)
     log_l = tl.log(l_i)
     tl.store(logp_ptr + row, (x_target - m_i) - log_l)
     tl.store(entropy_ptr + row, log_l - s_i / l_i)
@@ -88,13 +78,15 @@ def _chunk_row_grad_kernel(
     if HAS_ENTROPY_GRAD:
         g_entropy = tl.load(g_entropy_ptr + row)
         live = live | (g_entropy != 0.0)
+    target = tl.load(targets_ptr + row)
+    live = live | (target < 0) | (target >= V)  # a kept bad target (masked ones are 0): a NaN row below
     if not live:  # a masked token: write zeros, read nothing
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty), mask=offs < V)
     else:
         inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
-        target = tl.load(targets_ptr + row)
+        g_logp += bad_target_nan(target, V)  # a kept target outside [0, V): a NaN gradient row
         m_i = tl.load(m_ptr + row)
         log_l = tl.load(log_l_ptr + row)
         for v0 in range(0, V, BLOCK_V):
@@ -111,7 +103,7 @@ def _chunk_row_grad_kernel(
 
 
 def _tau_args(tau, rows: int, device):
-    """(scalar tau, [rows] fp32 tau or None) from torch_backend' float or [rows, 1] chunk of temperatures."""
+    """(scalar tau, [rows] fp32 tau or None) from the torch backend's float or [rows, 1] chunk of temperatures."""
     if torch.is_tensor(tau):
         return 1.0, tau.reshape(rows).to(device, torch.float32).contiguous()
     return float(tau), None

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    bad_target_nan,
     block_v,
     check_kernel_dtype,
     keep_rows,
@@ -64,7 +65,7 @@ def _token_logprobs_fwd_kernel(
         m_i, log_l, entropy, logp = row_stats(row_ptr, tl.load(targets_ptr + row), V, inv_tau, BLOCK_V)
         if SEQ_SUM:
             # one float atomic per kept token onto its sequence: the order of the adds is not fixed
-            tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp)
+            tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp, sem="relaxed")  # read after the kernel
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(stats_ptr + row, m_i)
@@ -110,7 +111,8 @@ def _token_logprobs_bwd_kernel(
         m_i = tl.load(stats_ptr + row)
         log_l = tl.load(stats_ptr + tl.num_programs(0) + row)
         entropy = tl.load(entropy_ptr + row)
-        g_logp = tl.load(g_logp_ptr + row)
+        # a kept target outside [0, V) gets a NaN gradient row even for a finite upstream gradient
+        g_logp = tl.load(g_logp_ptr + row) + bad_target_nan(target, V)
         g_entropy = 0.0
         if HAS_ENTROPY_GRAD:
             g_entropy = tl.load(g_entropy_ptr + row)
@@ -189,6 +191,9 @@ class TritonTokenLogprobsFunction(torch.autograd.Function):
         g_h = None if g_entropy is None else g_entropy.reshape(n).float().contiguous()
         grad = logits if ctx.inplace_grad else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         token_logprobs_backward(logits, grad, ctx.row_inputs, stats, entropy, g_l, g_h)
+        if ctx.inplace_grad:
+            # the logits now hold the gradient: an op that saved them must raise, not read a gradient
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None
 
 

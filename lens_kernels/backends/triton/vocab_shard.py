@@ -48,7 +48,7 @@ def _vocab_shard_partials_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    n = tl.num_programs(0)  # the grid is one program per row
+    n = tl.num_programs(0).to(tl.int64)  # the grid is one program per row; 3 * n may pass 2^31
     if PER_ROW_TAU:
         tau = tl.load(tau_ptr + row)
     inv_tau = 1.0 / tau
@@ -149,6 +149,9 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
     g_entropy = None if g_entropy is None else flat_rows(g_entropy, n, lead, logits.device)
     vocab = logits.shape[-1]
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if inplace:
+        # the write below replaces the logits: an op that saved them for its backward must raise
+        torch.autograd.graph.increment_version(logits)
     rows_per_batch, stride_b, stride_t = row_layout(logits)
     _, grad_stride_b, grad_stride_t = row_layout(grad)
     block = block_v(vocab)
