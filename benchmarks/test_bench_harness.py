@@ -337,3 +337,52 @@ def test_lens_step_check_catches_wrong_advantages():
 
     assert within_tolerance(case, compare(case, step("lens"), base, inputs["mask"]))
     assert not within_tolerance(case, compare(case, step("grpo"), base, inputs["mask"]))
+
+
+def test_user_shape_and_dtype_and_the_cpu_grid():
+    from lens_kernels.bench.cases import cpu_cases, parse_shape, user_cases, with_dtype
+    from lens_kernels.bench.cli import parse_args, select_cases
+
+    assert parse_shape("8x256x32000") == dict(B=8, T=256, V=32000)
+    assert parse_shape("16x1024x151936x2048") == dict(B=16, T=1024, V=151936, H=2048)
+    for bad in ("8x256", "8x0x5", "axbxc", "1x2x3x4x5"):
+        with pytest.raises(ValueError, match="BxTxV"):
+            parse_shape(bad)
+    cases = user_cases(parse_shape("4x16x101"), "bfloat16", ["logits", "hidden", "lens-step", "advantages"])
+    assert [(c.path, c.dtype, c.group_size) for c in cases] == [
+        ("logits", "bfloat16", 8), ("lens-step", "bfloat16", 2), ("advantages", "float32", 2)]
+    main, grid = select_cases(parse_args(["--shape", "2x8x33x16", "--dtype", "float16", "--paths", "hidden"]), CPU)
+    assert [(c.path, c.B, c.T, c.V, c.H, c.dtype) for c in main] == [("hidden", 2, 8, 33, 16, "float16")] and not grid
+    with pytest.raises(SystemExit):
+        select_cases(parse_args(["--shape", "2x8x33", "--paths", "hidden"]), CPU)
+    # The CPU default grid holds the torch backend issue's two shapes, fp32, fwd + bwd from logits.
+    full = cpu_cases(quick=False)
+    assert {(c.B, c.T, c.V) for c in full if c.path == "logits" and c.dtype == "float32"} >= {
+        (8, 256, 32000), (4, 512, 151936)}
+    assert all(c.V <= 8192 for c in cpu_cases(quick=True) if c.V)  # --quick stays small for CI
+    assert {c.dtype for c in with_dtype(full, "bfloat16") if c.path != "advantages"} == {"bfloat16"}
+
+
+def test_rounds_rotate_the_provider_order():
+    calls = []
+
+    def recorder(name):
+        def build(case, inputs):
+            def run():
+                calls.append(name)
+                return (torch.zeros(case.B),)
+            return run
+        return build
+
+    case = Case("advantages", B=4, T=8, dtype="float32", group_size=2)
+    providers = [Provider(n, "peer", ("advantages",), recorder(n)) for n in "abc"]
+    rows = run_case(case, providers, CPU, warmup_ms=0.0, rep_ms=0.0, log=lambda line: None, rounds=3)
+    assert all(len(r["rounds"]) == 3 and r["reps"] >= 9 for r in rows)
+    # After the first call and the memory call of each, the timed rounds: a b c, then b c a, then c a b
+    # (each provider's calls of a round run together; the loss-call figure is fwd/bwd paths only).
+    timed = calls[6:]
+    firsts = [timed[0]]
+    for prev, cur in zip(timed, timed[1:]):
+        if cur != prev:
+            firsts.append(cur)
+    assert firsts[:9] == list("abcbcacab"), firsts

@@ -26,7 +26,8 @@ from .report import (format_table, header_lines, legend, matplotlib_missing, sho
 from .runner import apply_floor, environment, gpu_state, run_all
 from .timing import MEMORY_CPU, MEMORY_CUDA, measure_floor, timer_name
 
-CPU_NOTE = ("CPU mode: small shapes (and, without --quick, the logits loss at 8x256x32000 and 4x512x151936 fp32), "
+CPU_NOTE = ("CPU mode: small shapes (and, without --quick or --headline, the logits loss at 8x256x32000 and "
+            "4x512x151936 fp32), "
             "torch providers only (ours-torch, eager, compile); Liger and CCE are Triton GPU kernels and are "
             "measured on a CUDA GPU only. CPU times say nothing about GPU speed.")
 # On CPU torch.compile builds C++ per case: about 15 s unloaded and about 60 s cold on a loaded 2-core
@@ -41,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a small grid (GPU: headline + a few shapes)")
-    size.add_argument("--headline", action="store_true", help="the headline case only (GPU)")
+    size.add_argument("--headline", action="store_true",
+                      help="the headline case only (GPU); on CPU the small cases of every path")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
@@ -63,8 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=None, help="timed repetitions per measurement")
     p.add_argument("--out", default="lens_bench_out", help="folder for the JSON, markdown and plots")
     p.add_argument("--no-files", action="store_true", help="print the table only")
-    p.add_argument("--summary", metavar="JSON", default=None,
-                   help="print a short table of a JSON written by an earlier run, and exit")
+    p.add_argument("--summary", metavar="JSON", nargs="+", default=None,
+                   help="print a short table of each JSON written by an earlier run, and exit")
     return p.parse_args(argv)
 
 
@@ -88,7 +90,8 @@ def select_cases(args, device: torch.device):
             raise SystemExit(f"lens-bench: no case of {sorted(paths)} at --shape {args.shape} (hidden paths need H)")
         return main, []
     if device.type != "cuda":
-        cases = cpu_cases(quick=args.quick)
+        # --headline on CPU: the small cases of every path (the headline itself is a GPU shape).
+        cases = cpu_cases(quick=args.quick, real_vocabs=not args.headline)
         if args.quick:  # the grid's providers (no compile) run the rest
             main = [c for c in cases if c.path in CPU_QUICK_COMPILE_PATHS]
             grid = [c for c in cases if c.path not in CPU_QUICK_COMPILE_PATHS]
@@ -113,9 +116,11 @@ def _write_files(result: Dict, out: Path, stem: str, with_plots: bool) -> List[s
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.summary:
-        result = json.loads(Path(args.summary).read_text())
-        print("\n".join(header_lines(result)))
-        print(short_table(result["rows"]))
+        for name in args.summary:
+            result = json.loads(Path(name).read_text())
+            print(f"--- {Path(name).name}" + ("" if result.get("complete") else " (incomplete: the run was cut short)"))
+            print("\n".join(header_lines(result)))
+            print(short_table(result["rows"]))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -158,6 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["device"]).strip("-")
     stem = f"lens-bench_{now.strftime('%Y-%m-%d_%H%M%S')}_{slug}"
+    if args.paths != ",".join(PATHS):  # runs of one script, seconds apart, never share a file name
+        stem += "_" + "-".join(sorted(_split(args.paths) or []))[:60]
     out = Path(args.out)
 
     def after_case(case_rows):
