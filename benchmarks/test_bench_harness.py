@@ -23,6 +23,9 @@ def test_quick_cli_writes_table_json_and_markdown(tmp_path, capsys):
                  "--warmup-ms", "0", "--rep-ms", "2"]) == 0
     printed = capsys.readouterr().out
     assert "CPU mode" in printed and "ours-torch" in printed and "eager" in printed
+    # The relabelled columns and the legend's statements of what ran.
+    assert "loss call ms" in printed and "fwd ms" not in printed and "clip % (ref)" in printed
+    assert "our best case" in printed and "neither ran" in printed and "memory: resident set growth" in printed
     (json_file,) = tmp_path.glob("*.json")
     result = json.loads(json_file.read_text())
     assert result["environment"]["torch"] == torch.__version__
@@ -40,6 +43,7 @@ def test_quick_cli_writes_table_json_and_markdown(tmp_path, capsys):
         assert r["ms"] > 0 and r["pct_floor"] > 0 and r["within_tol"], r
         assert len(r["rounds"]) == 3 and r["reps"] >= 9 and r["spread_pct"] >= 0, r
         assert r["extra_gib"] is not None and "resident set" in r["memory_method"], r
+        assert r["kind"] == "peer" or r["inplace"] == "off (inplace=False)", r
         assert 0 < r["shape"]["kept_fraction"] < 1 and r["shape"]["B"] * r["shape"]["T"] == r["shape"]["N"]
         if r["path"] in ("logits", "hidden", "lens-step"):
             assert r["loss_call_ms"] > 0, r
