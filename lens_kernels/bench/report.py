@@ -97,8 +97,8 @@ def header_lines(result: Dict) -> List[str]:
         f"device: {env['device']}  load {env.get('load_average_1min', '-')}  torch {env['torch']}  "
         f"triton {env.get('triton')}  liger-kernel {env.get('liger_kernel')}  "
         f"cut-cross-entropy {env.get('cut_cross_entropy')}",
-        f"commit {str(env.get('commit', 'n/a'))[:12]}{' (dirty)' if env.get('dirty') is True else ''}  switches "
-        + " ".join(f"{k}={v}" for k, v in (env.get("env_switches") or {}).items() if v != "unset")
+        f"commit {str(env.get('commit', 'n/a'))[:12]}{' (dirty)' if env.get('dirty') is True else ''}  switches: "
+        + (" ".join(f"{k}={v}" for k, v in (env.get("env_switches") or {}).items() if v != "unset") or "none set")
         + f"  driver {gpu.get('driver_version', 'n/a')}  clocks sm {gpu.get('clocks.sm', 'n/a')} "
           f"mem {gpu.get('clocks.mem', 'n/a')}  power {gpu.get('power.draw', 'n/a')}  "
           f"temp {gpu.get('temperature.gpu', 'n/a')}",
