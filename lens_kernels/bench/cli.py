@@ -3,6 +3,8 @@
     lens-bench --quick                 # GPU: headline + a small grid; CPU: small shapes, torch providers
     lens-bench --headline              # the headline shape only (N=16384, V=151936, H=2048, bf16)
     lens-bench --paths logits,hidden --exclude compile --out results/
+    lens-bench --shape 8x256x32000 --dtype float32 --providers ours-torch,eager,compile   # your own shape
+    lens-bench --shape 16x1024x151936x2048 --paths hidden                             # BxTxV[xH]
 """
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .cases import PATHS, cpu_cases, grid_cases, headline_cases
+from .cases import DTYPES, PATHS, cpu_cases, grid_cases, headline_cases, parse_shape, user_cases, with_dtype
 from .providers import providers_for
 from .report import (format_table, header_lines, legend, matplotlib_missing, short_table, write_json, write_markdown,
                      write_plots)
-from .runner import apply_floor, environment, run_all
-from .timing import measure_floor
+from .runner import apply_floor, environment, gpu_state, run_all
+from .timing import MEMORY_CPU, MEMORY_CUDA, measure_floor, timer_name
 
-CPU_NOTE = ("CPU mode: small shapes, torch providers only (ours-torch, eager, compile); Liger and CCE are "
-            "Triton GPU kernels and are measured on a CUDA GPU only. CPU times say nothing about GPU speed.")
+CPU_NOTE = ("CPU mode: small shapes (and, without --quick or --headline, the logits loss at 8x256x32000 and "
+            "4x512x151936 fp32), "
+            "torch providers only (ours-torch, eager, compile); Liger and CCE are Triton GPU kernels and are "
+            "measured on a CUDA GPU only. CPU times say nothing about GPU speed.")
 # On CPU torch.compile builds C++ per case: about 15 s unloaded and about 60 s cold on a loaded 2-core
 # machine for the first one. --quick keeps it to the logits paths.
 CPU_QUICK_COMPILE_PATHS = ("logits", "logits-fwd")
@@ -38,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a small grid (GPU: headline + a few shapes)")
-    size.add_argument("--headline", action="store_true", help="the headline case only (GPU)")
+    size.add_argument("--headline", action="store_true",
+                      help="the headline case only (GPU); on CPU the small cases of every path")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
@@ -48,12 +53,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--grid-exclude", default=None,
                    help="providers to leave out of the grid cases only (e.g. compile, whose compile time "
                         "is paid per shape)")
+    p.add_argument("--shape", default=None, metavar="BxTxV[xH]",
+                   help="measure this shape only (every path in --paths it has the sizes for; hidden needs H)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="input dtype of every case (default: each case's own; --shape: bfloat16 on GPU, float32 "
+                        "on CPU)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timing rounds per case, the provider order rotated each round (at least 1; default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up per measurement")
     p.add_argument("--rep-ms", type=float, default=None, help="timed repetitions per measurement")
     p.add_argument("--out", default="lens_bench_out", help="folder for the JSON, markdown and plots")
     p.add_argument("--no-files", action="store_true", help="print the table only")
-    p.add_argument("--summary", metavar="JSON", default=None,
-                   help="print a short table of a JSON written by an earlier run, and exit")
+    p.add_argument("--summary", metavar="JSON", nargs="+", default=None,
+                   help="print a short table of each JSON written by an earlier run, and exit")
     return p.parse_args(argv)
 
 
@@ -66,8 +79,19 @@ def select_cases(args, device: torch.device):
     unknown = paths - set(PATHS)
     if unknown:
         raise SystemExit(f"lens-bench: --paths must be among {list(PATHS)}, got {sorted(unknown)}")
+    if args.shape:
+        try:
+            shape = parse_shape(args.shape)
+        except ValueError as exc:
+            raise SystemExit(f"lens-bench: --shape: {exc}") from None
+        dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        main = user_cases(shape, dtype, [p for p in PATHS if p in paths])
+        if not main:
+            raise SystemExit(f"lens-bench: no case of {sorted(paths)} at --shape {args.shape} (hidden paths need H)")
+        return main, []
     if device.type != "cuda":
-        cases = cpu_cases(quick=args.quick)
+        # --headline on CPU: the small cases of every path (the headline itself is a GPU shape).
+        cases = cpu_cases(quick=args.quick, real_vocabs=not args.headline)
         if args.quick:  # the grid's providers (no compile) run the rest
             main = [c for c in cases if c.path in CPU_QUICK_COMPILE_PATHS]
             grid = [c for c in cases if c.path not in CPU_QUICK_COMPILE_PATHS]
@@ -77,7 +101,7 @@ def select_cases(args, device: torch.device):
         main, grid = headline_cases(), []
     else:
         main, grid = headline_cases(), grid_cases(quick=args.quick)
-    keep = lambda cases: [c for c in cases if c.path in paths]  # noqa: E731
+    keep = lambda cases: with_dtype([c for c in cases if c.path in paths], args.dtype)  # noqa: E731
     return keep(main), keep(grid)
 
 
@@ -92,9 +116,11 @@ def _write_files(result: Dict, out: Path, stem: str, with_plots: bool) -> List[s
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.summary:
-        result = json.loads(Path(args.summary).read_text())
-        print("\n".join(header_lines(result)))
-        print(short_table(result["rows"]))
+        for name in args.summary:
+            result = json.loads(Path(name).read_text())
+            print(f"--- {Path(name).name}" + ("" if result.get("complete") else " (incomplete: the run was cut short)"))
+            print("\n".join(header_lines(result)))
+            print(short_table(result["rows"]))
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -108,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             grid_exclude.append("compile")
     warmup = args.warmup_ms if args.warmup_ms is not None else (25.0 if device.type == "cuda" else 10.0)
     rep = args.rep_ms if args.rep_ms is not None else (100.0 if device.type == "cuda" else 60.0)
+    if args.rounds < 1:
+        raise SystemExit("lens-bench: --rounds must be at least 1")
     main_cases, grid = select_cases(args, device)
     providers = providers_for(device, _split(args.providers), _split(args.exclude))
     grid_providers = providers_for(device, _split(args.providers), (_split(args.exclude) or []) + grid_exclude)
@@ -123,12 +151,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         "command": "lens-bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(device),
         "floor": measure_floor(device, quick=args.quick),
+        "seed": args.seed,
+        "timer": timer_name(device),
+        "rounds": args.rounds,
+        "warmup_ms": warmup,
+        "rep_ms": rep,
+        "memory_method": MEMORY_CUDA if device.type == "cuda" else MEMORY_CPU,
         "notes": notes,
         "complete": False,
         "rows": [],
     }
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["device"]).strip("-")
     stem = f"lens-bench_{now.strftime('%Y-%m-%d_%H%M%S')}_{slug}"
+    if args.paths != ",".join(PATHS):  # runs of one script, seconds apart, never share a file name
+        stem += "_" + "-".join(sorted(_split(args.paths) or []))[:60]
     out = Path(args.out)
 
     def after_case(case_rows):
@@ -139,8 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             _write_files(result, out, stem, with_plots=False)
 
     log = lambda line: print(line, flush=True)  # noqa: E731
-    run_all(main_cases, providers, device, warmup, rep, log, after_case)
-    run_all(grid, grid_providers, device, warmup, rep, log, after_case)
+    run_all(main_cases, providers, device, warmup, rep, log, after_case, rounds=args.rounds, seed=args.seed)
+    run_all(grid, grid_providers, device, warmup, rep, log, after_case, rounds=args.rounds, seed=args.seed)
+    result["environment"]["gpu_state_end"] = gpu_state(device)
     result["complete"] = True
     result["wall_s"] = time.perf_counter() - start
     print()
