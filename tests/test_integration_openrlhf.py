@@ -248,6 +248,18 @@ class _Stop(Exception):
     pass
 
 
+def docs_cli_args():
+    """The arguments of the OpenRLHF recipe in docs/openrlhf.md (after the module name)."""
+    import pathlib
+    import re
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "openrlhf.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "openrlhf_cli" in b)
+    tokens = shlex.split(" ".join(line.rstrip().rstrip("\\") for line in block.splitlines()))
+    return tokens[tokens.index("lens_kernels.integrations.openrlhf_cli") + 1:]
+
+
 def test_openrlhf_cli_accepts_lens_and_sets_the_worker_hook(monkeypatch):
     """OpenRLHF's real train_ppo_ray module runs as __main__ (its parser and checks) with `lens`
     accepted; its ray.init gets the worker setup hook. Its imports that need vLLM / flash-attn are
@@ -289,6 +301,13 @@ def test_openrlhf_cli_accepts_lens_and_sets_the_worker_hook(monkeypatch):
             openrlhf_cli.main(argv[:-6] + ["--rollout.n_samples_per_prompt", "1"])
         with pytest.warns(UserWarning, match="dynamic_filtering_enable"), pytest.raises(_Stop):
             openrlhf_cli.main(argv + ["--algo.dynamic_filtering_enable", "--reward.remote_url", "x"])
+        docs = docs_cli_args()  # the documented command parses and reaches ray.init with the hook
+        seen.clear()
+        with pytest.raises(_Stop):
+            openrlhf_cli.main(docs)
+        assert getattr(openrlhf_cli.last_parsed, "algo.advantage.estimator") == "lens"
+        assert getattr(openrlhf_cli.last_parsed, "rollout.n_samples_per_prompt") == 8
+        assert seen["runtime_env"]["worker_process_setup_hook"] == openrlhf_cli.SETUP_HOOK
     finally:
         lk_openrlhf.unpatch()
     with pytest.raises(ValueError, match="worker_process_setup_hook"):

@@ -547,3 +547,11 @@ def test_accumulation_keeps_the_one_call_step_without_an_extra_forward(tmp_path)
     got, want = ([h for h in t.state.log_history if "loss" in h][0] for t in (fused, two))
     for name in ("loss", "lens/frac_negative_groups", "lens/frac_mixed_groups"):
         assert got[name] == pytest.approx(want[name], abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_example_trl_runs(tmp_path):
+    """The TRL recipe as shipped (python/example_trl.py, linked from docs/trl.md) trains on CPU."""
+    trainer = load_example().main(output_dir=str(tmp_path), max_steps=1)
+    assert trainer.state.global_step == 1
+    assert any("lens/frac_negative_groups" in h for h in trainer.state.log_history)

@@ -317,3 +317,63 @@ def test_runtime_env_forwards_the_variables(monkeypatch):
     assert env["env_vars"]["VERL_USE_EXTERNAL_MODULES"] == "lens_kernels.integrations.verl"
     assert env["env_vars"]["LENS_KERNELS_VERL_FUSED_LOGPROBS"] == "1"
     assert "TOKENIZERS_PARALLELISM" in env["env_vars"] or os.environ.get("TOKENIZERS_PARALLELISM")
+
+
+def test_verl_plugin_entry_point_loads_the_adapter():
+    """With lens-kernels installed from this checkout, verl's plugin discovery imports the adapter in any
+    process that imports verl, without VERL_USE_EXTERNAL_MODULES (as on Ray workers of any node)."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="verl.plugins")}
+    if "lens_kernels.integrations.verl" not in names:
+        pytest.skip("the installed lens-kernels does not declare the verl.plugins entry point (pip install -e .)")
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_USE_EXTERNAL_PLUGINS")}
+    code = ("import sys, verl; from verl.trainer.ppo import core_algos; "
+            "print(core_algos.get_adv_estimator_fn('lens').__module__)")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "lens_kernels.integrations.verl"
+
+
+def docs_command(path, marker):
+    """The tokens of the first shell command in a docs page's code block that mentions ``marker``."""
+    import pathlib
+    import re
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / path).read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        if marker in block:
+            lines = [line.split("#")[0] for line in block.splitlines() if line.strip()
+                     and not line.lstrip().startswith("#")]
+            return shlex.split(" ".join(line.rstrip().rstrip("\\") for line in lines))
+    raise AssertionError(f"no command with {marker!r} in {path}")
+
+
+def test_docs_command_composes():
+    """The verl recipe's Hydra overrides (docs/verl.md) compose against verl's own ppo_trainer config,
+    and its algorithm config drives verl's real compute_advantage to the LENS advantages."""
+    import_trainer_module("hydra")
+    ray_trainer = import_trainer_module("verl.trainer.ppo.ray_trainer")
+    from hydra import compose, initialize_config_dir
+    from verl import DataProto
+
+    tokens = docs_command("docs/verl.md", "verl.trainer.main_ppo")
+    assert tokens[0] == "VERL_USE_EXTERNAL_MODULES=lens_kernels.integrations.verl"
+    overrides = [t for t in tokens[tokens.index("verl.trainer.main_ppo") + 1:] if not t.endswith("=...")]
+    config_dir = os.path.join(os.path.dirname(core_algos.__file__), "..", "config")
+    with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    assert cfg.algorithm.adv_estimator == "lens" and cfg.actor_rollout_ref.rollout.n == 8
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES == "lens_kernels.integrations.verl"
+    index, mask, correct, scores, rewards, old = lens_batch(11)
+    data = DataProto.from_dict(tensors={"token_level_rewards": rewards, "response_mask": mask, "old_log_probs": old},
+                               non_tensors={"uid": index})
+    out = ray_trainer.compute_advantage(data, cfg.algorithm.adv_estimator, config=cfg.algorithm)
+    want, _ = lk.group_advantages(rewards.sum(-1), group_ids=lk_verl._group_ids(index, rewards.device),
+                                  estimator="lens", old_logps=old, mask=mask, eps=1e-6,
+                                  lens_alpha=float(cfg.algorithm.lens_alpha))
+    torch.testing.assert_close(out.batch["advantages"], want.unsqueeze(-1) * mask, rtol=1e-6, atol=1e-6)

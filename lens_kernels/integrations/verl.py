@@ -340,7 +340,8 @@ def _patch_runtime_env() -> None:
     def get_ppo_ray_runtime_env(*args, **kwargs):
         runtime_env = original(*args, **kwargs)
         runtime_env.setdefault("env_vars", {}).update(runtime_env_vars())
-        _check_after_next_ray_init()
+        if __name__ in os.environ.get("VERL_USE_EXTERNAL_MODULES", ""):  # opted in: check the cluster
+            _check_after_next_ray_init()
         return runtime_env
 
     get_ppo_ray_runtime_env.__doc__ = original.__doc__
