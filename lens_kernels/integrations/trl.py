@@ -19,17 +19,27 @@
   parameter gradients on a tiny Llama (grpo, bnpo, dapo; KL; temperature).
 - The one-call LENS step: with ``advantage_estimator="lens"``, when TRL skips the old-log-prob pass
   (on-policy: ``gradient_accumulation_steps`` a multiple of ``steps_per_generation * num_iterations``,
-  no vLLM importance sampling), in a single process,
-  with ``scale_rewards`` "group" or "none" and micro-batches that hold whole groups
-  (``steps_per_generation=1`` in training; an eval batch always does), the generation batch carries
-  each completion's reward and group id (``lens_rewards``, ``lens_group_ids``, permuted with the rest by
-  TRL's shuffle) and the loss is ``lk.lens_policy_loss_from_logits`` / ``_from_hidden``: the LENS
-  confidences come from the loss's own log-probs, so the extra old-log-prob pass is skipped. Otherwise
-  the two-stage path above runs. ``lens/fused_step`` logs 1.0 or 0.0 per loss call;
-  ``lens_fused_step=False`` forces the two-stage path.
+  no vLLM importance sampling), with ``scale_rewards`` "group" or "none" and
+  ``per_device_*_batch_size`` a multiple of the group size, each process's generation batch holds whole
+  groups (TRL's sampler repeats a prompt G times in a row; checked on the prompts) and the adapter
+  shuffles it by whole groups, so every micro-batch holds whole groups, also with accumulation and
+  several processes. The batch carries each completion's reward, correct flag and group id
+  (``lens_rewards``, ``lens_correct``, ``lens_group_ids``) and the loss is
+  ``lk.lens_policy_loss_from_logits`` / ``_from_hidden``: the LENS confidences come from the loss's own
+  log-probs, so no extra old-log-prob pass runs. Otherwise the two-stage path above runs.
+  ``lens/fused_step`` logs 1.0 or 0.0 per loss call; ``lens_fused_step=False`` forces the two-stage path.
+- KL with ``beta > 0`` and TRL's default ``use_bias_correction_kl=True``: k3 times the importance
+  ratio, with its gradient, aggregated as TRL aggregates the loss type (the fused heads take their
+  log-probs from ``lk.token_logprobs`` / ``lk.linear_token_logprobs`` for it).
+- Graded rewards: ``lens_correct_reward_func`` (the verifier among the reward functions) and
+  ``lens_correct_threshold`` say which completions are correct (``correct=`` of
+  ``lk.group_advantages``); the advantages are computed on TRL's total weighted reward.
+- TRL's completions log (``self._logs["advantages"]``) holds the advantages actually trained.
 - Options the adapter does not support (loss types luspo and vespo, ``top_entropy_quantile < 1``,
-  ``off_policy_mask_threshold``, ``use_bias_correction_kl``, adaptive entropy) fall back to TRL's own
-  loss with one warning: no loss term is ever dropped silently.
+  ``off_policy_mask_threshold``, adaptive entropy) fall back to TRL's own loss with one warning: no
+  loss term is ever dropped silently.
+
+See docs/trl.md for the recipe.
 
 Supported TRL versions: 1.x, where ``_get_per_token_logps_and_entropies`` returns 3 values (from
 1.7) or 2 (before 1.7); both arities are handled. Tested against TRL 1.16.0.

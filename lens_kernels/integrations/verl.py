@@ -6,20 +6,24 @@ Importing this module:
 - registers the ``lens`` policy loss (``register_policy_loss``), verl's vanilla PPO loss (log-ratio
   clamp +-20, dual clip ``clip_ratio_c``, ``rollout_is_weights``, every ``loss_agg_mode``,
   ``global_batch_info``) computed by ``lk.policy_loss``, returning verl's metric names;
-- wraps ``verl.trainer.ppo.ray_trainer.compute_advantage`` so that the estimator receives the batch's
-  ``old_log_probs``, which verl's registry does not pass;
+- wraps ``compute_advantage`` in ``verl.trainer.ppo.ray_trainer`` and ``verl.trainer.ppo.v1.utils`` when
+  they are imported (an import hook), so that the estimator receives the batch's ``old_log_probs``,
+  which verl's registry does not pass; a module without it is an ImportError;
 - with ``LENS_KERNELS_VERL_FUSED_LOGPROBS=1``, swaps verl's fused log-prob kernel
   (``FusedLinearForPPO``, used with ``use_fused_kernels=True``) for ``lk.linear_token_logprobs``.
 
-Hydra overrides a user sets::
+Hydra overrides a user sets (docs/verl.md)::
 
     VERL_USE_EXTERNAL_MODULES=lens_kernels.integrations.verl python -m verl.trainer.main_ppo \\
         algorithm.adv_estimator=lens +algorithm.lens_alpha=0.25 \\
-        actor_rollout_ref.actor.policy_loss.loss_mode=lens \\
         actor_rollout_ref.rollout.n=8          # G, the group size (uid groups)
 
 LENS needs ``old_log_probs`` in the batch, which verl computes unless the rollout's log-probs are
-used as old ones; rewards must be binary (0/1).
+used as old ones; rewards must be binary (0/1) unless ``+algorithm.lens_correct_threshold`` says what
+is correct. Installing lens-kernels also registers this module as a verl plugin (entry point group
+``verl.plugins``), so every process that imports verl loads it. On a Ray cluster, verl's
+``get_ppo_ray_runtime_env`` forwards ``VERL_USE_EXTERNAL_MODULES`` to the workers, and (when the
+driver opted in with that variable) ``main_ppo``'s ``ray.init`` is followed by ``check_ray_cluster``.
 
 Multi-GPU: verl fills ``global_batch_info`` (global token and sequence counts, ``dp_size``) in recent
 versions, and the loss uses it as verl does. Where it does not, pass verl's process groups through
