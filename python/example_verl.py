@@ -2,7 +2,8 @@
 
 In a real run (Hydra overrides):
     VERL_USE_EXTERNAL_MODULES=lens_kernels.integrations.verl python -m verl.trainer.main_ppo \\
-        algorithm.adv_estimator=lens +algorithm.lens_alpha=0.25 actor_rollout_ref.actor.policy_loss.loss_mode=lens
+        algorithm.adv_estimator=lens +algorithm.lens_alpha=0.25 actor_rollout_ref.rollout.n=8 ...
+    (docs/verl.md: the full command, Ray clusters, graded rewards, when loss_mode=lens is needed)
 
     python python/example_verl.py
 """

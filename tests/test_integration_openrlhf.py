@@ -28,41 +28,7 @@ pytest.importorskip("deepspeed", reason="openrlhf.models.utils imports deepspeed
 pytest.importorskip("ray", reason="OpenRLHF's experience_maker imports ray (see requirements-integrations.txt)")
 
 
-def load_loss_module():
-    try:
-        return importlib.import_module("openrlhf.models.loss")
-    except ImportError:  # the package __init__ needs flash-attn: load the submodules from the real path
-        sys.modules["openrlhf.models"] = package_without_init("openrlhf.models", "models")
-        return importlib.import_module("openrlhf.models.loss")
-
-
-def package_without_init(name, *parts):
-    package = types.ModuleType(name)
-    package.__path__ = [os.path.join(os.path.dirname(openrlhf.__file__), *parts)]
-    return package
-
-
-def load_experience_maker_module():
-    name = "openrlhf.trainer.ppo_utils.experience_maker"
-    try:
-        return importlib.import_module(name)
-    except ImportError:  # the Ray launcher pulls flash-attn and vLLM: see the module docstring
-        pass
-    launcher = types.ModuleType("openrlhf.trainer.ray.launcher")
-    launcher.RayActorGroup = type("RayActorGroup", (), {})
-    stand_ins = {"openrlhf.trainer.ray": package_without_init("openrlhf.trainer.ray", "trainer", "ray"),
-                 launcher.__name__: launcher}
-    saved = {key: sys.modules.get(key) for key in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
-        return importlib.import_module(name)
-    finally:
-        for key, module in saved.items():
-            if module is None:
-                sys.modules.pop(key, None)
-            else:
-                sys.modules[key] = module
-
+from _openrlhf_cpu import load_experience_maker_module, load_loss_module  # noqa: E402
 
 loss_module = load_loss_module()
 maker_module = load_experience_maker_module()
@@ -236,3 +202,113 @@ def test_other_estimators_run_openrlhf_method(patched):
         got = compute(maker.compute_advantages_and_returns, estimator, make_experiences(5, False))
         for a, b in zip(got, want):
             torch.testing.assert_close(a.advantages, b.advantages, rtol=0, atol=0)
+
+
+def test_lens_graded_rewards_use_the_threshold_before_length_penalties(patched):
+    """Graded rewards (+-1 here): without a threshold LENS fails at the first step naming the option;
+    with --algo.advantage.lens_correct_threshold the correct mask is reward >= threshold."""
+    maker = maker_module.RemoteExperienceMaker
+    experiences = make_experiences(22, binary=True)
+    for e in experiences:
+        e.rewards = e.rewards * 2 - 1  # DAPO-style +-1
+        e.kl = torch.zeros_like(e.kl)
+    with pytest.raises(ValueError, match="lens_correct_threshold"):
+        compute(maker.compute_advantages_and_returns, "lens", make_experiences(22, binary=False))
+    rewards = torch.empty(N_SAMPLES * PROMPTS)
+    width = max(EXPERIENCE_WIDTHS)
+    old_logps, mask = torch.zeros(len(rewards), width), torch.zeros(len(rewards), width)
+    for e in experiences:
+        rewards[e.index] = e.rewards
+        old_logps[e.index, :e.action_mask.size(1)] = e.action_log_probs
+        mask[e.index, :e.action_mask.size(1)] = e.action_mask.float()
+    want, stats = lk.group_advantages(rewards, group_size=N_SAMPLES, estimator="lens", old_logps=old_logps, mask=mask,
+                                      correct=rewards >= 1.0, eps=lk.TRAINER_EPS["openrlhf"], lens_alpha=0.25)
+    assert stats["frac_negative_groups"] > 0
+    m = make_maker("lens")
+    m.strategy.args.algo.advantage.lens_correct_threshold = 1.0
+    got = maker.compute_advantages_and_returns(m, experiences)
+    for e in got:
+        torch.testing.assert_close(e.advantages[:, 0], want[e.index].clamp(-3.0, 3.0), rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_filtering_warns_once_with_lens(patched):
+    lk_openrlhf._warned.clear()
+    m = make_maker("lens")
+    m.strategy.args.algo.dynamic_filtering_enable = True
+    with pytest.warns(UserWarning, match="dynamic_filtering_enable"):
+        lk_openrlhf.lens_config_warnings(m.strategy.args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk_openrlhf.lens_config_warnings(m.strategy.args)
+    lk_openrlhf._warned.clear()
+
+
+# ----- OpenRLHF's own CLI (openrlhf.cli.train_ppo_ray) through lens_kernels.integrations.openrlhf_cli ----
+class _Stop(Exception):
+    pass
+
+
+def docs_cli_args():
+    """The arguments of the OpenRLHF recipe in docs/openrlhf.md (after the module name)."""
+    import pathlib
+    import re
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "openrlhf.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S) if "openrlhf_cli" in b)
+    tokens = shlex.split(" ".join(line.rstrip().rstrip("\\") for line in block.splitlines()))
+    return tokens[tokens.index("lens_kernels.integrations.openrlhf_cli") + 1:]
+
+
+def test_openrlhf_cli_accepts_lens_and_sets_the_worker_hook(monkeypatch):
+    """OpenRLHF's real train_ppo_ray module runs as __main__ (its parser and checks) with `lens`
+    accepted; its ray.init gets the worker setup hook. Its imports that need vLLM / flash-attn are
+    stand-ins here (GPU-only), and ray.init stops the run before any actor starts."""
+    import ray
+
+    from lens_kernels.integrations import openrlhf_cli
+
+    for name in ("openrlhf.trainer.ray", "openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.ppo_actor",
+                 "openrlhf.trainer.ray.ppo_critic"):
+        stub = types.ModuleType(name)
+        for attr in ("create_vllm_engines", "RayActorGroup", "ReferenceModelActor", "RewardModelActor",
+                     "PolicyModelActor", "CriticModelActor"):
+            setattr(stub, attr, type(attr, (), {}))
+        monkeypatch.setitem(sys.modules, name, stub)
+    seen = {}
+
+    def fake_init(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    argv = ["--actor.model_name_or_path", "unused", "--algo.advantage.estimator", "lens",
+            "--algo.advantage.lens_alpha", "0.3", "--algo.advantage.lens_correct_threshold", "1.0",
+            "--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "8", "--rollout.micro_batch_size", "2"]
+    try:
+        with pytest.raises(_Stop):
+            openrlhf_cli.main(argv)
+        parsed = openrlhf_cli.last_parsed
+        assert getattr(parsed, "algo.advantage.estimator") == "lens"
+        assert getattr(parsed, "algo.advantage.lens_alpha") == 0.3
+        assert getattr(parsed, "algo.advantage.lens_correct_threshold") == 1.0
+        assert seen["runtime_env"]["worker_process_setup_hook"] == openrlhf_cli.SETUP_HOOK
+        assert "TOKENIZERS_PARALLELISM" in seen["runtime_env"]["env_vars"]  # OpenRLHF's own env kept
+        assert loss_module.PolicyLoss.__name__ == "LensPolicyLoss"  # patched in the driver too
+        assert ray.init is fake_init  # restored
+        with pytest.raises(SystemExit, match="n_samples_per_prompt"):
+            openrlhf_cli.main(argv[:-6] + ["--rollout.n_samples_per_prompt", "1"])
+        with pytest.warns(UserWarning, match="dynamic_filtering_enable"), pytest.raises(_Stop):
+            openrlhf_cli.main(argv + ["--algo.dynamic_filtering_enable", "--reward.remote_url", "x"])
+        docs = docs_cli_args()  # the documented command parses and reaches ray.init with the hook
+        seen.clear()
+        with pytest.raises(_Stop):
+            openrlhf_cli.main(docs)
+        assert getattr(openrlhf_cli.last_parsed, "algo.advantage.estimator") == "lens"
+        assert getattr(openrlhf_cli.last_parsed, "rollout.n_samples_per_prompt") == 8
+        assert seen["runtime_env"]["worker_process_setup_hook"] == openrlhf_cli.SETUP_HOOK
+    finally:
+        lk_openrlhf.unpatch()
+    with pytest.raises(ValueError, match="worker_process_setup_hook"):
+        openrlhf_cli.with_setup_hook({"worker_process_setup_hook": "other.hook"})

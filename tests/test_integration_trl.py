@@ -8,6 +8,7 @@ code runs for real on them, and so does ours. The advantage parity runs TRL's re
 """
 import collections
 import itertools
+import types
 import warnings
 
 import pytest
@@ -25,8 +26,9 @@ B, T, G = 6, 7, 3
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def accelerator():
+    # per test: building a GRPOConfig (another test) resets accelerate's shared state
     return accelerate.Accelerator(cpu=True)
 
 
@@ -53,7 +55,8 @@ def make_inputs(seed, beta, with_is, level):
     return logps, entropies, inputs
 
 
-def bare_trainer(cls, accelerator, loss_type, level, beta, with_is, entropy_coef=0.0, arity=3, training=True):
+def bare_trainer(cls, accelerator, loss_type, level, beta, with_is, entropy_coef=0.0, arity=3, training=True,
+                 bias_kl=False):
     tr = object.__new__(cls)
     args = LensGRPOConfig.__new__(LensGRPOConfig)  # field values only: no __post_init__ side effects
     for f in LensGRPOConfig.__dataclass_fields__.values():
@@ -62,7 +65,7 @@ def bare_trainer(cls, accelerator, loss_type, level, beta, with_is, entropy_coef
     args.delta = 1.5 if loss_type in ("grpo", "dapo") else None
     args.steps_per_generation = 2
     args.sapo_temperature_pos, args.sapo_temperature_neg = 1.0, 1.05
-    args.use_bias_correction_kl = False
+    args.use_bias_correction_kl = bias_kl
     tr.args = args
     tr.loss_type, tr.importance_sampling_level, tr.beta = loss_type, level, beta
     tr.epsilon_low = 0.2
@@ -99,14 +102,19 @@ def assert_close(a, b, tol=1e-6):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-CASES = [c for c in itertools.product(LOSS_TYPES, ("token", "sequence"), (0.0, 0.04), (False, True))]
+# beta 0.04 with TRL's default use_bias_correction_kl=True (the KL times the importance ratio) and without
+CASES = [c for c in itertools.product(LOSS_TYPES, ("token", "sequence"), ((0.0, False), (0.04, False), (0.04, True)),
+                                      (False, True))]
 
 
-@pytest.mark.parametrize("loss_type,level,beta,with_is", CASES)
-def test_compute_loss_parity(accelerator, loss_type, level, beta, with_is):
-    logps, ent, inputs = make_inputs(stable_seed(loss_type, level, beta, with_is) % 1000, beta, with_is, level)
-    want = run_loss(bare_trainer(GRPOTrainer, accelerator, loss_type, level, beta, with_is), logps, ent, inputs)
-    got = run_loss(bare_trainer(LensGRPOTrainer, accelerator, loss_type, level, beta, with_is), logps, ent, inputs)
+@pytest.mark.parametrize("loss_type,level,kl,with_is", CASES)
+def test_compute_loss_parity(accelerator, loss_type, level, kl, with_is):
+    beta, bias_kl = kl
+    logps, ent, inputs = make_inputs(stable_seed(loss_type, level, kl, with_is) % 1000, beta, with_is, level)
+    kw = dict(bias_kl=bias_kl)
+    want = run_loss(bare_trainer(GRPOTrainer, accelerator, loss_type, level, beta, with_is, **kw), logps, ent, inputs)
+    got = run_loss(bare_trainer(LensGRPOTrainer, accelerator, loss_type, level, beta, with_is, **kw), logps, ent,
+                   inputs)
     assert torch.isfinite(got[0]) and want[1].abs().sum() > 0
     for a, b in zip(got[:3], want[:3]):
         assert_close(a, b)
@@ -254,8 +262,8 @@ def fused_case_inputs(seed, vocab, beta):
     return inputs
 
 
-def fused_case_loss(cls, accelerator, model, inputs, loss_type, beta, temperature, fused):
-    tr = bare_trainer(cls, accelerator, loss_type, "token", beta, False)
+def fused_case_loss(cls, accelerator, model, inputs, loss_type, beta, temperature, fused, bias_kl=False):
+    tr = bare_trainer(cls, accelerator, loss_type, "token", beta, False, bias_kl=bias_kl)
     tr.model, tr.temperature = model, temperature
     tr.args.fused_loss_head = fused
     model.zero_grad(set_to_none=True)
@@ -265,17 +273,20 @@ def fused_case_loss(cls, accelerator, model, inputs, loss_type, beta, temperatur
 
 
 @pytest.mark.parametrize("fused", ("logits", "hidden"))
-@pytest.mark.parametrize("loss_type,beta,temperature", (("grpo", 0.0, 1.0), ("dapo", 0.04, 0.7), ("bnpo", 0.04, 1.0)))
-def test_fused_loss_head_matches_default_path(accelerator, fused, loss_type, beta, temperature):
+@pytest.mark.parametrize("loss_type,beta,temperature,bias_kl", (("grpo", 0.0, 1.0, False), ("dapo", 0.04, 0.7, False),
+                                                                ("bnpo", 0.04, 1.0, False), ("grpo", 0.04, 0.7, True),
+                                                                ("dapo", 0.04, 1.0, True)))
+def test_fused_loss_head_matches_default_path(accelerator, fused, loss_type, beta, temperature, bias_kl):
     """The fused loss head gives TRL's loss and parameter gradients (TRL's own log-prob pass, with the
-    fused LM head TRL installs on the model), in fp32."""
+    fused LM head TRL installs on the model), in fp32; also with TRL's bias-corrected KL."""
     model, _ = load_example().tiny_model_and_tokenizer(seed=1)
     model.train()
     trl.trainer.utils.add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
     inputs = fused_case_inputs(stable_seed(fused, loss_type) % 1000, model.config.vocab_size, beta)
-    want = fused_case_loss(GRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, None)
-    default = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, None)
-    got = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, loss_type, beta, temperature, fused)
+    case = (loss_type, beta, temperature)
+    want = fused_case_loss(GRPOTrainer, accelerator, model, inputs, *case, None, bias_kl)
+    default = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, *case, None, bias_kl)
+    got = fused_case_loss(LensGRPOTrainer, accelerator, model, inputs, *case, fused, bias_kl)
     assert torch.isfinite(got[0]) and sorted(got[1]) == sorted(want[1])
     assert sum(float(g.abs().sum()) for g in want[1].values()) > 0
     for other in (default, want):
@@ -285,7 +296,7 @@ def test_fused_loss_head_matches_default_path(accelerator, fused, loss_type, bet
 
 
 # ----- the one-call LENS step (lk.lens_policy_loss_from_*) when its preconditions hold --------------
-from lens_kernels.integrations.trl import fused_step_blocker  # noqa: E402
+from lens_kernels.integrations.trl import fused_step_blocker, group_shuffle  # noqa: E402
 
 
 def fused_step_log(trainer):
@@ -321,8 +332,9 @@ def test_fused_lens_step_trains_and_matches_two_stage_training(tmp_path):
 
 @pytest.mark.slow
 def test_partial_groups_take_the_two_stage_path(tmp_path):
-    """steps_per_generation=2 (micro-batches of 2 from a shuffled group of 4): fused_step 0, LENS still on."""
-    trainer = make_trainer(tmp_path, groups_of_mixed_kinds, per_device_train_batch_size=4, num_generations=4,
+    """per_device_train_batch_size=2 with groups of 4 (micro-batches of 2 from a shuffled group of 4):
+    fused_step 0, LENS still on."""
+    trainer = make_trainer(tmp_path, groups_of_mixed_kinds, per_device_train_batch_size=2, num_generations=4,
                            steps_per_generation=2, gradient_accumulation_steps=2, max_steps=1)
     trainer.train()
     assert fused_step_log(trainer) == [0.0]
@@ -378,22 +390,163 @@ def test_fused_step_loss_and_gradients_match_two_stage(tmp_path, head, loss_type
 
 
 def test_fused_step_blocker_names_each_precondition(accelerator):
-    tr = bare_trainer(LensGRPOTrainer, accelerator, "grpo", "token", 0.0, False)
-    tr.args.advantage_estimator, tr.args.steps_per_generation, tr.scale_rewards = "lens", 1, "group"
-    assert fused_step_blocker(tr, {}, "train") is None
-    cases = [("advantage_estimator", lambda t: setattr(t.args, "advantage_estimator", "dr_grpo"), {}),
-             ("lens_fused_step", lambda t: setattr(t.args, "lens_fused_step", False), {}),
-             ("off-policy", lambda t: None, {"old_per_token_logps": torch.zeros(1)}),
-             ("scale_rewards", lambda t: setattr(t, "scale_rewards", "batch"), {}),
-             ("steps_per_generation", lambda t: setattr(t.args, "steps_per_generation", 2), {}),
-             ("top_entropy_quantile", lambda t: setattr(t, "top_entropy_quantile", 0.5), {}),
-             ("aux loss", lambda t: setattr(t, "aux_loss_enabled", True), {}),
-             ("multimodal", lambda t: None, {"pixel_values": torch.zeros(1)})]
-    for match, breaks, output in cases:
-        broken = bare_trainer(LensGRPOTrainer, accelerator, "grpo", "token", 0.0, False)
-        broken.args.advantage_estimator, broken.args.steps_per_generation, broken.scale_rewards = "lens", 1, "group"
+    def ready():
+        tr = bare_trainer(LensGRPOTrainer, accelerator, "grpo", "token", 0.0, False)
+        tr.args.advantage_estimator, tr.scale_rewards = "lens", "group"
+        tr.args.per_device_train_batch_size, tr.args.per_device_eval_batch_size = 8, 4
+        tr.num_generations, tr.num_generations_eval = 4, 2
+        return tr
+
+    tr = ready()
+    prompts = ["a"] * 4 + ["b"] * 4
+    assert fused_step_blocker(tr, {}, "train", prompts) is None
+    # accumulation (steps_per_generation > 1), several processes and TRL's default bias-corrected KL
+    # keep the one-call step: micro-batches hold whole groups
+    tr.args.steps_per_generation, tr.beta, tr.args.use_bias_correction_kl = 4, 0.04, True
+    tr.accelerator = types.SimpleNamespace(num_processes=2, process_index=1)
+    assert fused_step_blocker(tr, {}, "train", prompts) is None
+    cases = [("advantage_estimator", lambda t: setattr(t.args, "advantage_estimator", "dr_grpo"), {}, None),
+             ("lens_fused_step", lambda t: setattr(t.args, "lens_fused_step", False), {}, None),
+             ("off-policy", lambda t: None, {"old_per_token_logps": torch.zeros(1)}, None),
+             ("scale_rewards", lambda t: setattr(t, "scale_rewards", "batch"), {}, None),
+             ("multiple of the group size", lambda t: setattr(t.args, "per_device_train_batch_size", 6), {}, None),
+             ("whole groups", lambda t: None, {}, ["a"] * 3 + ["b"] * 5),
+             ("top_entropy_quantile", lambda t: setattr(t, "top_entropy_quantile", 0.5), {}, None),
+             ("aux loss", lambda t: setattr(t, "aux_loss_enabled", True), {}, None),
+             ("multimodal", lambda t: None, {"pixel_values": torch.zeros(1)}, None)]
+    for match, breaks, output, rows in cases:
+        broken = ready()
         breaks(broken)
-        assert match in (fused_step_blocker(broken, output, "train") or ""), match
-    # an eval batch is never split, so steps_per_generation does not matter there
-    tr.args.steps_per_generation = 4
-    assert fused_step_blocker(tr, {}, "eval") is None
+        assert match in (fused_step_blocker(broken, output, "train", rows) or ""), match
+    # an eval batch is checked against the eval batch size and group size
+    assert fused_step_blocker(ready(), {}, "eval", ["a", "a", "b", "b"]) is None
+    broken = ready()
+    broken.num_generations_eval = 3
+    assert "multiple of the group size" in fused_step_blocker(broken, {}, "eval")
+
+
+def test_group_shuffle_keeps_groups_whole():
+    torch.manual_seed(0)
+    batch = {"x": torch.arange(12) * 10, "ids": torch.arange(12) // 4, "names": [f"n{i}" for i in range(12)],
+             "scalar": torch.tensor(3.0), "none": None}
+    out = group_shuffle(batch, 4)
+    assert out["scalar"] is batch["scalar"] and out["none"] is None
+    assert sorted(out["x"].tolist()) == batch["x"].tolist()
+    for chunk in out["ids"].split(4):
+        assert len(set(chunk.tolist())) == 1
+    assert out["names"] == [f"n{i}" for i in (out["x"] // 10).tolist()]
+
+
+def test_graded_reward_config_is_checked():
+    with pytest.raises(ValueError, match="advantage_estimator='lens'"):
+        LensGRPOConfig(output_dir="unused", lens_correct_threshold=1.0, report_to=[], use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="lens_correct_threshold must be a number"):
+        LensGRPOConfig(output_dir="unused", advantage_estimator="lens", lens_correct_threshold="1", report_to=[],
+                       use_cpu=True, bf16=False)
+
+
+# ----- graded rewards, the completions log and gradient accumulation on the real trainer ------------
+def accuracy(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def format_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def graded_rewards():
+    """[12, 2]: an accuracy verifier (1 correct, partial credit 0.5, DAPO-style -1 wrong) and a format
+    reward, in groups of 4: group 0 has no correct answer, group 1 and 2 are mixed."""
+    accuracy = torch.tensor([-1.0, 0.5, -1, 0.5, 1, -1, 1, 0.5, 1, 1, -1, 0.5])
+    fmt = torch.tensor([0.2, 0.0, 0.1, 0.2, 0.2, 0.0, 0.1, 0.2, 0.0, 0.2, 0.1, 0.0])
+    return torch.stack([accuracy, fmt], dim=1)
+
+
+@pytest.mark.slow
+def test_graded_rewards_need_a_verifier_and_use_it(tmp_path):
+    """Two reward functions with weights and non-binary values: without saying what is correct, step 1
+    fails naming the options; with lens_correct_reward_func the advantages are group_advantages(total
+    weighted reward, correct=accuracy >= 1), on both paths, and the completions log shows them."""
+    trainer = make_trainer(tmp_path, [accuracy, format_reward], per_device_train_batch_size=12,
+                           reward_weights=[1.0, 0.5])
+    rewards = graded_rewards()
+    with pytest.raises(ValueError, match="lens_correct_reward_func"):
+        generated_batch(trainer, rewards, False)
+    with pytest.raises(ValueError, match="is not one of the reward functions"):
+        make_trainer(tmp_path, [accuracy, format_reward], lens_correct_reward_func="acc")
+    trainer = make_trainer(tmp_path, [accuracy, format_reward], per_device_train_batch_size=12,
+                           reward_weights=[1.0, 0.5], lens_correct_reward_func="accuracy")
+    trainer.current_gradient_accumulation_steps = 1
+    total = rewards[:, 0] + 0.5 * rewards[:, 1]
+    correct = rewards[:, 0] >= 1.0
+    two_stage = generated_batch(trainer, rewards, False)
+    logged = list(trainer._logs["advantages"])
+    mask = two_stage["completion_mask"]
+    old = trainer._old_logps_for_lens(two_stage, "train")
+    want, stats = lk.group_advantages(total, group_size=4, estimator="lens", old_logps=old, mask=mask, correct=correct,
+                                      eps=1e-4, nan_rewards="zero_advantage")
+    assert stats["frac_negative_groups"] == pytest.approx(1 / 3) and want[:4].abs().min() > 0
+    assert_close(two_stage["advantages"], want)
+    assert logged == pytest.approx(want.tolist(), abs=1e-6)  # what is trained, not TRL's GRPO advantages
+    fused = generated_batch(trainer, rewards, True)
+    assert torch.equal(fused["lens_correct"], correct)
+    trainer._compute_loss(trainer.model, fused)
+    assert list(trainer._logs["advantages"]) == pytest.approx(want.tolist(), abs=1e-6)
+    # a threshold on the total weighted reward instead of a verifier
+    trainer.args.lens_correct_reward_func, trainer._lens_correct_index = None, None
+    trainer.args.lens_correct_threshold = 1.0
+    assert torch.equal(trainer.lens_correct(rewards, total), total >= 1.0)
+
+
+@pytest.mark.slow
+def test_completions_log_shows_the_trained_advantages(tmp_path):
+    """An all-wrong group: TRL logs GRPO's zeros, the adapter logs the LENS advantages it trains on,
+    on the two-stage path and on the one-call path (written back from shuffled micro-batches)."""
+    trainer = make_trainer(tmp_path, always_wrong, per_device_train_batch_size=12)
+    trainer.current_gradient_accumulation_steps = 1
+    rewards = torch.tensor([0., 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0]).unsqueeze(1)
+    two_stage = generated_batch(trainer, rewards, False)
+    want = two_stage["advantages"]
+    assert want[:4].abs().min() > 0 and list(trainer._logs["advantages"]) == pytest.approx(want.tolist(), abs=1e-6)
+    fused = generated_batch(trainer, rewards, True)
+    assert list(trainer._logs["advantages"])[:4] == [0.0] * 4  # TRL's GRPO values until the loss runs
+    # micro-batches of whole groups, as the adapter's group shuffle makes them
+    order = torch.cat([torch.arange(8, 12), torch.arange(0, 8)])
+    for rows in (order[:4], order[4:]):
+        trainer._compute_loss(trainer.model, {k: v[rows] if torch.is_tensor(v) and v.ndim else v
+                                              for k, v in fused.items()})
+    assert list(trainer._logs["advantages"]) == pytest.approx(want.tolist(), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_accumulation_keeps_the_one_call_step_without_an_extra_forward(tmp_path):
+    """TRL's default accumulation (steps_per_generation = gradient_accumulation_steps = 2): the one-call
+    step runs on every micro-batch (groups kept whole by the group shuffle), with no extra no-grad
+    forward, and one optimizer step gives the weights of the two-stage path (which makes that forward)."""
+    common = dict(per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2, max_steps=1,
+                  optim="sgd", learning_rate=0.5)
+    runs = {}
+    for name, fused_step in (("fused", True), ("two", False)):
+        trainer = make_trainer(tmp_path / name, groups_of_mixed_kinds, lens_fused_step=fused_step, **common)
+        assert trainer.args.steps_per_generation == 2
+        calls = []
+        real = trainer._old_logps_for_lens
+        trainer._old_logps_for_lens = lambda *a, **k: calls.append(1) or real(*a, **k)
+        trainer.train()
+        runs[name] = (trainer, len(calls))
+    (fused, fused_calls), (two, two_calls) = runs["fused"], runs["two"]
+    assert fused_calls == 0 and two_calls == 1
+    assert fused_step_log(fused) == [1.0] and fused_step_log(two) == [0.0]
+    for a, b in zip(fused.model.parameters(), two.model.parameters()):
+        assert_close(a.detach(), b.detach())
+    got, want = ([h for h in t.state.log_history if "loss" in h][0] for t in (fused, two))
+    for name in ("loss", "lens/frac_negative_groups", "lens/frac_mixed_groups"):
+        assert got[name] == pytest.approx(want[name], abs=1e-6), name
+
+
+@pytest.mark.slow
+def test_example_trl_runs(tmp_path):
+    """The TRL recipe as shipped (python/example_trl.py, linked from docs/trl.md) trains on CPU."""
+    trainer = load_example().main(output_dir=str(tmp_path), max_steps=1)
+    assert trainer.state.global_step == 1
+    assert any("lens/frac_negative_groups" in h for h in trainer.state.log_history)

@@ -4,9 +4,9 @@ Each adapter is its own module and imports its trainer lazily: ``import lens_ker
 trainer installed, and importing an adapter without its trainer raises an ImportError that names
 the pip extra to install::
 
-    from lens_kernels.integrations.trl import LensGRPOConfig, LensGRPOTrainer   # pip install 'lens-kernels[trl]'
-    VERL_USE_EXTERNAL_MODULES=lens_kernels.integrations.verl                     # pip install 'lens-kernels[verl]'
-    from lens_kernels.integrations import openrlhf; openrlhf.patch()            # pip install 'lens-kernels[openrlhf]'
+    from lens_kernels.integrations.trl import LensGRPOConfig, LensGRPOTrainer   # docs/trl.md
+    VERL_USE_EXTERNAL_MODULES=lens_kernels.integrations.verl (or verl's plugin)  # docs/verl.md
+    python -m lens_kernels.integrations.openrlhf_cli ... --algo.advantage.estimator lens   # docs/openrlhf.md
 
 The adapters call only the public API (``policy_loss``, ``policy_loss_from_logits``,
 ``policy_loss_from_hidden``, ``linear_token_logprobs``, ``group_advantages``, ``LossConfig``), so
@@ -26,5 +26,6 @@ def require(module: str, extra: str, what: str):
     except ImportError as exc:
         raise ImportError(
             f"{what} needs the '{module}' package, which could not be imported ({exc}). "
-            f"Install it with: pip install 'lens-kernels[{extra}]'"
+            + (f"Install it with: pip install 'lens-kernels[{extra}]'" if extra == "trl" else
+               f"Install {extra} by its own instructions (see docs/{extra}.md)")
         ) from exc

@@ -122,9 +122,9 @@ def _padded_cat(tensors):
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.size(1))) for t in tensors], dim=0)
 
 
-def group_normalized_rewards(experiences, rewards, indices, args):
+def group_normalized_rewards(experiences, rewards, indices, args, correct=None):
     """OpenRLHF's per-sample group baseline for ``group_norm`` (and LENS) from ``lk.group_advantages``,
-    in prompt order, with its metrics."""
+    in prompt order, with its metrics. ``correct`` [N] (prompt order): graded rewards for LENS."""
     estimator = args.algo.advantage.estimator
     kwargs = dict(group_size=args.rollout.n_samples_per_prompt, eps=TRAINER_EPS["openrlhf"])
     if estimator == "group_norm":
@@ -133,8 +133,38 @@ def group_normalized_rewards(experiences, rewards, indices, args):
         raise ValueError("estimator='lens' needs experience.action_log_probs (the old log-probs) on every experience")
     old_logps = _in_prompt_order(_padded_cat([e.action_log_probs.float() for e in experiences]), indices)
     mask = _in_prompt_order(_padded_cat([e.action_mask.float() for e in experiences]), indices)
-    return group_advantages(rewards, estimator="lens", old_logps=old_logps, mask=mask,
-                            lens_alpha=float(getattr(args.algo.advantage, "lens_alpha", 0.25)), **kwargs)
+    try:
+        return group_advantages(rewards, estimator="lens", old_logps=old_logps, mask=mask, correct=correct,
+                                lens_alpha=float(getattr(args.algo.advantage, "lens_alpha", 0.25)), **kwargs)
+    except ValueError as exc:
+        if "binary" not in str(exc):
+            raise
+        raise ValueError(f"{exc}. With graded rewards or length penalties, say what is correct: "
+                         "--algo.advantage.lens_correct_threshold <reward of a correct answer> (read on the "
+                         "reward before OpenRLHF's length penalties)") from exc
+
+
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def lens_config_warnings(args) -> None:
+    """One warning each for the OpenRLHF settings that silence LENS."""
+    if getattr(args.algo.advantage, "estimator", None) != "lens":
+        return
+    if getattr(args.algo, "dynamic_filtering_enable", False):
+        _warn_once("dynamic_filtering", (
+            "lens_kernels: --algo.dynamic_filtering_enable drops the groups whose rewards fall outside "
+            "--algo.dynamic_filtering_range, such as the all-wrong groups that LENS turns into a learning "
+            "signal; leave it off with --algo.advantage.estimator lens"))
+    if getattr(args.rollout, "n_samples_per_prompt", 2) < 2:
+        _warn_once("groups_of_one", "lens_kernels: LENS needs --rollout.n_samples_per_prompt >= 2; "
+                                    "with 1 every advantage is 0")
 
 
 def _lens_compute_advantages_and_returns(original, module):
@@ -144,19 +174,24 @@ def _lens_compute_advantages_and_returns(original, module):
         args = self.strategy.args
         if args.algo.advantage.estimator not in GROUP_ESTIMATORS:
             return original(self, experiences)
+        lens_config_warnings(args)
         for experience in experiences:  # OpenRLHF: at least fp32 for penalties and group statistics
             experience.rewards = experience.rewards.to(torch.promote_types(experience.rewards.dtype, torch.float32))
-        module.apply_length_penalties(experiences, args)
-
         n_samples = args.rollout.n_samples_per_prompt
         exp_len = [len(experience.index) for experience in experiences]
         indices = torch.tensor(list(itertools.chain.from_iterable(experience.index for experience in experiences)))
+        threshold = getattr(args.algo.advantage, "lens_correct_threshold", None)
+        correct = None
+        if args.algo.advantage.estimator == "lens" and threshold is not None:  # before the length penalties
+            raw = _in_prompt_order(torch.cat([experience.rewards for experience in experiences]), indices)
+            correct = raw >= float(threshold)
+        module.apply_length_penalties(experiences, args)
         rewards = _in_prompt_order(torch.cat([experience.rewards for experience in experiences]), indices)
         if n_samples > 1:
             stds = rewards.reshape(-1, n_samples).std(-1, keepdim=True).repeat(1, n_samples).reshape(-1)
             for experience, std in zip(experiences, stds[indices].split(exp_len)):
                 experience.info["group_reward_std"] = std
-        advantages, stats = group_normalized_rewards(experiences, rewards, indices, args)
+        advantages, stats = group_normalized_rewards(experiences, rewards, indices, args, correct)
         per_experience = advantages.to(rewards.dtype)[indices].split(exp_len)
         if "confidence" in stats:
             for experience, confidence in zip(experiences, stats["confidence"][indices].split(exp_len)):
@@ -198,6 +233,12 @@ def patch() -> type:
         _method_originals[maker] = original
         maker.compute_advantages_and_returns = _lens_compute_advantages_and_returns(original, maker_module)
     return cls
+
+
+def worker_setup() -> None:
+    """Ray ``worker_process_setup_hook``: ``patch()`` in every worker process of the job, before OpenRLHF's
+    actors import their modules (``lens_kernels.integrations.openrlhf_cli`` sets it)."""
+    patch()
 
 
 def unpatch() -> None:

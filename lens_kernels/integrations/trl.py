@@ -19,17 +19,27 @@
   parameter gradients on a tiny Llama (grpo, bnpo, dapo; KL; temperature).
 - The one-call LENS step: with ``advantage_estimator="lens"``, when TRL skips the old-log-prob pass
   (on-policy: ``gradient_accumulation_steps`` a multiple of ``steps_per_generation * num_iterations``,
-  no vLLM importance sampling), in a single process,
-  with ``scale_rewards`` "group" or "none" and micro-batches that hold whole groups
-  (``steps_per_generation=1`` in training; an eval batch always does), the generation batch carries
-  each completion's reward and group id (``lens_rewards``, ``lens_group_ids``, permuted with the rest by
-  TRL's shuffle) and the loss is ``lk.lens_policy_loss_from_logits`` / ``_from_hidden``: the LENS
-  confidences come from the loss's own log-probs, so the extra old-log-prob pass is skipped. Otherwise
-  the two-stage path above runs. ``lens/fused_step`` logs 1.0 or 0.0 per loss call;
-  ``lens_fused_step=False`` forces the two-stage path.
+  no vLLM importance sampling), with ``scale_rewards`` "group" or "none" and
+  ``per_device_*_batch_size`` a multiple of the group size, each process's generation batch holds whole
+  groups (TRL's sampler repeats a prompt G times in a row; checked on the prompts) and the adapter
+  shuffles it by whole groups, so every micro-batch holds whole groups, also with accumulation and
+  several processes. The batch carries each completion's reward, correct flag and group id
+  (``lens_rewards``, ``lens_correct``, ``lens_group_ids``) and the loss is
+  ``lk.lens_policy_loss_from_logits`` / ``_from_hidden``: the LENS confidences come from the loss's own
+  log-probs, so no extra old-log-prob pass runs. Otherwise the two-stage path above runs.
+  ``lens/fused_step`` logs 1.0 or 0.0 per loss call; ``lens_fused_step=False`` forces the two-stage path.
+- KL with ``beta > 0`` and TRL's default ``use_bias_correction_kl=True``: k3 times the importance
+  ratio, with its gradient, aggregated as TRL aggregates the loss type (the fused heads take their
+  log-probs from ``lk.token_logprobs`` / ``lk.linear_token_logprobs`` for it).
+- Graded rewards: ``lens_correct_reward_func`` (the verifier among the reward functions) and
+  ``lens_correct_threshold`` say which completions are correct (``correct=`` of
+  ``lk.group_advantages``); the advantages are computed on TRL's total weighted reward.
+- TRL's completions log (``self._logs["advantages"]``) holds the advantages actually trained.
 - Options the adapter does not support (loss types luspo and vespo, ``top_entropy_quantile < 1``,
-  ``off_policy_mask_threshold``, ``use_bias_correction_kl``, adaptive entropy) fall back to TRL's own
-  loss with one warning: no loss term is ever dropped silently.
+  ``off_policy_mask_threshold``, adaptive entropy) fall back to TRL's own loss with one warning: no
+  loss term is ever dropped silently.
+
+See docs/trl.md for the recipe.
 
 Supported TRL versions: 1.x, where ``_get_per_token_logps_and_entropies`` returns 3 values (from
 1.7) or 2 (before 1.7); both arities are handled. Tested against TRL 1.16.0.
@@ -37,15 +47,17 @@ Supported TRL versions: 1.x, where ``_get_per_token_logps_and_entropies`` return
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from .. import (LossConfig, group_advantages, lens_policy_loss_from_hidden, lens_policy_loss_from_logits, policy_loss,
-               policy_loss_from_hidden, policy_loss_from_logits)
+from .. import (LossConfig, group_advantages, lens_policy_loss_from_hidden, lens_policy_loss_from_logits,
+               linear_token_logprobs, policy_loss, policy_loss_from_hidden, policy_loss_from_logits, token_logprobs)
 from . import require
 
 _trl = require("trl", "trl", "lens_kernels.integrations.trl")
@@ -75,12 +87,22 @@ class LensGRPOConfig(GRPOConfig):
         fused_loss_head: None (TRL's log-prob pass, then ``lk.policy_loss``), "logits" or "hidden".
         lens_fused_step: take the one-call LENS step when its preconditions hold (see the module
             docstring); False always takes the two-stage path.
+        lens_correct_reward_func: graded rewards: the reward function (its name in the trainer's
+            ``reward_func_names``, or its index) whose value says whether a completion is correct.
+        lens_correct_threshold: correct means that reward (or, when no function is named, the total
+            weighted reward) >= this; default 1.0 when a function is named. With neither option the
+            total reward must be binary (0/1).
     """
 
     advantage_estimator: str = field(default="grpo", metadata={"help": "grpo, lens or dr_grpo"})
     lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
     fused_loss_head: Optional[str] = field(default=None, metadata={"help": "None, 'logits' or 'hidden'"})
     lens_fused_step: bool = field(default=True, metadata={"help": "one-call LENS step when its preconditions hold"})
+    lens_correct_reward_func: Optional[str] = field(
+        default=None, metadata={"help": "name (or index) of the reward function that verifies correctness"})
+    lens_correct_threshold: Optional[float] = field(
+        default=None, metadata={"help": "a completion is correct when its verifier reward (or, with no verifier "
+                                        "named, its total weighted reward) is >= this"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +113,12 @@ class LensGRPOConfig(GRPOConfig):
             raise ValueError(f"fused_loss_head must be one of {list(FUSED_LOSS_HEADS)}, got {self.fused_loss_head!r}")
         if not isinstance(self.lens_alpha, (int, float)) or self.lens_alpha < 0:
             raise ValueError(f"lens_alpha must be a number >= 0, got {self.lens_alpha!r}")
+        if self.lens_correct_threshold is not None and (isinstance(self.lens_correct_threshold, bool) or not isinstance(
+                self.lens_correct_threshold, (int, float))):
+            raise ValueError(f"lens_correct_threshold must be a number, got {self.lens_correct_threshold!r}")
+        if (self.lens_correct_reward_func is not None or self.lens_correct_threshold is not None) \
+                and self.advantage_estimator != "lens":
+            raise ValueError("lens_correct_reward_func / lens_correct_threshold need advantage_estimator='lens'")
         if self.advantage_estimator != "grpo" and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError("advantage_estimator='lens'/'dr_grpo' needs multi_objective_aggregation='sum_then_normalize'")
 
@@ -107,18 +135,20 @@ def unpack_logps_output(out):
 
 def unsupported_reason(trainer) -> Optional[str]:
     """Why the lens loss cannot reproduce this trainer's TRL loss exactly, or None."""
-    args = trainer.args
     if trainer.loss_type not in SUPPORTED_LOSS_TYPES:
         return f"loss_type={trainer.loss_type!r}"
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         return "top_entropy_quantile < 1"
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
         return "off_policy_mask_threshold"
-    if getattr(args, "use_bias_correction_kl", False) and trainer.beta != 0.0:
-        return "use_bias_correction_kl"
     if getattr(trainer, "use_adaptive_entropy", False):
         return "adaptive entropy control"
     return None
+
+
+def bias_corrected_kl(trainer) -> bool:
+    """TRL's default KL with beta > 0: k3 times the importance ratio (``use_bias_correction_kl=True``)."""
+    return trainer.beta != 0.0 and bool(getattr(trainer.args, "use_bias_correction_kl", False))
 
 
 def fused_head_reason(trainer) -> Optional[str]:
@@ -128,9 +158,24 @@ def fused_head_reason(trainer) -> Optional[str]:
     return None
 
 
-def fused_step_blocker(trainer, output, mode) -> Optional[str]:
+def _group_size(trainer, mode):
+    return trainer.num_generations if mode == "train" else trainer.num_generations_eval
+
+
+def _local_batch_size(trainer, mode):
+    args = trainer.args
+    return args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+
+
+def fused_step_blocker(trainer, output, mode, prompts=None) -> Optional[str]:
     """Why this generation batch cannot take the one-call LENS step, or None. Decided once per generation
-    batch from the config and the output's keys: no device value is read."""
+    batch from the config, the output's keys and the prompts (host objects): no device value is read.
+
+    The step needs every micro-batch to hold whole groups: a process's generation batch holds whole
+    groups when ``per_device_*_batch_size`` is a multiple of the group size (TRL's sampler repeats each
+    prompt G times in a row and each process takes consecutive rows), and the adapter shuffles the
+    generation batch by whole groups (``_prepare_inputs``), so TRL's split into ``steps_per_generation``
+    micro-batches keeps them whole too."""
     args = trainer.args
     if getattr(args, "advantage_estimator", "grpo") != "lens":
         return "advantage_estimator is not 'lens'"
@@ -138,12 +183,17 @@ def fused_step_blocker(trainer, output, mode) -> Optional[str]:
         return "lens_fused_step=False"
     if "old_per_token_logps" in output:  # TRL computes them only when the policy may have moved (or for vLLM IS)
         return "off-policy: TRL computed old_per_token_logps"
-    if trainer.accelerator.num_processes != 1:
-        return "several processes: a process holds a slice of the groups"
     if trainer.scale_rewards == "batch":
         return "scale_rewards='batch' needs the whole generation batch"
-    if mode == "train" and args.steps_per_generation != 1:
-        return "steps_per_generation > 1: shuffled micro-batches hold partial groups"
+    group_size = _group_size(trainer, mode)
+    if _local_batch_size(trainer, mode) % group_size != 0:
+        return (f"per_device_{mode}_batch_size is not a multiple of the group size {group_size}: "
+                "micro-batches hold partial groups")
+    if mode == "train" and args.steps_per_generation != 1 and not hasattr(_trl_grpo_module(), "shuffle_sequence_dict"):
+        return "this TRL version's shuffle cannot be made group-wise"
+    if prompts is not None and any(prompts[i] != prompts[j] for i in range(0, len(prompts), group_size)
+                                   for j in range(i + 1, min(i + group_size, len(prompts)))):
+        return "this process's rows are not whole groups of one prompt each"
     reason = unsupported_reason(trainer) or fused_head_reason(trainer)
     if reason is not None:
         return reason
@@ -154,6 +204,51 @@ def fused_step_blocker(trainer, output, mode) -> Optional[str]:
     if any(key in output for key in _MULTIMODAL_KEYS):
         return "multimodal inputs"
     return None
+
+
+def _trl_grpo_module():
+    return sys.modules[GRPOTrainer.__module__]
+
+
+def group_shuffle(seq_dict, group_size):
+    """TRL's ``shuffle_sequence_dict`` by whole groups: rows [g*G, (g+1)*G) stay together and in order,
+    the groups are permuted (one ``randperm`` on the global generator, as TRL's)."""
+    n = len(next(v for v in seq_dict.values() if v is not None))
+    perm = (torch.randperm(n // group_size).unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1)
+
+    def permute(v):
+        if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+            return v
+        if isinstance(v, torch.Tensor):
+            return v[perm.to(v.device)]
+        return [v[i] for i in perm.tolist()]
+
+    return {key: permute(value) for key, value in seq_dict.items()}
+
+
+def trl_kl_aggregate(trainer, per_token, mask, num_tokens):
+    """A per-token term aggregated as TRL aggregates its loss for ``trainer.loss_type`` (before the
+    gradient-accumulation scale)."""
+    weighted = per_token * mask
+    if trainer.loss_type in ("grpo", "sapo"):
+        return (weighted.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if trainer.loss_type == "bnpo":
+        return weighted.sum() / mask.sum().clamp(min=1.0)
+    if trainer.loss_type == "dr_grpo":
+        return weighted.sum() / (per_token.size(0) * trainer.max_completion_length)
+    return weighted.sum() / num_tokens  # dapo, cispo: the global normalizer
+
+
+def trl_bias_corrected_kl(trainer, logps, ref_logps, old_logps, mask):
+    """TRL's KL with ``use_bias_correction_kl``: k3(l, l_ref) times the importance ratio exp(l - l_old)
+    (token level) or exp(masked mean of l - l_old) (sequence level), with the gradient through both; the
+    ratio is taken before ``delta`` clamps it, as in TRL."""
+    old = logps.detach() if old_logps is None else old_logps
+    log_ratio = logps - old
+    if trainer.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    d = ref_logps - logps
+    return (torch.exp(d) - d - 1) * torch.exp(log_ratio)
 
 
 def loss_config_for(trainer) -> LossConfig:
@@ -174,10 +269,65 @@ def loss_config_for(trainer) -> LossConfig:
     ))
 
 
+def _explain_binary(exc):
+    """group_advantages' "rewards must be binary" error, with the TRL options that fix it."""
+    if "binary" in str(exc):
+        return ValueError(
+            f"{exc}. With graded rewards (several reward functions, weights, partial credit, +-1, length "
+            "penalties), tell LENS which completions are correct: LensGRPOConfig(lens_correct_reward_func="
+            "<name of the verifier reward function>, lens_correct_threshold=<its value for a correct answer>), "
+            "or lens_correct_threshold alone for a threshold on the total weighted reward")
+    return exc
+
+
+@contextmanager
+def _binary_hint():
+    try:
+        yield
+    except ValueError as exc:
+        raise _explain_binary(exc) from exc
+
+
 class LensGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with LENS advantages and the lens_kernels loss; see the module docstring."""
 
     _lens_warned = False
+    _lens_log_appended = 0
+    _lens_log_start = None
+    _lens_correct_index = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lens_log_appended = 0  # entries TRL appended to self._logs["advantages"] so far
+        self._lens_log_start = None  # absolute position of the current generation batch in that log
+        self._lens_correct_index = self._resolve_correct_func()
+
+    def _resolve_correct_func(self) -> Optional[int]:
+        """The index of ``lens_correct_reward_func`` among the reward functions, checked at start."""
+        name = getattr(self.args, "lens_correct_reward_func", None)
+        if name is None:
+            return None
+        names = list(self.reward_func_names)
+        if name in names:
+            return names.index(name)
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            index = int(name)
+            if 0 <= index < len(names):
+                return index
+        raise ValueError(f"lens_correct_reward_func={name!r} is not one of the reward functions {names} "
+                         f"(a name or an index in 0..{len(names) - 1})")
+
+    def lens_correct(self, rewards_per_func, rewards) -> Optional[torch.Tensor]:
+        """[N] bool: which completions are correct (None: the binary total reward says it)."""
+        threshold = getattr(self.args, "lens_correct_threshold", None)
+        if self._lens_correct_index is None and threshold is None:
+            return None
+        if self._lens_correct_index is not None:
+            values = rewards_per_func[:, self._lens_correct_index]
+            threshold = 1.0 if threshold is None else threshold
+        else:
+            values = rewards
+        return values >= threshold  # NaN (not scored) is not correct
 
     # ----- stage A: advantages on the gathered batch -------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -185,56 +335,104 @@ class LensGRPOTrainer(GRPOTrainer):
         self._lens_rewards_per_func = rewards_per_func  # gathered over processes, as TRL returns it
         return rewards_per_func
 
+    def _prepare_inputs(self, generation_batch):
+        """TRL's, with the generation batch shuffled by whole groups when it carries the one-call LENS
+        step (so that TRL's split into ``steps_per_generation`` micro-batches keeps groups whole)."""
+        module = _trl_grpo_module()
+        original = getattr(module, "shuffle_sequence_dict", None)
+        if original is None or getattr(self.args, "advantage_estimator", "grpo") != "lens" \
+                or self.args.steps_per_generation == 1:  # one micro-batch: TRL's row shuffle keeps groups whole
+            return super()._prepare_inputs(generation_batch)
+
+        def shuffle(seq_dict):
+            if "lens_group_ids" in seq_dict:
+                return group_shuffle(seq_dict, self.num_generations)
+            return original(seq_dict)
+
+        module.shuffle_sequence_dict = shuffle
+        try:
+            return super()._prepare_inputs(generation_batch)
+        finally:
+            module.shuffle_sequence_dict = original
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         estimator = getattr(self.args, "advantage_estimator", "grpo")
         if estimator == "grpo":
             return output
         mode = "train" if self.model.training else "eval"
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        group_size = _group_size(self, mode)
         rewards_per_func = self._lens_rewards_per_func
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
         rewards = torch.where(torch.isnan(rewards_per_func).all(dim=1), torch.nan, rewards)
-        if fused_step_blocker(self, output, mode) is None:
-            # one process: the gathered rows are this process's rows, in TRL's group order
-            output["lens_rewards"] = rewards
-            output["lens_group_ids"] = torch.arange(rewards.numel(), device=rewards.device) // group_size
+        correct = self.lens_correct(rewards_per_func, rewards) if estimator == "lens" else None
+        local = output["completion_ids"].size(0)
+        start = self.accelerator.process_index * local
+        self._lens_log_appended += rewards.numel()
+        self._lens_log_start = self._lens_log_appended - rewards.numel()
+        prompts = [x.get("prompt") if isinstance(x, dict) else x for x in inputs]
+        if fused_step_blocker(self, output, mode, prompts) is None:
+            # this process's rows are whole groups in TRL's order (checked above): the loss op computes
+            # their advantages, one micro-batch of whole groups at a time
+            output["lens_rewards"] = rewards[start:start + local]
+            output["lens_group_ids"] = torch.arange(local, device=rewards.device) // group_size
+            output["lens_rows"] = torch.arange(start, start + local, device=rewards.device)
+            if correct is not None:
+                output["lens_correct"] = correct[start:start + local]
             # the loss op computes the advantages; NaN makes any other reader of this key fail loudly
             output["advantages"] = torch.full_like(output["advantages"], torch.nan)
             return output
-        kwargs = dict(group_size=group_size, eps=TRL_EPS, nan_rewards="zero_advantage")
-        if estimator == "lens":
-            old_logps = output.get("old_per_token_logps")
-            if old_logps is None:
-                old_logps = self._old_logps_for_lens(output, mode)
-            mask = output["completion_mask"]
-            if "tool_mask" in output:
-                mask = mask * output["tool_mask"]
-            old_logps = self.accelerator.gather(self.accelerator.pad_across_processes(old_logps, dim=1))
-            mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))
-            advantages, stats = group_advantages(
-                rewards, estimator="lens", old_logps=old_logps, mask=mask, scale=self.scale_rewards,
-                lens_alpha=float(self.args.lens_alpha), **kwargs)
-        else:
-            advantages, stats = group_advantages(rewards, estimator="dr_grpo", **kwargs)
-        local = output["completion_ids"].size(0)
-        start = self.accelerator.process_index * local
+        kwargs = dict(group_size=group_size, eps=TRL_EPS, nan_rewards="zero_advantage", correct=correct)
+        with _binary_hint():
+            if estimator == "lens":
+                old_logps = output.get("old_per_token_logps")
+                if old_logps is None:
+                    old_logps = self._old_logps_for_lens(output, mode)
+                mask = output["completion_mask"]
+                if "tool_mask" in output:
+                    mask = mask * output["tool_mask"]
+                old_logps = self.accelerator.gather(self.accelerator.pad_across_processes(old_logps, dim=1))
+                mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))
+                advantages, stats = group_advantages(
+                    rewards, estimator="lens", old_logps=old_logps, mask=mask, scale=self.scale_rewards,
+                    lens_alpha=float(self.args.lens_alpha), **kwargs)
+            else:
+                advantages, stats = group_advantages(rewards, estimator="dr_grpo", **kwargs)
         output["advantages"] = advantages[start:start + local].to(output["advantages"].dtype)
+        self._log_trained_advantages(torch.arange(advantages.numel(), device=advantages.device), advantages)
         self._log_lens_stats(mode, stats)
         return output
 
-    def _log_lens_stats(self, mode, stats):
-        """The group statistics under ``lens/``, read back in one transfer."""
+    def _log_trained_advantages(self, rows, advantages):
+        """Write the advantages actually trained into TRL's completions log (``self._logs["advantages"]``,
+        which TRL filled with its own GRPO advantages): ``rows`` are positions in the gathered
+        generation batch. The log is a bounded deque, so positions are kept as absolute counts."""
+        log = self._logs.get("advantages") if isinstance(getattr(self, "_logs", None), dict) else None
+        if log is None or self._lens_log_start is None:
+            return
+        first = self._lens_log_appended - len(log)  # absolute position of log[0]
+        for row, value in zip(rows.tolist(), advantages.float().tolist()):
+            position = self._lens_log_start + row - first
+            if 0 <= position < len(log):
+                log[position] = value
+
+    def _log_lens_stats(self, mode, stats, reduce=False):
+        """The group statistics under ``lens/``, read back in one transfer (``reduce``: averaged over
+        processes, for statistics of this process's micro-batch)."""
         names = [name for name in LENS_STAT_NAMES if name in stats]
-        values = torch.stack([stats[name].float().reshape(()) for name in names]).tolist() if names else []
-        for name, value in zip(names, values):
+        if not names:
+            return
+        values = torch.stack([stats[name].float().reshape(()) for name in names])
+        if reduce and self.accelerator.num_processes > 1:
+            values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
+        for name, value in zip(names, values.tolist()):
             self._metrics[mode][f"lens/{name}"].append(value)
 
     def _old_logps_for_lens(self, output, mode):
         """The old-policy log-probs TRL skips when they equal the current ones; LENS needs them."""
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        batch_size = _local_batch_size(self, mode)
         with torch.no_grad():
             out = self._get_per_token_logps_and_entropies(
                 self.model, ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size)
@@ -261,6 +459,7 @@ class LensGRPOTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
 
         config = loss_config_for(self)
+        bias_kl = bias_corrected_kl(self)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         if self.loss_type in _GLOBAL_NORMALIZER_LOSSES:
             num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -281,13 +480,29 @@ class LensGRPOTrainer(GRPOTrainer):
         if fused_step:  # fused_step_blocker ruled out every reason above
             fused = fused or "logits"
         aux_loss = logps = entropies = None
-        if fused is None:
-            kwargs = {"compute_entropy": True}
-            if "compute_aux_loss" in inspect.signature(self._get_per_token_logps_and_entropies).parameters:
-                kwargs["compute_aux_loss"] = getattr(self, "aux_loss_enabled", False)
-            logps, entropies, aux_loss = unpack_logps_output(self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, **kwargs))
-            loss, metrics = policy_loss(logps, advantages, mask, config=config, **common)
+        if fused is None or bias_kl:
+            # the log-probs as a tensor: TRL's pass, or (fused head + TRL's bias-corrected KL, which the
+            # fused ops do not have) lens_kernels' differentiable log-prob op on the logits / hidden states
+            if fused is None:
+                kwargs = {"compute_entropy": True}
+                if "compute_aux_loss" in inspect.signature(self._get_per_token_logps_and_entropies).parameters:
+                    kwargs["compute_aux_loss"] = getattr(self, "aux_loss_enabled", False)
+                logps, entropies, aux_loss = unpack_logps_output(self._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, **kwargs))
+            else:
+                logps, entropies = self._head_logps(model, fused, input_ids, attention_mask, completion_ids, mask)
+            if fused_step:  # the one-call step's stages, with the KL term added between them
+                with _binary_hint():
+                    advantages, stats = group_advantages(old_logps=logps.detach(), mask=mask,
+                                                         **self._lens_step_kwargs(inputs, mode, whole=False))
+                inputs = dict(inputs, advantages=advantages)
+                self._after_fused_step(mode, inputs, advantages, stats)
+            loss, metrics = policy_loss(logps, advantages, mask, config=config.replace(beta=0.0) if bias_kl else config,
+                                        **common)
+            if bias_kl:
+                per_token_kl = trl_bias_corrected_kl(self, logps, common["ref_logps"], common["old_logps"], mask)
+                loss = loss + self.beta * trl_kl_aggregate(self, per_token_kl, mask, num_tokens)
+                metrics = dict(metrics, kl=(per_token_kl.detach() * mask).sum() / mask.sum().clamp(min=1.0))
             policy = loss.detach()
             loss = loss * scale
             if self._entropy_bonus_enabled:
@@ -298,11 +513,12 @@ class LensGRPOTrainer(GRPOTrainer):
                 config = config.replace(entropy_coef=float(self.entropy_coef), entropy_agg_mode="token-mean")
             # the loss is scaled below, so the op's upstream gradient is `scale` (the grad-scale contract)
             lens = self._lens_step_kwargs(inputs, mode) if fused_step else None
-            loss, metrics = self._fused_loss(model, fused, input_ids, attention_mask, completion_ids, mask,
-                                             advantages, config, dict(common, grad_scale=scale), lens)
+            with _binary_hint():
+                loss, metrics = self._fused_loss(model, fused, input_ids, attention_mask, completion_ids, mask,
+                                                 advantages, config, dict(common, grad_scale=scale), lens)
             if fused_step:
                 inputs = dict(inputs, advantages=metrics["advantages"])
-                self._log_lens_stats(mode, metrics)
+                self._after_fused_step(mode, inputs, metrics["advantages"], metrics)
             policy = metrics["policy_loss"] + config.beta * metrics["kl"]  # TRL's policy_loss includes the KL
             loss = loss * scale
         if self._entropy_bonus_enabled:
@@ -315,13 +531,39 @@ class LensGRPOTrainer(GRPOTrainer):
         self._log_loss_metrics(mode, mask, metrics, logps, inputs, entropies)
         return loss
 
-    def _lens_step_kwargs(self, inputs, mode):
+    def _after_fused_step(self, mode, inputs, advantages, stats):
+        """Log what the one-call step trained: its group statistics and, in the completions log, the
+        advantages of this micro-batch's rows."""
+        self._log_lens_stats(mode, stats, reduce=True)
+        rows = inputs.get("lens_rows")
+        if rows is not None:
+            advantages = advantages.detach()
+            if self.accelerator.num_processes > 1:
+                rows, advantages = self.accelerator.gather(rows), self.accelerator.gather(advantages)
+            self._log_trained_advantages(rows, advantages)
+
+    def _lens_step_kwargs(self, inputs, mode, whole=True):
         """The advantage options of the one-call LENS step: those the two-stage path gives
-        ``group_advantages``; ``group_size`` with ``group_ids`` makes the op check whole groups."""
-        return dict(rewards=inputs["lens_rewards"], group_ids=inputs["lens_group_ids"],
-                    group_size=self.num_generations if mode == "train" else self.num_generations_eval,
-                    estimator="lens", scale=self.scale_rewards, eps=TRL_EPS, nan_rewards="zero_advantage",
-                    lens_alpha=float(self.args.lens_alpha))
+        ``group_advantages``; ``group_size`` with ``group_ids`` makes the fused op check whole groups."""
+        kwargs = dict(rewards=inputs["lens_rewards"], group_ids=inputs["lens_group_ids"],
+                      estimator="lens", scale=self.scale_rewards, eps=TRL_EPS, nan_rewards="zero_advantage",
+                      lens_alpha=float(self.args.lens_alpha), correct=inputs.get("lens_correct"))
+        if whole:
+            kwargs["group_size"] = _group_size(self, mode)
+        return kwargs
+
+    def _head_logps(self, model, fused, input_ids, attention_mask, completion_ids, mask):
+        """Differentiable token log-probs and entropies by lens_kernels' op on the logits or hidden states."""
+        k = completion_ids.size(1)
+        if fused == "logits":
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=k + 1).logits
+            return token_logprobs(logits[:, -(k + 1):-1, :], completion_ids, temperature=self.temperature,
+                                  return_entropy=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+        head = model.get_output_embeddings()
+        return linear_token_logprobs(out.hidden_states[-1][:, -(k + 1):-1, :], head.weight, completion_ids,
+                                     bias=getattr(head, "bias", None), temperature=self.temperature,
+                                     return_entropy=True)
 
     def _fused_loss(self, model, fused, input_ids, attention_mask, completion_ids, mask, advantages, config, common,
                     lens=None):
