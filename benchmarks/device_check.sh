@@ -16,7 +16,7 @@
 #   6. lens-bench --headline --paths lens-step: the one-call        40 s   JSON + md
 #      LENS step, our bare loss, the Liger and eager two-stage baselines
 #   (LENS_DEVICE_CUDA=1 and nvcc: csrc/test/device_check.sh, the CUDA extension's test binary, GPU
-#    pytest, compute-sanitizer and timing: its own limit, LENS_DEVICE_CUDA_LIMIT s (default 240), on top
+#    pytest, compute-sanitizer and timing: its own limit, LENS_DEVICE_CUDA_LIMIT s (default 420: test binary, extension build, GPU pytest, timing, then the sanitizer at 40 s a tool), on top
 #    of the 6 minutes)
 #   7. last, as a hang there must not take the other results: the triton loss head's 2-pass split
 #      variant (LENS_KERNELS_TRITON_VARIANT=split; opt-in until measured):
@@ -99,8 +99,8 @@ limit 40 "$PY" -m lens_kernels.bench "${HEADLINE[@]}" --paths lens-step --out "$
 
 if [[ "$GPU" == 1 && "${LENS_DEVICE_CUDA:-0}" == 1 ]] && command -v nvcc >/dev/null; then
   # opt-in (it builds the extension): on top of the 6 minutes, with its own limit; logs to this log only
-  step "CUDA extension (LENS_DEVICE_CUDA=1): csrc/test/device_check.sh (limit ${LENS_DEVICE_CUDA_LIMIT:-240} s)"
-  OUT="$(mktemp -d)" limit "${LENS_DEVICE_CUDA_LIMIT:-240}" bash csrc/test/device_check.sh 2>&1 | tail -60
+  step "CUDA extension (LENS_DEVICE_CUDA=1): csrc/test/device_check.sh (limit ${LENS_DEVICE_CUDA_LIMIT:-420} s)"
+  LENS_SANITIZER_TIMEOUT="${LENS_SANITIZER_TIMEOUT:-40}" OUT="$(mktemp -d)" limit "${LENS_DEVICE_CUDA_LIMIT:-420}" bash csrc/test/device_check.sh 2>&1 | tail -60
 fi
 
 step "last: the triton loss head's split variant, tests (-k split; limit 25 s)"
