@@ -340,8 +340,10 @@ class FusedLogitsLossFunction(torch.autograd.Function):
 
 
 def fused_applies(cfg: LossConfig, logits) -> bool:
-    """Token-level ratios, and a gradient wanted (else writing dL/dz would be wasted)."""
-    return cfg.ratio_level == "token" and torch.is_grad_enabled() and logits.requires_grad
+    """Token-level ratios, and a gradient wanted (else writing dL/dz would be wasted). Not under
+    torch.compile: there the loss is token_logprobs' custom ops + the traced policy loss."""
+    return (cfg.ratio_level == "token" and torch.is_grad_enabled() and logits.requires_grad
+            and not torch.compiler.is_compiling())
 
 
 def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,

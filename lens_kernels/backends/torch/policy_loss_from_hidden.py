@@ -35,7 +35,8 @@ def fast_mode_applies(cfg: LossConfig, hidden, weight, bias) -> bool:
     """Token-level ratios, and a gradient wanted (else the 2 gradient GEMMs would be wasted)."""
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return cfg.ratio_level == "token" and wants_grad
+    # under torch.compile the lean path runs (linear_token_logprobs' custom ops + the traced loss)
+    return cfg.ratio_level == "token" and wants_grad and not torch.compiler.is_compiling()
 
 
 def torch_chunk_step(z, targets, tau, coef_fn):
