@@ -447,3 +447,30 @@ def test_module_layout_is_importable():
     for name in ("token_logprobs", "linear_token_logprobs", "policy_loss", "policy_loss_from_hidden", "vocab_shard"):
         mod = importlib.import_module(f"lens_kernels.backends.torch.{name}")
         assert mod.__name__.endswith(name)
+
+
+@pytest.mark.parametrize("rows", [slice(None), slice(0, 3)])
+def test_row_slice_view_gradient_reaches_its_base(rows):
+    """logits = base[:, :-1] (the usual shift): the fused loss computes on the base and returns the
+    base's gradient (zero rows past the view) instead of autograd's zero-fill + copy: same values."""
+    mask, clean, _ = poisoned_batch()
+    B, T = mask.shape
+    g = gen(SEED + 30)
+    base_vals = torch.randn(B, T + 1, V, generator=g, dtype=torch.float64)
+    cfg = LOSS_CONFIGS["ppo_kl_entropy"]
+    b_rows = range(B)[rows]
+    n = len(b_rows)
+    args = (clean["targets"][:n], mask[:n], clean["advantages"][:n])
+    kw = dict(old_logps=clean["old_logps"][:n], ref_logps=clean["ref_logps"][:n], config=cfg, backend="torch")
+    base = base_vals.clone().requires_grad_()
+    loss, _ = lk.policy_loss_from_logits(base[rows, :-1], *args, **kw)
+    # the op's first input is the base itself, not autograd's SliceBackward of the view
+    assert type(loss.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    loss.backward()
+    ref = base_vals[rows, :-1].clone().requires_grad_()  # a leaf of its own: no view involved
+    loss_ref, _ = lk.policy_loss_from_logits(ref, *args, **kw)
+    loss_ref.backward()
+    assert torch.equal(loss, loss_ref)
+    want = torch.zeros_like(base_vals)
+    want[rows, :-1] = ref.grad
+    assert torch.equal(base.grad, want)

@@ -55,6 +55,42 @@ def row_chunks(x: torch.Tensor, rows: int):
             yield view[start:start + rows], base + start
 
 
+def row_chunk_pairs(x: torch.Tensor, g: torch.Tensor, rows: int):
+    """(chunk of x, the same rows of g, index of the first row): x and g have one shape, not
+    necessarily one layout (the walk flattens only what both allow)."""
+    for xv, gv, base in _pair_views(x, g):
+        for start in range(0, xv.shape[0], rows):
+            yield xv[start:start + rows], gv[start:start + rows], base + start
+
+
+def _pair_views(x, g):
+    """[(2-D rows of x, the same rows of g, index of the first row)], never copying."""
+    vocab = x.shape[-1]
+    try:
+        return [(x.view(-1, vocab), g.view(-1, vocab), 0)]
+    except RuntimeError:
+        per = x[0].numel() // vocab if x.shape[0] else 0
+        out = []
+        for b in range(x.shape[0]):
+            out.extend((xv, gv, b * per + base) for xv, gv, base in _pair_views(x[b], g[b]))
+        return out
+
+
+def row_slice_base(x: torch.Tensor):
+    """The base of ``x`` when x = base[:, :T] (or base[:B, :T]) with the base's own strides, as
+    ``logits[:, :-1]`` is, and the base takes a gradient; else None. Computing on the base lets an op
+    return the base's gradient itself (the rows past T are zeros) instead of autograd zero-filling
+    a base-sized tensor and copying the view's gradient into it: two passes fewer."""
+    if x.dim() != 3 or not x._is_view():
+        return None
+    base = x._base
+    if (base is None or base.dim() != 3 or not base.requires_grad or base.stride() != x.stride()
+            or base.storage_offset() != x.storage_offset() or base.shape[2] != x.shape[2]
+            or base.shape[0] < x.shape[0] or base.shape[1] < x.shape[1]):
+        return None
+    return base
+
+
 def tau_rows(temperature, lead_shape, like: torch.Tensor):
     """Temperature as a float, or as a [N, 1] tensor in the compute dtype. A 1-D tensor of length B
     for [B, T] rows is one temperature per sequence (never broadcast along T)."""
@@ -87,12 +123,18 @@ class WorkBuffers:
         return self.y[:rows], self.e[:rows]
 
 
-def _zero_rows(y: torch.Tensor, active: Optional[torch.Tensor]) -> None:
-    """Zero the rows that are not active: their values (NaN, inf, garbage) must influence nothing."""
+def _zero_rows(y: torch.Tensor, active: Optional[torch.Tensor], bad: Optional[torch.Tensor] = None) -> None:
+    """Zero the rows that are not active: their values (NaN, inf, garbage) must influence nothing.
+
+    ``bad`` [r] bool (optional) flags the rows that hold a non-finite value that would spread (NaN,
+    +inf, no finite entry). On CPU only inactive rows so flagged are touched: a finite inactive row
+    is harmless, since every coefficient applied to it is exactly 0.
+    """
     if active is None:
         return
     if y.device.type == "cpu":  # reading the flags is free on CPU: touch only the rows left out
-        idx = (~active).nonzero().squeeze(1)
+        off = ~active if bad is None else ~active & bad
+        idx = off.nonzero().squeeze(1)
         if idx.numel():
             y[idx] = 0.0  # index_put: ~100x faster than index_fill_ along dim 0 on CPU
         return
@@ -162,6 +204,50 @@ def chunk_partials(z, targets, tau, active, y, e):
 def dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_v a_v b_v of each row, without a third [r, V] buffer."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def chunk_log_softmax(z: torch.Tensor, targets: torch.Tensor, tau, active: Optional[torch.Tensor], a: torch.Tensor,
+                      b: torch.Tensor) -> torch.Tensor:
+    """a = log p = log_softmax(z / tau) and b = p = exp(a) of each row of a chunk; rows that are not
+    ``active`` hold a = 0. Returns log p[target] (exact: a -inf target logit gives -inf).
+
+    torch's log_softmax kernel walks a row while it is in cache (max, sum of exp, write), so this is
+    one read of z and one write of a, against four passes for max, subtract, exp and sum apart; the
+    fused loss path needs no softmax partials, only log p and p.
+    """
+    src = z
+    if z.dtype != a.dtype:
+        b.copy_(z)  # bf16 / fp16: one cast (log_softmax cannot upcast on CPU)
+        src = b
+    if scaled(tau):
+        if not torch.is_tensor(tau) and src.dtype != a.dtype:
+            tau = torch.full((1, 1), tau, dtype=a.dtype, device=a.device)
+        torch.div(src, tau, out=b)
+        src = b
+    torch.ops.aten._log_softmax.out(src, -1, False, out=a)
+    logp_t = a.gather(1, targets.unsqueeze(1)).squeeze(1)
+    # a NaN, a +inf or no finite entry makes the whole row of log p NaN, its target's included
+    _zero_rows(a, active, torch.isnan(logp_t))
+    torch.exp(a, out=b)
+    return logp_t
+
+
+def chunk_entropy(logp_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep_a: bool) -> torch.Tensor:
+    """H = -sum_v p_v log p_v of the rows of ``chunk_log_softmax`` (a = log p, b = p), exact with -inf
+    entries (0 log 0 = 0). ``keep_a``: a is still needed (the entropy gradient), so the sum is a dot;
+    otherwise a is overwritten with p log p."""
+    if a.device.type != "cpu":
+        a.clamp_(min=FLOOR)  # a host check would sync; exp(FLOOR) = 0, so no probability changes
+    s = dot_rows(b, a) if keep_a else a.mul_(b).sum(dim=-1)
+    # NaN from 0 * -inf in a row whose target log-prob is not NaN (a NaN or +inf logit makes the whole
+    # row NaN, target included): a -inf entry. Rare, so the exact sum is redone only then, on CPU.
+    if a.device.type == "cpu" and bool((torch.isnan(s) & ~torch.isnan(logp_t)).any()):
+        if keep_a:
+            a.clamp_(min=FLOOR)
+            s = dot_rows(b, a)
+        else:  # a was consumed: sum p log p from p (xlogy(0, 0) = 0)
+            s = torch.special.xlogy(b, b, out=a).sum(dim=-1)
+    return -s
 
 
 def finish_partials(m_i, l_i, ey, target_shifted):

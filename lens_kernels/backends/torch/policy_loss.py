@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from ...config import LossConfig
-from ._common import (WorkBuffers, check_inplace_target, chunk_ey, chunk_stats, compute_dtype, flat_keep, mark_bad, per_token,
-                      row_chunks, slice_tau, tau_rows, write_grad)
+from ._common import (WorkBuffers, check_inplace_target, chunk_entropy, chunk_log_softmax, compute_dtype, flat_keep, mark_bad, per_token,
+                      row_chunk_pairs, row_slice_base, slice_tau, tau_rows, write_grad)
 from .token_logprobs import token_logprobs
 from .vocab_shard import chunk_rows
 
@@ -281,9 +281,13 @@ class FusedLogitsLossFunction(torch.autograd.Function):
     gradient overwrites the logits in forward."""
 
     @staticmethod
-    def forward(ctx, logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+    def forward(ctx, logits_or_base, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
                 num_tokens, num_sequences, grad_scale, inplace):
-        B, T, V = logits.shape
+        # the first input is the logits, or the base of a logits[:, :T] view (see row_slice_base):
+        # the gradient is then the base's, with zero rows past T
+        B, T = targets.shape
+        logits = logits_or_base[:B, :T]
+        V = logits.shape[-1]
         n = B * T
         cdt = compute_dtype(logits.dtype)
         device = logits.device
@@ -295,28 +299,33 @@ class FusedLogitsLossFunction(torch.autograd.Function):
         tau = tau_rows(temperature, (B, T), tok["w"])
         logp = torch.empty(n, dtype=cdt, device=device)
         entropy = torch.empty(n, dtype=cdt, device=device)
-        grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=device)
-        flat_grad = None if inplace else grad.view(-1, V)
+        if inplace:
+            grad = out_rows = logits
+        else:
+            grad = torch.empty(logits_or_base.shape, dtype=logits.dtype, device=device)
+            out_rows = grad[:B, :T]
+            if out_rows.shape != grad.shape:
+                grad[B:].zero_()
+                grad[:B, T:].zero_()
         rows = chunk_rows(logits)
         work = WorkBuffers(min(rows, n), V, cdt, device) if n else None
         zero = torch.zeros((), dtype=cdt, device=device)
-        for chunk, start in row_chunks(logits, rows):
+        ones = torch.ones(min(rows, n), dtype=cdt, device=device)  # p is normalized: l = 1, log l = 0
+        zeros = torch.zeros(min(rows, n), dtype=cdt, device=device)
+        for chunk, out, start in row_chunk_pairs(logits, out_rows, rows):
             stop = start + chunk.shape[0]
             y, e = work.get(stop - start)
             t_c, keep_c, bad_c, tau_c = t[start:stop], keep[start:stop], bad[start:stop], slice_tau(tau, start, stop)
-            m, l_i, y_t = chunk_stats(chunk, t_c, tau_c, keep_c, y, e)
-            log_l = torch.log(l_i)
-            lp = mark_bad(torch.where(keep_c, y_t - log_l, zero), bad_c)
+            logp_t = chunk_log_softmax(chunk, t_c, tau_c, keep_c, y, e)  # y = log p, e = p
+            lp = mark_bad(torch.where(keep_c, logp_t, zero), bad_c)
             logp[start:stop] = lp
-            out = chunk if inplace else flat_grad[start:stop]
-            # the entropy gradient needs y after the entropy sum (a dot); without it, y is consumed
+            # the entropy gradient needs log p after the entropy sum (a dot); without it, y is consumed
             bonus = cfg.entropy_coef != 0.0
-            ey = chunk_ey(chunk, tau_c, keep_c, m, l_i, y, e, keep_y=bonus)
-            ent = torch.where(keep_c, log_l - ey / l_i, zero)
+            ent = torch.where(keep_c, chunk_entropy(logp_t, y, e, keep_a=bonus), zero)
+            entropy[start:stop] = ent
             g_l, g_h = chunk_coefficients(tok, start, stop, lp, ent, cfg)
             g_l = mark_bad(g_l, bad_c)
-            write_grad(y, e, t_c, tau_c, l_i, log_l, ent, g_l, g_h, g_l, out)
-            entropy[start:stop] = ent
+            write_grad(y, e, t_c, tau_c, ones[:stop - start], zeros[:stop - start], ent, g_l, g_h, g_l, out)
         del work
         if inplace:
             torch.autograd.graph.increment_version(logits)
@@ -353,7 +362,8 @@ def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, r
     upstream ``grad_scale``; a different grad_output is rescaled exactly, with one warning).
     Otherwise (GSPO, no grad) ``token_logprobs`` then ``policy_loss``."""
     if fused_applies(config, logits):
-        loss, metrics = FusedLogitsLossFunction.apply(logits, targets, mask, advantages, old_logps, ref_logps,
+        base = None if inplace else row_slice_base(logits)
+        loss, metrics = FusedLogitsLossFunction.apply(logits if base is None else base, targets, mask, advantages, old_logps, ref_logps,
                                                       is_weights, temperature, config, num_tokens, num_sequences,
                                                       float(grad_scale), inplace)
         return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
