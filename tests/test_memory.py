@@ -35,8 +35,9 @@ SCRIPT = textwrap.dedent(r"""
     lk.policy_loss_from_logits(small, targets[:1, :4], mask[:1, :4], adv[:1], old_logps=old[:1, :4])[0].backward()
     weight = torch.randn(B, T, V, generator=g, requires_grad=True)
     logits = weight.view(B, T, V)  # a non-leaf, as a model's logits are: in place may overwrite it
+    inplace = sys.argv[2] == "1"
     before = peak()
-    loss, metrics = lk.policy_loss_from_logits(logits, targets, mask, adv, old_logps=old, inplace=True)
+    loss, metrics = lk.policy_loss_from_logits(logits, targets, mask, adv, old_logps=old, inplace=inplace)
     after_forward = peak()
     loss.backward()
     after_backward = peak()
@@ -45,16 +46,21 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.parametrize("chunk_mib", [8, 32])
-def test_policy_loss_from_logits_memory_is_one_chunk(chunk_mib):
+@pytest.mark.parametrize("chunk_mib,inplace", [(8, True), (32, True), (8, False)])
+def test_policy_loss_from_logits_memory_is_one_chunk(chunk_mib, inplace):
+    """In place: one chunk above the inputs. Out of place, the gradient (an output, computed in
+    forward for token-level ratios) is added, and nothing else."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(chunk_mib << 20)], capture_output=True, text=True,
-                         timeout=300, env=env)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(chunk_mib << 20), "1" if inplace else "0"],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     chunk = chunk_mib << 20
     slack = 2 << 20  # [B, T] side tensors, page rounding
-    assert result["forward"] <= chunk + slack, result
-    # in place, backward writes the gradient into the logits buffer: still one chunk at a time
-    assert result["backward"] <= chunk + slack, result
+    grad = 0 if inplace else 4 * 256 * 50000 * 4  # the fp32 gradient of the [4, 256, 50000] logits
+    assert result["forward"] <= grad + chunk + slack, result
+    # backward only hands the gradient over (in place, it is the logits buffer itself)
+    assert result["backward"] <= grad + chunk + slack, result
+    if not inplace:  # and the gradient is really there: an upper bound that cannot hold without it
+        assert result["forward"] >= grad, result
     assert result["loss"] == result["loss"]  # not NaN

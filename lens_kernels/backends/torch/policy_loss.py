@@ -275,10 +275,13 @@ def upstream_correction(grad_output: torch.Tensor, grad_scale: float):
 
 
 class FusedLogitsLossFunction(torch.autograd.Function):
-    """Token-level ratios from logits: per row chunk, the softmax statistics, the per-token loss
-    coefficients and dL/dz written at once (one exponentiation per logit, fwd and bwd together).
-    Backward only scales the stored gradient by grad_output / grad_scale. With ``inplace`` the
-    gradient overwrites the logits in forward."""
+    """Token-level ratios from logits: per row chunk, log p (one log_softmax pass), p = exp(log p),
+    the entropy, the per-token loss coefficients and dL/dz = g_t onehot - p (g_l + g_h (log p + H))
+    written at once: one exponentiation per logit for forward and backward together, and two
+    [rows, V] work buffers. Backward only scales the stored gradient by grad_output / grad_scale
+    (the grad-scale contract of the fused kernels). With ``inplace`` the gradient overwrites the
+    logits in forward. The first input may be the base of a ``logits[:, :T]`` view (see
+    ``row_slice_base``): its gradient is then returned whole, with zero rows past T."""
 
     @staticmethod
     def forward(ctx, logits_or_base, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
