@@ -27,9 +27,11 @@ COLLECTIVE_TIMEOUT_S = 20
 LAUNCH_TIMEOUT_S = 120
 
 # (rtol, atol) of values computed in fp32 from the same inputs, and of gradients stored in the
-# input dtype (one rounding of a value that may differ in its last fp32 bits).
+# input dtype (one rounding of a value that may differ in its last fp32 bits). fp32 gradients: the
+# single-process torch loss forms p = exp(y - m) / l while a shard forms exp(z / tau - lse); the two
+# differ by up to 1.2e-6 relative on a [2, 5, 37] batch (measured), hence 3e-6 (2.5x margin).
 VALUE_TOL = (1e-6, 1e-6)
-GRAD_TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-4)}
+GRAD_TOL = {torch.float32: (3e-6, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-4)}
 
 
 def close(actual, expected, tol=VALUE_TOL, what=""):
@@ -254,7 +256,7 @@ def scenario_dp_tp(rank, world, dp_size, path, backend="auto"):
                                                config=cfg, backend=backend, **layout.loss_kwargs(),
                                                **loss_inputs(d, rows))
         loss_r.backward()
-        close(mine.grad / dp_size, full.grad[rows, :, v0:v1], what="logits shard gradient / dp_size")
+        close(mine.grad / dp_size, full.grad[rows, :, v0:v1], tol=GRAD_TOL[torch.float32], what="logits shard gradient / dp_size")
     else:
         h_s, w_s, b_s = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
         loss_s, _ = lk.policy_loss_from_hidden(h_s, w_s, d["targets"], d["mask"], d["adv"], bias=b_s, config=cfg,

@@ -16,7 +16,9 @@ from typing import Dict, Optional
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the subpackage backends/torch shadows the name ``torch`` in this package
+import torch as _torch  # the subpackage backends/torch shadows the name ``torch`` in this package
+
+if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger("lens_kernels")
@@ -51,6 +53,8 @@ _load_errors: Dict[str, str] = {}
 
 
 def _load(name: str) -> Optional[ModuleType]:
+    """The backend's module (imported on first use; torch.compile cannot trace an import, so a
+    backend is loaded by its first eager call, and the torch backend at import, see the end)."""
     if name not in _loaded:
         try:
             module = importlib.import_module(_MODULES[name])
@@ -114,6 +118,11 @@ def backend_for(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
 def get(op: str, tensor: torch.Tensor, backend: str = "auto"):
     """The implementation of ``op`` chosen for ``tensor``."""
     name = backend_for(op, tensor, backend)
-    if logger.isEnabledFor(logging.DEBUG):
+    # a logging call breaks a torch.compile graph; the choice is fixed at trace time anyway
+    if not _torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug("lens_kernels: %s -> %s backend", op, name)
     return getattr(_load(name), op)
+
+
+# The CPU path is always there: load it now, so that a torch.compile'd first call finds it loaded.
+_load("torch")

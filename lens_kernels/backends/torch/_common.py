@@ -1,8 +1,15 @@
-"""Row math shared by the torch backend's ops: chunking, softmax partials, the row gradient.
+"""Row math shared by the torch backend's ops: chunking, softmax statistics, the row gradient.
 
 No more than one chunk of [rows, V] is ever live in the compute dtype (``CHUNK_BYTES`` bounds the
 working set of a chunk, all buffers included). Strided row views (``logits[:, :-1]``) are walked
 without a copy.
+
+Special values (README, "Inputs and their meaning"): a -inf logit has probability 0, adds 0 to the
+entropy and gets a gradient of exactly 0; a kept row holding NaN or +inf gives NaN; a masked row
+(or a row whose gradient coefficients are all 0) never reads its logits into a result, so NaN or
+garbage there gives exact zeros. Shifted logits are floored at ``FLOOR`` after the target's value is
+read: exp(FLOOR) is exactly 0 in fp32 and fp64, so the floor changes no probability, and a -inf
+entry then contributes 0 * FLOOR = 0 to the entropy sums instead of 0 * -inf = NaN.
 """
 from __future__ import annotations
 
@@ -13,6 +20,12 @@ import torch
 
 # Upper bound on the bytes of [rows, V] work buffers live at once (fp32, all buffers of a chunk).
 CHUNK_BYTES = int(os.environ.get("LENS_KERNELS_CHUNK_BYTES", str(256 << 20)))
+# Chunks are not shrunk to fit a cache: on the 2-core CI machine, 16 / 64 / 256 MiB chunks of
+# [4 x 256, 32000] fp32 took 3830 / 2588 / 1414 ms fwd+bwd (each op of a chunk is a parallel region
+# whose fixed cost dominates small chunks when the cores are shared).
+
+# exp(FLOOR) == 0 in fp32 and fp64 (the smallest fp64 subnormal is exp(-745)).
+FLOOR = -1.0e4
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,38 +55,199 @@ def row_chunks(x: torch.Tensor, rows: int):
             yield view[start:start + rows], base + start
 
 
+def row_chunk_pairs(x: torch.Tensor, g: torch.Tensor, rows: int):
+    """(chunk of x, the same rows of g, index of the first row): x and g have one shape, not
+    necessarily one layout (the walk flattens only what both allow)."""
+    for xv, gv, base in _pair_views(x, g):
+        for start in range(0, xv.shape[0], rows):
+            yield xv[start:start + rows], gv[start:start + rows], base + start
+
+
+def _pair_views(x, g):
+    """[(2-D rows of x, the same rows of g, index of the first row)], never copying."""
+    vocab = x.shape[-1]
+    try:
+        return [(x.view(-1, vocab), g.view(-1, vocab), 0)]
+    except RuntimeError:
+        per = x[0].numel() // vocab if x.shape[0] else 0
+        out = []
+        for b in range(x.shape[0]):
+            out.extend((xv, gv, b * per + base) for xv, gv, base in _pair_views(x[b], g[b]))
+        return out
+
+
+def row_slice_base(x: torch.Tensor):
+    """The base of ``x`` when x = base[:, :T] (or base[:B, :T]) with the base's own strides, as
+    ``logits[:, :-1]`` is, and the base takes a gradient; else None. Computing on the base lets an op
+    return the base's gradient itself (the rows past T are zeros) instead of autograd zero-filling
+    a base-sized tensor and copying the view's gradient into it: two passes fewer."""
+    if x.dim() != 3 or not x._is_view():
+        return None
+    base = x._base
+    if (base is None or base.dim() != 3 or not base.requires_grad or base.stride() != x.stride()
+            or base.storage_offset() != x.storage_offset() or base.shape[2] != x.shape[2]
+            or base.shape[0] < x.shape[0] or base.shape[1] < x.shape[1]):
+        return None
+    return base
+
+
 def tau_rows(temperature, lead_shape, like: torch.Tensor):
-    """Temperature as a float, or as a [N, 1] tensor in the compute dtype (broadcast over the rows)."""
+    """Temperature as a float, or as a [N, 1] tensor in the compute dtype. A 1-D tensor of length B
+    for [B, T] rows is one temperature per sequence (never broadcast along T)."""
     if not torch.is_tensor(temperature):
         return float(temperature)
-    return temperature.to(like.device, like.dtype).expand(lead_shape).reshape(-1, 1)
+    tau = temperature.to(like.device, like.dtype)
+    if tau.dim() == 1 and len(lead_shape) == 2:
+        tau = tau.unsqueeze(-1)
+    return tau.expand(lead_shape).reshape(-1, 1)
 
 
 def slice_tau(tau, start: int, stop: int):
     return tau if not torch.is_tensor(tau) else tau[start:stop]
 
 
-# ---------------------------------------------------------------------------------------------
-# Row math shared by the logits and the hidden paths. ``y`` is an owned [r, V] buffer in the
-# compute dtype holding the raw logits; it is overwritten.
-# ---------------------------------------------------------------------------------------------
-def rows_partials(y: torch.Tensor, targets: torch.Tensor, tau):
-    """Softmax partials of each row of y = z / tau (y is overwritten with y - m_i).
+def scaled(tau) -> bool:
+    return torch.is_tensor(tau) or tau != 1.0
 
-    Returns (m_i, l_i, ey_i, target_shifted): the row max, l_i = sum_v exp(y - m_i),
-    ey_i = sum_v exp(y - m_i) (y - m_i) and y[target] - m_i. Partials of vocabulary shards combine
-    across ranks (``lens_kernels.distributed``); ``rows_forward`` combines those of a whole row.
+
+class WorkBuffers:
+    """The two [rows, V] compute-dtype buffers of a chunk (shifted logits y and e = exp(y)),
+    allocated once per call and reused by every chunk: a fresh buffer per chunk would page-fault
+    through its whole size each time."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device):
+        self.y = torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.e = torch.empty(rows, vocab, dtype=dtype, device=device)
+
+    def get(self, rows: int):
+        return self.y[:rows], self.e[:rows]
+
+
+def _zero_rows(y: torch.Tensor, active: Optional[torch.Tensor], bad: Optional[torch.Tensor] = None) -> None:
+    """Zero the rows that are not active: their values (NaN, inf, garbage) must influence nothing.
+
+    ``bad`` [r] bool (optional) flags the rows that hold a non-finite value that would spread (NaN,
+    +inf, no finite entry). On CPU only inactive rows so flagged are touched: a finite inactive row
+    is harmless, since every coefficient applied to it is exactly 0.
     """
-    if torch.is_tensor(tau) or tau != 1.0:
-        y.div_(tau)
-    m_i = y.amax(dim=-1, keepdim=True)
-    y.sub_(m_i)
-    target_shifted = y.gather(1, targets.unsqueeze(1)).squeeze(1)
-    e = torch.exp(y)
-    l_i = e.sum(dim=-1)
-    # sum_v e_v y_v as a batched dot: no third [r, V] buffer
-    ey = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
-    return m_i.squeeze(1), l_i, ey, target_shifted
+    if active is None:
+        return
+    if y.device.type == "cpu":  # reading the flags is free on CPU: touch only the rows left out
+        off = ~active if bad is None else ~active & bad
+        idx = off.nonzero().squeeze(1)
+        if idx.numel():
+            y[idx] = 0.0  # index_put: ~100x faster than index_fill_ along dim 0 on CPU
+        return
+    y.masked_fill_(~active.unsqueeze(1), 0.0)
+
+
+def shifted_logits(z: torch.Tensor, tau, y: torch.Tensor, shift: torch.Tensor) -> None:
+    """y = z / tau - shift (shift [r] in the compute dtype), out of place from z into y (never a
+    copy of z first when z is already in the compute dtype)."""
+    if z.dtype != y.dtype:
+        # one cast, then same-dtype arithmetic: a mixed-dtype op is ~2x slower than the two passes
+        y.copy_(z)
+        z = y
+    if scaled(tau):
+        torch.div(z, tau, out=y)
+        y.sub_(shift.unsqueeze(1))
+    else:
+        torch.sub(z, shift.unsqueeze(1), out=y)
+
+
+def chunk_stats(z: torch.Tensor, targets: torch.Tensor, tau, active: Optional[torch.Tensor], y: torch.Tensor,
+                e: torch.Tensor):
+    """Softmax statistics of each row of y = z / tau, z [r, V] a chunk in the input dtype.
+
+    Leaves y = z / tau - m_i (rows that are not ``active`` zeroed) and e = exp(y) in the work
+    buffers. Returns (m_i, l_i, y_t): the row max of z / tau, l_i = sum_v e_v and y_t = y[target]
+    (exact: a -inf target logit stays -inf). ``active`` [r] bool (or None: all rows). The entropy
+    sum comes from ``chunk_ey``.
+    """
+    cdt = y.dtype
+    m = z.amax(dim=-1).to(cdt)
+    if scaled(tau):
+        m = m / (tau.squeeze(1) if torch.is_tensor(tau) else tau)
+    # a row of -inf only: shift by a finite value so that y stays -inf (not -inf - -inf = NaN)
+    m = m.clamp(min=torch.finfo(cdt).min)
+    shifted_logits(z, tau, y, m)
+    y_t = y.gather(1, targets.unsqueeze(1)).squeeze(1)
+    _zero_rows(y, active)
+    if y.device.type != "cpu":
+        y.clamp_(min=FLOOR)  # see chunk_ey; on CPU only where a -inf entry is found
+    torch.exp(y, out=e)
+    return m, e.sum(dim=-1), y_t
+
+
+def chunk_ey(z, tau, active, m, l_i, y, e, keep_y: bool):
+    """ey_i = sum_v e_v y_v of the rows left by ``chunk_stats``, exact with -inf entries (0, not
+    0 * -inf = NaN). ``keep_y``: y is still needed (the entropy gradient), so the sum is a dot;
+    otherwise y is overwritten with e * y (one pass fewer than a dot product on CPU)."""
+    ey = dot_rows(e, y) if keep_y else y.mul_(e).sum(dim=-1)
+    if y.device.type == "cpu" and bool((torch.isnan(ey) & ~torch.isnan(l_i)).any()):
+        # a -inf entry (the row is otherwise finite): floor y and sum again; rare, so only here
+        if not keep_y:
+            shifted_logits(z, tau, y, m)
+            _zero_rows(y, active)
+        y.clamp_(min=FLOOR)
+        ey = dot_rows(e, y) if keep_y else y.mul_(e).sum(dim=-1)
+    return ey
+
+
+def chunk_partials(z, targets, tau, active, y, e):
+    """(m_i, l_i, ey_i, y_t) of a chunk (see ``vocab_shard_partials``); the buffers are consumed."""
+    m, l_i, y_t = chunk_stats(z, targets, tau, active, y, e)
+    # y may be z's own buffer (a GEMM output on the hidden path): then z cannot be read again
+    return m, l_i, chunk_ey(z, tau, active, m, l_i, y, e, keep_y=z.data_ptr() == y.data_ptr()), y_t
+
+
+def dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a_v b_v of each row, without a third [r, V] buffer."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def chunk_log_softmax(z: torch.Tensor, targets: torch.Tensor, tau, active: Optional[torch.Tensor], a: torch.Tensor,
+                      b: torch.Tensor) -> torch.Tensor:
+    """a = log p = log_softmax(z / tau) and b = p = exp(a) of each row of a chunk; rows that are not
+    ``active`` hold a = 0. Returns log p[target] (exact: a -inf target logit gives -inf).
+
+    torch's log_softmax kernel walks a row while it is in cache (max, sum of exp, write), so this is
+    one read of z and one write of a, against four passes for max, subtract, exp and sum apart; the
+    fused loss path needs no softmax partials, only log p and p.
+    """
+    src = z
+    if z.dtype != a.dtype:
+        b.copy_(z)  # bf16 / fp16: one cast (log_softmax cannot upcast on CPU)
+        src = b
+    if scaled(tau):
+        if not torch.is_tensor(tau) and src.dtype != a.dtype:
+            tau = torch.full((1, 1), tau, dtype=a.dtype, device=a.device)
+        torch.div(src, tau, out=b)
+        src = b
+    torch.ops.aten._log_softmax.out(src, -1, False, out=a)
+    logp_t = a.gather(1, targets.unsqueeze(1)).squeeze(1)
+    # a NaN, a +inf or no finite entry makes the whole row of log p NaN, its target's included
+    _zero_rows(a, active, torch.isnan(logp_t))
+    torch.exp(a, out=b)
+    return logp_t
+
+
+def chunk_entropy(logp_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep_a: bool) -> torch.Tensor:
+    """H = -sum_v p_v log p_v of the rows of ``chunk_log_softmax`` (a = log p, b = p), exact with -inf
+    entries (0 log 0 = 0). ``keep_a``: a is still needed (the entropy gradient), so the sum is a dot;
+    otherwise a is overwritten with p log p."""
+    if a.device.type != "cpu":
+        a.clamp_(min=FLOOR)  # a host check would sync; exp(FLOOR) = 0, so no probability changes
+    s = dot_rows(b, a) if keep_a else a.mul_(b).sum(dim=-1)
+    # NaN from 0 * -inf in a row whose target log-prob is not NaN (a NaN or +inf logit makes the whole
+    # row NaN, target included): a -inf entry. Rare, so the exact sum is redone only then, on CPU.
+    if a.device.type == "cpu" and bool((torch.isnan(s) & ~torch.isnan(logp_t)).any()):
+        if keep_a:
+            a.clamp_(min=FLOOR)
+            s = dot_rows(b, a)
+        else:  # a was consumed: sum p log p from p (xlogy(0, 0) = 0)
+            s = torch.special.xlogy(b, b, out=a).sum(dim=-1)
+    return -s
 
 
 def finish_partials(m_i, l_i, ey, target_shifted):
@@ -82,57 +256,89 @@ def finish_partials(m_i, l_i, ey, target_shifted):
     return target_shifted - log_l, m_i + log_l, log_l - ey / l_i
 
 
-def rows_forward(y: torch.Tensor, targets: torch.Tensor, tau):
-    """Returns (logp, lse, entropy) of each row."""
-    return finish_partials(*rows_partials(y, targets, tau))
+def write_grad(y: torch.Tensor, e: torch.Tensor, targets: torch.Tensor, tau, l_i, log_l, entropy, g_l, g_h, g_t,
+               out: torch.Tensor) -> None:
+    """out = dL/dz = (1/tau) [g_t onehot - p (g_l + g_h (log p + H))] for rows with y = z / tau - s,
+    e = exp(y), p = e / l_i and log p = y - log_l (the buffers of ``chunk_stats``; y is overwritten).
 
-
-def rows_stats(y: torch.Tensor, targets: torch.Tensor, tau):
-    """Leaves y = z / tau - m_i (row max m_i) and returns (logp, m_i, log_l, entropy) of each row,
-    with log_l = log sum exp(z / tau - m_i), so that log p = y - log_l without recomputing y."""
-    m_i, l_i, ey, target_shifted = rows_partials(y, targets, tau)
-    log_l = torch.log(l_i)
-    return target_shifted - log_l, m_i, log_l, log_l - ey / l_i
-
-
-def rows_backward(y: torch.Tensor, targets, tau, lse, entropy, g_logp, g_entropy, g_target=None):
-    """Overwrites y (raw logits) with dL/dz = (1/tau) [g_t onehot - g_l p - g_H p (log p + H)].
-
-    g_t = g_l for whole rows; a vocabulary shard passes g_t = 0 on rows whose target it does not hold.
+    One pass without an entropy gradient (g_h None), three with; the gradient is formed in the
+    compute dtype and written once into ``out`` (a chunk of the gradient, or of the logits in place).
     """
-    if torch.is_tensor(tau) or tau != 1.0:
-        y.div_(tau)
-    y.sub_(lse.unsqueeze(1))  # log p
-    p = torch.exp(y)
-    if g_entropy is not None:
-        y.add_(entropy.unsqueeze(1)).mul_(g_entropy.unsqueeze(1)).add_(g_logp.unsqueeze(1))
-        y.mul_(p).neg_()
+    inv_l = torch.reciprocal(l_i)
+    if g_h is None:
+        a = -g_l * inv_l
+        b = None
     else:
-        torch.mul(p, g_logp.unsqueeze(1), out=y).neg_()
-    y.scatter_add_(1, targets.unsqueeze(1), (g_logp if g_target is None else g_target).unsqueeze(1))
-    if torch.is_tensor(tau) or tau != 1.0:
-        y.div_(tau)
-    return y
+        a = -(g_l + g_h * (entropy - log_l)) * inv_l
+        b = -g_h * inv_l
+    if scaled(tau):
+        inv_tau = torch.reciprocal(tau.squeeze(1)) if torch.is_tensor(tau) else 1.0 / tau
+        a, g_t = a * inv_tau, g_t * inv_tau
+        b = None if b is None else b * inv_tau
+    dst = out if out.dtype == e.dtype else e
+    if b is None:
+        torch.mul(e, a.unsqueeze(1), out=dst)
+    else:
+        y.mul_(b.unsqueeze(1)).add_(a.unsqueeze(1))
+        torch.mul(y, e, out=dst)
+    dst.scatter_add_(1, targets.unsqueeze(1), g_t.unsqueeze(1))
+    if dst is not out:
+        out.copy_(dst)
 
 
-def flat_keep(targets: torch.Tensor, mask: Optional[torch.Tensor]):
+def active_rows(g_l, g_h, g_t):
+    """Rows whose gradient can be nonzero; the others are written as exact zeros whatever they hold."""
+    act = g_l != 0
+    if g_h is not None:
+        act = act | (g_h != 0)
+    if g_t is not None:
+        act = act | (g_t != 0)
+    return act
+
+
+def grad_rows(z, targets, tau, lse, entropy, g_l, g_h, g_t, y, e, out) -> None:
+    """dL/dz of a chunk from the global lse (of z / tau) and entropy of its rows: log p = z / tau - lse."""
+    shifted_logits(z, tau, y, lse)
+    _zero_rows(y, active_rows(g_l, g_h, g_t))
+    if g_h is not None:
+        y.clamp_(min=FLOOR)  # p (log p + H) at a -inf entry: 0 * FLOOR, not 0 * -inf
+    torch.exp(y, out=e)
+    one = torch.ones_like(lse)
+    write_grad(y, e, targets, tau, one, torch.zeros_like(lse), entropy, g_l, g_h, g_t, out)
+
+
+def flat_keep(targets: torch.Tensor, mask: Optional[torch.Tensor], vocab: Optional[int] = None):
+    """(safe targets [N] int64, keep [N] bool or None[, bad [N] bool]). Masked targets become 0. With
+    ``vocab``, a kept target outside [0, V) also becomes 0 (never an out-of-bounds read) and is
+    flagged in ``bad``: its log-prob and gradient row are NaN."""
     t = targets.reshape(-1).long()
-    if mask is None:
-        return t, None
-    keep = mask.reshape(-1).to(torch.bool)
-    return torch.where(keep, t, torch.zeros_like(t)), keep
+    keep = None if mask is None else mask.reshape(-1) != 0
+    if vocab is None:
+        return (t, None) if keep is None else (torch.where(keep, t, torch.zeros_like(t)), keep)
+    in_range = (t >= 0) & (t < vocab)
+    bad = ~in_range if keep is None else keep & ~in_range
+    ok = in_range if keep is None else keep & in_range
+    return torch.where(ok, t, torch.zeros_like(t)), keep, bad
 
 
-def grad_coefficients(lse, g_logp, g_entropy, keep):
-    """g_l and g_H as flat [N] vectors in the compute dtype; masked tokens get exact zeros."""
+def mark_bad(x: torch.Tensor, bad: Optional[torch.Tensor]) -> torch.Tensor:
+    if bad is None:
+        return x
+    return torch.where(bad, torch.full((), float("nan"), dtype=x.dtype, device=x.device), x)
+
+
+def grad_coefficients(lse, g_logp, g_entropy, keep, bad=None):
+    """g_l and g_H as flat [N] vectors in the compute dtype; masked tokens get exact zeros (whatever
+    the upstream gradient holds there), a kept out-of-range target gets NaN."""
     cdt = lse.dtype
     n = lse.numel()
+    zero = torch.zeros((), dtype=cdt, device=lse.device)
     g_l = torch.zeros(n, dtype=cdt, device=lse.device) if g_logp is None else g_logp.reshape(-1).to(cdt)
     g_h = None if g_entropy is None else g_entropy.reshape(-1).to(cdt)
     if keep is not None:
-        g_l = g_l * keep
-        g_h = None if g_h is None else g_h * keep
-    return g_l, g_h
+        g_l = torch.where(keep, g_l, zero)
+        g_h = None if g_h is None else torch.where(keep, g_h, zero)
+    return mark_bad(g_l, bad), g_h
 
 
 def new_partials(n: int, cdt: torch.dtype, device):
@@ -143,3 +349,11 @@ def per_token(x, shape, dtype):
     """A [B] or [B, T] per-sequence / per-token value as a flat [B * T] tensor of ``dtype``."""
     x = x.to(dtype)
     return (x.unsqueeze(-1).expand(shape) if x.dim() == 1 else x).reshape(-1)
+
+
+def check_inplace_target(logits: torch.Tensor) -> None:
+    """A buffer that cannot take the gradient in place (expanded, self-overlapping) is refused."""
+    expanded = any(st == 0 and sz > 1 for st, sz in zip(logits.stride(), logits.shape))
+    if expanded or torch._debug_has_internal_overlap(logits) == 1:
+        raise ValueError(f"logits cannot be written in place: it is an expanded or self-overlapping view "
+                         f"(strides {tuple(logits.stride())}); pass a materialized tensor, or inplace=False")

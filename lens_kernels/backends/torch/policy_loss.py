@@ -3,10 +3,15 @@ and dL/dH, computed in forward. The fused GPU kernels port the same coefficients
 module against the autograd of ``reference.py`` tests the formulas they implement."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ...config import LossConfig
+from ._common import (WorkBuffers, check_inplace_target, chunk_entropy, chunk_log_softmax, compute_dtype, flat_keep, mark_bad, per_token,
+                      row_chunk_pairs, row_slice_base, slice_tau, tau_rows, write_grad)
 from .token_logprobs import token_logprobs
+from .vocab_shard import chunk_rows
 
 
 METRIC_NAMES = ("policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac",
@@ -103,65 +108,77 @@ def kl_and_grad(l, l_ref, cfg: LossConfig):
     return kl, dkl
 
 
+def loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, cfg: LossConfig,
+               num_tokens, num_sequences):
+    """(loss, metrics [9], dL/dl, dL/dH or None) of the policy loss from [B, T] log-probs.
+
+    Whatever sits under the mask (log-probs, advantages, old and reference log-probs, IS weights,
+    entropy) is replaced by 0 before it is read, so NaN or garbage there influences nothing.
+    """
+    cdt = logps.dtype
+    keep = mask != 0
+    mask_f = keep.to(cdt)
+    zero = torch.zeros((), dtype=cdt, device=logps.device)
+    l = torch.where(keep, logps, zero)
+    l_old = l if old_logps is None else torch.where(keep, old_logps.to(cdt), zero)
+    A = torch.where(keep, _as_tokens(advantages, l), zero)
+    is_w = None if is_weights is None else torch.where(keep, _as_tokens(is_weights, l), zero)
+    f, df, direct, rho, drho = token_coefficients(l, l_old, A, mask_f, cfg, is_w)
+    agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
+               dp_size=cfg.dp_size)
+    w = aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
+    policy = (w * f).sum()
+    loss = policy
+    g_l = torch.zeros_like(l) if direct is None else w * direct
+    n_tok = mask_f.sum().clamp(min=1.0)
+    kl_mean = zero
+    if cfg.beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("ref_logps is required when config.beta != 0 (the KL term)")
+        kl, dkl = kl_and_grad(l, torch.where(keep, ref_logps.to(cdt), zero), cfg)
+        loss = loss + cfg.beta * (w * kl).sum()
+        g_l = g_l + cfg.beta * w * dkl
+        kl_mean = (kl * mask_f).sum() / n_tok
+    u = w * df  # dL/drho per token
+    if cfg.ratio_level == "sequence":
+        lengths = mask_f.sum(-1, keepdim=True).clamp(min=1.0)
+        g_l = g_l + u.sum(-1, keepdim=True) * drho * mask_f / lengths
+    else:  # token, sequence_token
+        g_l = g_l + u * drho
+    g_h = None
+    ent_mean = zero
+    if entropy is not None:
+        H = torch.where(keep, entropy.to(cdt), zero)
+        ent_mean = (H * mask_f).sum() / n_tok
+        if cfg.entropy_coef != 0.0:
+            w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else aggregation_weights(
+                mask_f, cfg.entropy_agg_mode, **agg)
+            loss = loss - cfg.entropy_coef * (w_h * H).sum()
+            g_h = -cfg.entropy_coef * w_h
+    elif cfg.entropy_coef != 0.0:
+        raise ValueError("entropy is required when config.entropy_coef != 0 (the entropy bonus)")
+    low = (rho < 1.0 - cfg.epsilon_low) & (A < 0) & keep
+    high = (rho > 1.0 + cfg.eps_high) & (A > 0) & keep
+    inf = torch.full((1,), float("inf"), dtype=cdt, device=l.device)
+    # one extra element, so that an empty micro-batch reduces to +-inf (then reported as 1)
+    r_min = torch.cat([torch.where(keep, rho, inf).reshape(-1), inf]).amin()
+    r_max = torch.cat([torch.where(keep, rho, -inf).reshape(-1), -inf]).amax()
+    one = torch.ones((), dtype=cdt, device=l.device)
+    metrics = torch.stack([
+        policy, kl_mean, ent_mean,
+        low.sum() / n_tok, high.sum() / n_tok, (low | high).sum() / n_tok,
+        (rho * mask_f).sum() / n_tok,
+        torch.where(torch.isinf(r_min), one, r_min), torch.where(torch.isinf(r_max), one, r_max),
+    ]).to(cdt)
+    return loss, metrics, g_l, g_h
+
+
 class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, cfg,
                 num_tokens, num_sequences):
-        cdt = logps.dtype
-        keep = mask.to(torch.bool)
-        mask_f = keep.to(cdt)
-        zero = torch.zeros((), dtype=cdt, device=logps.device)
-        l = torch.where(keep, logps, zero)
-        l_old = l if old_logps is None else torch.where(keep, old_logps.to(cdt), zero)
-        A = _as_tokens(advantages, l)
-        f, df, direct, rho, drho = token_coefficients(l, l_old, A, mask_f, cfg, is_weights)
-        agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
-                   dp_size=cfg.dp_size)
-        w = aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
-        policy = (w * f).sum()
-        loss = policy
-        g_l = torch.zeros_like(l) if direct is None else w * direct
-        n_tok = mask_f.sum().clamp(min=1.0)
-        kl_mean = zero
-        if cfg.beta != 0.0:
-            if ref_logps is None:
-                raise ValueError("ref_logps is required when config.beta != 0 (the KL term)")
-            kl, dkl = kl_and_grad(l, torch.where(keep, ref_logps.to(cdt), zero), cfg)
-            loss = loss + cfg.beta * (w * kl).sum()
-            g_l = g_l + cfg.beta * w * dkl
-            kl_mean = (kl * mask_f).sum() / n_tok
-        u = w * df  # dL/drho per token
-        if cfg.ratio_level == "token":
-            g_l = g_l + u * drho
-        elif cfg.ratio_level == "sequence":
-            lengths = mask_f.sum(-1, keepdim=True).clamp(min=1.0)
-            g_l = g_l + u.sum(-1, keepdim=True) * drho * mask_f / lengths
-        else:  # sequence_token
-            g_l = g_l + u * drho
-        g_h = None
-        ent_mean = zero
-        if entropy is not None:
-            H = torch.where(keep, entropy.to(cdt), zero)
-            ent_mean = (H * mask_f).sum() / n_tok
-            if cfg.entropy_coef != 0.0:
-                w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else aggregation_weights(
-                    mask_f, cfg.entropy_agg_mode, **agg)
-                loss = loss - cfg.entropy_coef * (w_h * H).sum()
-                g_h = -cfg.entropy_coef * w_h
-        elif cfg.entropy_coef != 0.0:
-            raise ValueError("entropy is required when config.entropy_coef != 0 (the entropy bonus)")
-        low = (rho < 1.0 - cfg.epsilon_low) & (A < 0) & keep
-        high = (rho > 1.0 + cfg.eps_high) & (A > 0) & keep
-        inf = torch.full((), float("inf"), dtype=cdt, device=l.device)
-        r_min = torch.where(keep, rho, inf).amin()
-        r_max = torch.where(keep, rho, -inf).amax()
-        one = torch.ones((), dtype=cdt, device=l.device)
-        metrics = torch.stack([
-            policy, kl_mean, ent_mean,
-            low.sum() / n_tok, high.sum() / n_tok, (low | high).sum() / n_tok,
-            (rho * mask_f).sum() / n_tok,
-            torch.where(torch.isinf(r_min), one, r_min), torch.where(torch.isinf(r_max), one, r_max),
-        ]).to(cdt)
+        loss, metrics, g_l, g_h = loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weights,
+                                             cfg, num_tokens, num_sequences)
         ctx.save_for_backward(g_l, g_h if g_h is not None else torch.empty(0))
         ctx.has_g_h = g_h is not None
         ctx.mark_non_differentiable(metrics)
@@ -182,11 +199,177 @@ def policy_loss(logps, advantages, mask, old_logps=None, ref_logps=None, entropy
     return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
 
 
+# ---------------------------------------------------------------------------------------------
+# Token-level ratios: the loss gradient in forward (SPEC 5), on the torch backend too.
+# ---------------------------------------------------------------------------------------------
+def token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg: LossConfig, num_tokens, num_sequences,
+                 grad_scale, cdt):
+    """The per-token inputs of ``token_loss_grads`` as flat [N] tensors of ``cdt``: keep, the
+    aggregation weights w and w_h (times grad_scale), A, l_old, l_ref and the IS weights (None when
+    not given). Masked tokens hold 0 in every one of them, whatever the caller's tensors hold there."""
+    B, T = mask.shape
+    keep = (mask != 0).reshape(-1)
+    mask_f = keep.to(cdt).view(B, T)
+    agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
+               dp_size=cfg.dp_size)
+    w = aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
+    w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else aggregation_weights(
+        mask_f, cfg.entropy_agg_mode, **agg)
+    zero = torch.zeros((), dtype=cdt, device=mask.device)
+    guard = lambda x: None if x is None else torch.where(keep, x, zero)  # noqa: E731
+    flat = lambda x: None if x is None else x.reshape(-1).to(cdt)  # noqa: E731
+    # grad_scale folds into the weights: every coefficient is linear in them
+    return dict(keep=keep, w=(w * grad_scale).reshape(-1), w_h=(w_h * grad_scale).reshape(-1),
+                A=guard(per_token(advantages, (B, T), cdt)), l_old=guard(flat(old_logps)),
+                l_ref=guard(flat(ref_logps)),
+                is_w=None if is_weights is None else guard(per_token(is_weights, (B, T), cdt)))
+
+
+def token_loss_grads(l, entropy, keep, A, l_old, l_ref, is_weights, w, w_h, cfg: LossConfig):
+    """(dL/dl, dL/dH) of each token for token-level ratios: both depend on the token's own values only,
+    given its aggregation weights w (loss) and w_h (entropy bonus) over the whole micro-batch. Every
+    argument has one shape (a chunk of tokens as [1, r]); masked tokens get exactly 0. dL/dH is None
+    without an entropy bonus."""
+    zero = torch.zeros((), dtype=l.dtype, device=l.device)
+    l = torch.where(keep, l, zero)
+    l_old = l if l_old is None else torch.where(keep, l_old, zero)  # garbage under the mask must not NaN
+    _, df, direct, _, drho = token_coefficients(l, l_old, A, keep.to(l.dtype), cfg, is_weights)
+    g_l = w * df * drho
+    if direct is not None:
+        g_l = g_l + w * direct
+    if cfg.beta != 0.0:
+        _, dkl = kl_and_grad(l, torch.where(keep, l_ref, zero), cfg)
+        g_l = g_l + cfg.beta * w * dkl
+    g_h = None if cfg.entropy_coef == 0.0 else -cfg.entropy_coef * w_h
+    return g_l, g_h
+
+
+def chunk_coefficients(tok, start, stop, logp, entropy, cfg):
+    """``token_loss_grads`` of the tokens [start, stop) (flat [r] in, flat [r] out)."""
+    row = lambda x: None if x is None else x[start:stop].view(1, -1)  # noqa: E731
+    g_l, g_h = token_loss_grads(logp.view(1, -1), entropy.view(1, -1), row(tok["keep"]), row(tok["A"]),
+                                row(tok["l_old"]), row(tok["l_ref"]), row(tok["is_w"]), row(tok["w"]),
+                                row(tok["w_h"]), cfg)
+    return g_l.view(-1), None if g_h is None else g_h.view(-1)
+
+
+_grad_scale_warned = False
+
+
+def upstream_correction(grad_output: torch.Tensor, grad_scale: float):
+    """grad_output / grad_scale for a gradient computed in forward for upstream ``grad_scale``
+    (SPEC 5, grad-scale contract), or None when nothing is to be done. On CPU the check is free: a
+    factor != 1 warns once. On a GPU it would sync, so the factor is always applied (exact when it is
+    1: one elementwise pass over the gradients) and no warning is given."""
+    global _grad_scale_warned
+    ratio = grad_output.detach() / grad_scale
+    if grad_output.device.type != "cpu":
+        return ratio
+    if bool(ratio == 1.0):
+        return None
+    if not _grad_scale_warned:
+        _grad_scale_warned = True
+        warnings.warn(f"lens_kernels: backward got grad_output {float(grad_output)} != grad_scale {grad_scale}; "
+                      "the gradient computed in forward is rescaled (pass grad_scale= to avoid the extra pass)")
+    return ratio
+
+
+class FusedLogitsLossFunction(torch.autograd.Function):
+    """Token-level ratios from logits: per row chunk, log p (one log_softmax pass), p = exp(log p),
+    the entropy, the per-token loss coefficients and dL/dz = g_t onehot - p (g_l + g_h (log p + H))
+    written at once: one exponentiation per logit for forward and backward together, and two
+    [rows, V] work buffers. Backward only scales the stored gradient by grad_output / grad_scale
+    (the grad-scale contract of the fused kernels). With ``inplace`` the gradient overwrites the
+    logits in forward. The first input may be the base of a ``logits[:, :T]`` view (see
+    ``row_slice_base``): its gradient is then returned whole, with zero rows past T."""
+
+    @staticmethod
+    def forward(ctx, logits_or_base, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+                num_tokens, num_sequences, grad_scale, inplace):
+        # the first input is the logits, or the base of a logits[:, :T] view (see row_slice_base):
+        # the gradient is then the base's, with zero rows past T
+        B, T = targets.shape
+        logits = logits_or_base[:B, :T]
+        V = logits.shape[-1]
+        n = B * T
+        cdt = compute_dtype(logits.dtype)
+        device = logits.device
+        if inplace:
+            check_inplace_target(logits)
+        t, keep, bad = flat_keep(targets, mask, V)
+        tok = token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences,
+                           grad_scale, cdt)
+        tau = tau_rows(temperature, (B, T), tok["w"])
+        logp = torch.empty(n, dtype=cdt, device=device)
+        entropy = torch.empty(n, dtype=cdt, device=device)
+        if inplace:
+            grad = out_rows = logits
+        else:
+            grad = torch.empty(logits_or_base.shape, dtype=logits.dtype, device=device)
+            out_rows = grad[:B, :T]
+            if out_rows.shape != grad.shape:
+                grad[B:].zero_()
+                grad[:B, T:].zero_()
+        rows = chunk_rows(logits)
+        work = WorkBuffers(min(rows, n), V, cdt, device) if n else None
+        zero = torch.zeros((), dtype=cdt, device=device)
+        ones = torch.ones(min(rows, n), dtype=cdt, device=device)  # p is normalized: l = 1, log l = 0
+        zeros = torch.zeros(min(rows, n), dtype=cdt, device=device)
+        for chunk, out, start in row_chunk_pairs(logits, out_rows, rows):
+            stop = start + chunk.shape[0]
+            y, e = work.get(stop - start)
+            t_c, keep_c, bad_c, tau_c = t[start:stop], keep[start:stop], bad[start:stop], slice_tau(tau, start, stop)
+            logp_t = chunk_log_softmax(chunk, t_c, tau_c, keep_c, y, e)  # y = log p, e = p
+            lp = mark_bad(torch.where(keep_c, logp_t, zero), bad_c)
+            logp[start:stop] = lp
+            # the entropy gradient needs log p after the entropy sum (a dot); without it, y is consumed
+            bonus = cfg.entropy_coef != 0.0
+            ent = torch.where(keep_c, chunk_entropy(logp_t, y, e, keep_a=bonus), zero)
+            entropy[start:stop] = ent
+            g_l, g_h = chunk_coefficients(tok, start, stop, lp, ent, cfg)
+            g_l = mark_bad(g_l, bad_c)
+            write_grad(y, e, t_c, tau_c, ones[:stop - start], zeros[:stop - start], ent, g_l, g_h, g_l, out)
+        del work
+        if inplace:
+            torch.autograd.graph.increment_version(logits)
+        loss, metrics, _, _ = loss_terms(logp.view(B, T), entropy.view(B, T), advantages, mask, old_logps,
+                                         ref_logps, is_weights, cfg, num_tokens, num_sequences)
+        ctx.grad = grad
+        ctx.grad_scale = grad_scale
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        if ctx.grad is None:
+            raise RuntimeError("policy_loss_from_logits (token-level ratios, torch backend) computes its gradient "
+                               "in forward: backward can run only once")
+        grad, ctx.grad = ctx.grad, None
+        ratio = upstream_correction(grad_loss, ctx.grad_scale)
+        if ratio is not None:
+            grad.mul_(ratio.to(grad.dtype))
+        return (grad,) + (None,) * 12
+
+
+def fused_applies(cfg: LossConfig, logits) -> bool:
+    """Token-level ratios, and a gradient wanted (else writing dL/dz would be wasted). Not under
+    torch.compile: there the loss is token_logprobs' custom ops + the traced policy loss."""
+    return (cfg.ratio_level == "token" and torch.is_grad_enabled() and logits.requires_grad
+            and not torch.compiler.is_compiling())
+
+
 def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
                             temperature=1.0, config: LossConfig = LossConfig(), num_tokens=None,
                             num_sequences=None, grad_scale=1.0, inplace=False):
-    # The torch backend computes the logits gradient in backward from the actual grad_output, so
-    # grad_scale (the fused kernels' contract) needs no correction here.
+    """Token-level ratios with a gradient wanted: ``FusedLogitsLossFunction`` (dL/dz in forward, for
+    upstream ``grad_scale``; a different grad_output is rescaled exactly, with one warning).
+    Otherwise (GSPO, no grad) ``token_logprobs`` then ``policy_loss``."""
+    if fused_applies(config, logits):
+        base = None if inplace else row_slice_base(logits)
+        loss, metrics = FusedLogitsLossFunction.apply(logits if base is None else base, targets, mask, advantages, old_logps, ref_logps,
+                                                      is_weights, temperature, config, num_tokens, num_sequences,
+                                                      float(grad_scale), inplace)
+        return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
     logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
     return policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
                        num_tokens, num_sequences)

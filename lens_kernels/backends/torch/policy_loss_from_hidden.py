@@ -2,15 +2,14 @@
 logits recompute; otherwise the lean path (``linear_token_logprobs`` then ``policy_loss``)."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
 from ...config import LossConfig
-from ._common import compute_dtype, flat_keep, per_token, rows_backward, rows_per_chunk, rows_stats, slice_tau, tau_rows
+from ._common import chunk_ey, chunk_stats, compute_dtype, flat_keep, mark_bad, rows_per_chunk, slice_tau, tau_rows, write_grad
 from .linear_token_logprobs import linear_token_logprobs
-from .policy_loss import METRIC_NAMES, aggregation_weights, kl_and_grad, policy_loss, token_coefficients
+from .policy_loss import (METRIC_NAMES, chunk_coefficients, policy_loss, token_inputs,  # noqa: F401
+                          token_loss_grads, upstream_correction)
 
 
 def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None,
@@ -36,40 +35,34 @@ def fast_mode_applies(cfg: LossConfig, hidden, weight, bias) -> bool:
     """Token-level ratios, and a gradient wanted (else the 2 gradient GEMMs would be wasted)."""
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return cfg.ratio_level == "token" and wants_grad
-
-
-def token_loss_grads(l, entropy, keep, A, l_old, l_ref, is_weights, w, w_h, cfg: LossConfig):
-    """(dL/dl, dL/dH) of each token for token-level ratios: both depend on the token's own values only,
-    given its aggregation weights w (loss) and w_h (entropy bonus) over the whole micro-batch. Every
-    argument has one shape (a chunk of tokens as [1, r]); masked tokens get exactly 0. dL/dH is None
-    without an entropy bonus."""
-    zero = torch.zeros((), dtype=l.dtype, device=l.device)
-    l = torch.where(keep, l, zero)
-    l_old = l if l_old is None else torch.where(keep, l_old, zero)  # garbage under the mask must not NaN
-    _, df, direct, _, drho = token_coefficients(l, l_old, A, keep.to(l.dtype), cfg, is_weights)
-    g_l = w * df * drho
-    if direct is not None:
-        g_l = g_l + w * direct
-    if cfg.beta != 0.0:
-        _, dkl = kl_and_grad(l, torch.where(keep, l_ref, zero), cfg)
-        g_l = g_l + cfg.beta * w * dkl
-    g_h = None if cfg.entropy_coef == 0.0 else -cfg.entropy_coef * w_h
-    return g_l, g_h
+    # under torch.compile the lean path runs (linear_token_logprobs' custom ops + the traced loss)
+    return cfg.ratio_level == "token" and wants_grad and not torch.compiler.is_compiling()
 
 
 def torch_chunk_step(z, targets, tau, coef_fn):
     """The per-row step of the fast mode on one chunk of logits z [r, V] (owned, may be overwritten):
     log-probs and entropy, then the coefficients ``coef_fn(logp, entropy) -> (g_l, g_h)``, then dL/dz
-    written over the chunk buffer. Returns (dL/dz, logp, entropy). The Triton backend passes its own."""
-    y = z.to(compute_dtype(z.dtype))
-    del z  # the GEMM output, when y is an upcast copy
-    logp, _, log_l, entropy = rows_stats(y, targets, tau)  # y = z / tau - m_i
+    in the compute dtype. Returns (dL/dz, logp, entropy). The Triton backend passes its own."""
+    cdt = compute_dtype(z.dtype)
+    y = z if z.dtype == cdt else torch.empty(z.shape, dtype=cdt, device=z.device)  # z is ours: reuse it
+    e = torch.empty(z.shape, dtype=cdt, device=z.device)
+    m, l_i, y_t = chunk_stats(z, targets, tau, None, y, e)
+    ey = chunk_ey(z, tau, None, m, l_i, y, e, keep_y=True)
+    del z
+    log_l = torch.log(l_i)
+    logp, entropy = y_t - log_l, log_l - ey / l_i
     g_l, g_h = coef_fn(logp, entropy)
-    rows_backward(y, targets, 1.0, log_l, entropy, g_l, g_h)  # (y - log_l) is log p: no tau here
-    if torch.is_tensor(tau) or tau != 1.0:
-        y.div_(tau)
-    return y, logp, entropy
+    write_grad(y, e, targets, tau, l_i, log_l, entropy, g_l, g_h, g_l, e)
+    return e, logp, entropy
+
+
+def kept_rows(h: torch.Tensor, keep) -> torch.Tensor:
+    """h with the rows that are not kept replaced by zeros (a copy only when some row is masked)."""
+    if keep is None:
+        return h
+    if h.device.type == "cpu" and bool(keep.all()):
+        return h
+    return torch.where(keep.unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
 def accumulate_t_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -84,27 +77,6 @@ def accumulate_t_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
             pass
     acc.addmm_(a.t().to(acc.dtype), b.to(acc.dtype))
-
-
-_grad_scale_warned = False
-
-
-def upstream_correction(grad_output: torch.Tensor, grad_scale: float):
-    """grad_output / grad_scale for a gradient computed in forward for upstream ``grad_scale``
-    (SPEC 5, grad-scale contract), or None when nothing is to be done. On CPU the check is free: a
-    factor != 1 warns once. On a GPU it would sync, so the factor is always applied (exact when it is
-    1: one elementwise pass over the gradients) and no warning is given."""
-    global _grad_scale_warned
-    ratio = grad_output.detach() / grad_scale
-    if grad_output.device.type != "cpu":
-        return ratio
-    if bool(ratio == 1.0):
-        return None
-    if not _grad_scale_warned:
-        _grad_scale_warned = True
-        warnings.warn(f"lens_kernels: backward got grad_output {float(grad_output)} != grad_scale {grad_scale}; "
-                      "the gradient computed in forward is rescaled (pass grad_scale= to avoid the extra pass)")
-    return ratio
 
 
 class FastHiddenLossFunction(torch.autograd.Function):
@@ -123,20 +95,10 @@ class FastHiddenLossFunction(torch.autograd.Function):
         n = h.shape[0]
         cdt = compute_dtype(hidden.dtype)
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        t, keep = flat_keep(targets, mask)
-        mask_f = mask.to(cdt)
-        agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
-                   dp_size=cfg.dp_size)
-        w = aggregation_weights(mask_f, cfg.loss_agg_mode, **agg)
-        w_h = w if cfg.entropy_agg_mode in (None, cfg.loss_agg_mode) else aggregation_weights(
-            mask_f, cfg.entropy_agg_mode, **agg)
-        # grad_scale folds into the weights: every coefficient is linear in them
-        w, w_h = (w * grad_scale).reshape(-1), (w_h * grad_scale).reshape(-1)
-        A = per_token(advantages, (B, T), cdt)
-        l_old = None if old_logps is None else old_logps.reshape(-1).to(cdt)
-        l_ref = None if ref_logps is None else ref_logps.reshape(-1).to(cdt)
-        is_w = None if is_weights is None else per_token(is_weights, (B, T), cdt)
-        tau = tau_rows(temperature, targets.shape, mask_f)
+        t, keep, bad = flat_keep(targets, mask, vocab)
+        tok = token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences,
+                           grad_scale, cdt)
+        tau = tau_rows(temperature, targets.shape, tok["w"])
 
         logp = torch.empty(n, dtype=cdt, device=h.device)
         entropy = torch.empty_like(logp)
@@ -145,15 +107,13 @@ class FastHiddenLossFunction(torch.autograd.Function):
         d_bias = torch.zeros(vocab, dtype=acc, device=h.device) if (need_b and bias is not None) else None
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            row = lambda x: None if x is None else x[start:stop].view(1, -1)  # noqa: E731
-            keep_c = torch.ones(1, stop - start, dtype=torch.bool, device=h.device) if keep is None else row(keep)
 
             def coef_fn(logp_c, entropy_c):
-                g_l, g_h = token_loss_grads(logp_c.view(1, -1), entropy_c.view(1, -1), keep_c, row(A), row(l_old),
-                                            row(l_ref), row(is_w), row(w), row(w_h), cfg)
-                return g_l.view(-1), None if g_h is None else g_h.view(-1)
+                g_l, g_h = chunk_coefficients(tok, start, stop, mark_bad(logp_c, bad[start:stop]), entropy_c, cfg)
+                return mark_bad(g_l, bad[start:stop]), g_h
 
-            hs = h[start:stop]
+            # masked rows are read as zeros: NaN there must not reach dW through 0 * NaN
+            hs = kept_rows(h[start:stop], None if keep is None else keep[start:stop])
             dz, logp[start:stop], entropy[start:stop] = chunk_step(
                 F.linear(hs, weight, bias), t[start:stop], slice_tau(tau, start, stop), coef_fn)
             dz_in = dz.to(h.dtype)
@@ -164,10 +124,9 @@ class FastHiddenLossFunction(torch.autograd.Function):
             if d_bias is not None:
                 d_bias.add_(dz.sum(0, dtype=acc))
             del dz, dz_in  # free this chunk's buffers before the next GEMM allocates
-        if keep is not None:
-            zero = torch.zeros((), dtype=cdt, device=h.device)
-            logp = torch.where(keep, logp, zero)
-            entropy = torch.where(keep, entropy, zero)
+        zero = torch.zeros((), dtype=cdt, device=h.device)
+        logp = mark_bad(torch.where(keep, logp, zero), bad)
+        entropy = torch.where(keep, entropy, zero)
         # the loss value and metrics from the same per-token values, by the same code as policy_loss
         loss, named = policy_loss(logp.view(B, T), advantages, mask, old_logps, ref_logps, entropy.view(B, T),
                                   is_weights, cfg, num_tokens, num_sequences)

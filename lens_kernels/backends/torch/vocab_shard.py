@@ -5,32 +5,45 @@ from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype, new_partials, row_chunks, rows_backward, rows_partials, rows_per_chunk, slice_tau, tau_rows
+from ._common import (WorkBuffers, active_rows, chunk_partials, compute_dtype, grad_rows, new_partials, row_chunks,
+                      rows_per_chunk, slice_tau, tau_rows)
 
 
-def vocab_shard_partials(logits, targets, temperature=1.0):
+def chunk_rows(logits: torch.Tensor) -> int:
+    """Rows per chunk: two [rows, V] compute-dtype buffers (y and exp(y))."""
+    return rows_per_chunk(logits.shape[-1], 2 * torch.finfo(compute_dtype(logits.dtype)).bits // 8)
+
+
+def vocab_shard_partials(logits, targets, temperature=1.0, keep=None):
     """Softmax partials of each row of a [..., V] logits tensor or of a vocabulary shard of it.
 
     Args:
         logits: [..., V] (a strided row view is walked without a copy).
         targets: [...] int64 ids in [0, V); for rows whose target lies in another shard any id in
             range (the combine ignores their target logit).
-        temperature: a float or a tensor broadcastable to ``targets``.
+        temperature: a float, or a tensor of the shapes ``tau_rows`` accepts.
+        keep: optional flat [N] bool: rows that are not kept are read as zeros (garbage there
+            influences nothing; their partials are finite and meaningless).
 
     Returns:
-        (m_i, l_i, ey_i, target_shifted), four flat [N] tensors in the compute dtype (see
-        ``rows_partials``).
+        (m_i, l_i, ey_i, target_shifted), four flat [N] tensors in the compute dtype: the row max of
+        z / tau, l_i = sum_v exp(z / tau - m_i), ey_i = sum_v exp(.) (z / tau - m_i) and
+        z[target] / tau - m_i.
     """
     n = targets.numel()
+    vocab = logits.shape[-1]
     cdt = compute_dtype(logits.dtype)
     t = targets.reshape(-1)
     parts = new_partials(n, cdt, logits.device)
     tau = tau_rows(temperature, logits.shape[:-1], parts[0])
-    rows = rows_per_chunk(logits.shape[-1], 2 * torch.finfo(cdt).bits // 8)
+    rows = chunk_rows(logits)
+    work = WorkBuffers(min(rows, n), vocab, cdt, logits.device) if n else None
     for chunk, start in row_chunks(logits, rows):
         stop = start + chunk.shape[0]
-        y = chunk.to(cdt, copy=True)
-        for out, part in zip(parts, rows_partials(y, t[start:stop], slice_tau(tau, start, stop))):
+        y, e = work.get(stop - start)
+        stats = chunk_partials(chunk, t[start:stop], slice_tau(tau, start, stop),
+                            None if keep is None else keep[start:stop], y, e)
+        for out, part in zip(parts, stats):
             out[start:stop] = part
     return parts
 
@@ -40,24 +53,30 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
     """dL/dlogits of a [..., V] logits tensor (or shard) from the global lse and entropy.
 
     lse, entropy, g_logp, g_entropy, g_target: flat [N] in the compute dtype (g_entropy may be None;
-    g_target defaults to g_logp). ``inplace`` writes the gradient into ``logits``. Returns the
-    gradient, shaped and typed as ``logits``.
+    g_target defaults to g_logp). A row whose coefficients are all 0 gets an exact-zero gradient,
+    whatever its logits hold. ``inplace`` writes the gradient into ``logits`` (and bumps its autograd
+    version). Returns the gradient, shaped and typed as ``logits``.
     """
     vocab = logits.shape[-1]
+    n = lse.numel()
     cdt = lse.dtype
     t = targets.reshape(-1)
     tau = tau_rows(temperature, logits.shape[:-1], lse)
+    g_t = g_logp if g_target is None else g_target
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    rows = rows_per_chunk(vocab, 2 * torch.finfo(cdt).bits // 8)
+    rows = chunk_rows(logits)
+    work = WorkBuffers(min(rows, n), vocab, cdt, logits.device) if n else None
+    flat_grad = None if inplace else grad.view(-1, vocab)
+    sl = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
     for chunk, start in row_chunks(logits, rows):
         stop = start + chunk.shape[0]
-        y = chunk.to(cdt, copy=True)
-        dy = rows_backward(y, t[start:stop], slice_tau(tau, start, stop), lse[start:stop], entropy[start:stop],
-                            g_logp[start:stop], None if g_entropy is None else g_entropy[start:stop],
-                            None if g_target is None else g_target[start:stop])
-        if inplace:
-            chunk.copy_(dy)
-        else:
-            grad.view(-1, vocab)[start:stop].copy_(dy)
-        del y, dy  # free this chunk's buffer before the next one is allocated
+        y, e = work.get(stop - start)
+        grad_rows(chunk, t[start:stop], slice_tau(tau, start, stop), lse[start:stop], entropy[start:stop],
+                  g_logp[start:stop], sl(g_entropy, start, stop), g_t[start:stop], y, e,
+                  chunk if inplace else flat_grad[start:stop])
+    if inplace:
+        torch.autograd.graph.increment_version(logits)
     return grad
+
+
+__all__ = ["active_rows", "chunk_rows", "vocab_shard_grad", "vocab_shard_partials"]
