@@ -2,9 +2,7 @@
 triton is first imported (triton.language's own @jit helpers are decorated at import), and test
 modules import triton while they are collected, so it is set here, before any of them.
 
-A failing test's report shows the seeds it took from ``seeds.stable_seed``. A test module may name,
-in ``PENDING_BACKEND_FIXES``, cases that fail until another change merges: they become strict xfails
-(a fixed case XPASSes and fails until its name is deleted)."""
+A failing test's report shows the seeds it took from ``seeds.stable_seed``."""
 import os
 
 import pytest
@@ -12,13 +10,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        pending = getattr(getattr(item, "module", None), "PENDING_BACKEND_FIXES", ())
-        if item.name in pending:
-            item.add_marker(pytest.mark.xfail(strict=True, reason="pending backend fix (see PENDING_BACKEND_FIXES)"))
 
 
 @pytest.hookimpl(hookwrapper=True)
