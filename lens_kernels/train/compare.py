@@ -49,6 +49,23 @@ def _cached_warmup(setup: Setup, path: str, config: TrainConfig) -> Dict:
     return result
 
 
+def _run_options(config: TrainConfig) -> Dict:
+    """The options that make a run: all but where it is written and how it is shown or split up."""
+    skip = ("out", "compare", "seeds", "ablations", "resume", "progress", "threads", "device")
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
+
+
+def _finished(run_dir: str, config: TrainConfig) -> bool:
+    """A run of the same options finished there before (so seeds can run as separate processes into one
+    --out, and a later --compare over all of them, or with --ablations, only adds what is missing)."""
+    try:
+        with open(os.path.join(run_dir, "options.json")) as fh:
+            same = json.load(fh) == json.loads(json.dumps(_run_options(config)))
+        return same and os.path.exists(os.path.join(run_dir, "summary.json"))
+    except (OSError, ValueError):
+        return False
+
+
 def run_compare(config: TrainConfig, device: torch.device) -> Dict:
     os.makedirs(config.out, exist_ok=True)
     methods = methods_of(config)
@@ -64,7 +81,12 @@ def run_compare(config: TrainConfig, device: torch.device) -> Dict:
             setup.model.load_state_dict(warm_state)
             setup.config = dataclasses.replace(base, estimator=estimator, lens_groups=groups)
             run_dir = os.path.join(seed_dir, method)
-            train_rl(setup, run_dir, warm_eval)
+            if not _finished(run_dir, setup.config):
+                train_rl(setup, run_dir, warm_eval)
+                with open(os.path.join(run_dir, "options.json"), "w") as fh:
+                    json.dump(_run_options(setup.config), fh, indent=1)
+            else:
+                log(f"{method} seed {seed}: reused the finished run in {run_dir}")
             runs[method][seed] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     result = aggregate(runs)
     table = comparison_table(result, config)
@@ -85,8 +107,10 @@ def _evals(records: List[Dict]) -> List[Dict]:
 
 
 def _spread(values: List[float]) -> Dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    """Mean and std over seeds of the values that are not NaN (a kind of group absent in a run is NaN)."""
+    kept = [v for v in values if v == v]
+    return {"mean": statistics.fmean(kept) if kept else float("nan"),
+            "std": statistics.stdev(kept) if len(kept) > 1 else 0.0, "values": values}
 
 
 def _nanmean(values: List[float]) -> float:

@@ -42,26 +42,26 @@ class TrainConfig:
                                                                  "confidence are reported as 'hard'"})
     # tiny model (ignored with --model)
     arch: str = field(default="llama", metadata={"help": f"tiny model architecture: {'|'.join(ARCHS)}"})
-    hidden_size: int = 48
+    hidden_size: int = 64
     layers: int = 2
     heads: int = 4
     # supervised warm-up
-    warmup_steps: int = field(default=500, metadata={"help": "supervised steps before RL"})
+    warmup_steps: int = field(default=600, metadata={"help": "supervised steps before RL"})
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
-    shortcut_steps: int = field(default=200, metadata={
+    shortcut_steps: int = field(default=150, metadata={
         "help": "the last SHORTCUT_STEPS warm-up steps teach the dropped-carry shortcut (see --drop-carry)"})
-    drop_carry: float = field(default=0.5, metadata={
+    drop_carry: float = field(default=0.8, metadata={
         "help": "in the shortcut steps, each carry of a target answer is dropped with this probability: the "
                 "warm-up leaves confident wrong answers on the levels with many carries"})
     warmup_level_weights: str = field(default="1,1,1,1,1", metadata={
         "help": "warm-up sampling weight of each level 1-5 (unselected levels are ignored; empty: uniform)"})
     # RL
-    steps: int = field(default=80, metadata={"help": "RL steps (rollout batches)"})
+    steps: int = field(default=60, metadata={"help": "RL steps (rollout batches)"})
     prompts_per_step: int = 16
     group_size: int = 16
     temperature: float = 1.0
-    lr: float = 1e-3
+    lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     inner_updates: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (mini-batches)"})
@@ -79,7 +79,7 @@ class TrainConfig:
         "help": "the one-call LENS step (lens_policy_loss_from_logits/_from_hidden: log-probs, advantages and "
                 "loss in one op) when it applies: --inner-updates 1 and micro-batches of whole groups; "
                 "--no-fused-step forces the two-stage path (old log-probs, group_advantages, loss)"})
-    eval_every: int = 20
+    eval_every: int = 10
     checkpoint_every: int = 20
 
     def k_list(self):
