@@ -29,6 +29,10 @@ WARMUP_KEYS = ("levels", "test_per_level", "eval_samples", "pass_k", "arch", "hi
 
 
 def methods_of(config: TrainConfig) -> Dict[str, tuple]:
+    known = {**METHODS, **ABLATIONS}
+    chosen = [m.strip() for m in str(config.methods).split(",") if m.strip()]
+    if chosen:
+        return {m: known[m] for m in known if m in chosen}
     return {**METHODS, **(ABLATIONS if config.ablations else {})}
 
 
@@ -51,7 +55,7 @@ def _cached_warmup(setup: Setup, path: str, config: TrainConfig) -> Dict:
 
 def _run_options(config: TrainConfig) -> Dict:
     """The options that make a run: all but where it is written and how it is shown or split up."""
-    skip = ("out", "compare", "seeds", "ablations", "resume", "progress", "threads", "device")
+    skip = ("out", "compare", "seeds", "ablations", "methods", "resume", "progress", "threads", "device")
     return {k: v for k, v in config.to_dict().items() if k not in skip}
 
 
@@ -88,6 +92,9 @@ def run_compare(config: TrainConfig, device: torch.device) -> Dict:
             else:
                 log(f"{method} seed {seed}: reused the finished run in {run_dir}")
             runs[method][seed] = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    if BASELINE not in runs:
+        log(f"no comparison table: --methods has no {BASELINE} to pair with; the runs are in {config.out}")
+        return {}
     result = aggregate(runs)
     table = comparison_table(result, config)
     with open(os.path.join(config.out, "compare.json"), "w") as fh:
