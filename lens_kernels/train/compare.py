@@ -228,7 +228,7 @@ def plot(runs: Dict[str, Dict[int, List[Dict]]], path: str, hard_levels=("4", "5
     levels = [lvl for lvl in first["pass"] if lvl != "all"]
     kmax = list(first["pass"]["all"])[-1]
     hard = [lvl for lvl in hard_levels if lvl in levels]
-    panels = len(levels) + 1 + 4
+    panels = len(levels) + 1 + 5
     cols = 3
     rows = -(-panels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows), squeeze=False)
@@ -268,6 +268,17 @@ def plot(runs: Dict[str, Dict[int, List[Dict]]], path: str, hard_levels=("4", "5
         ax = flat[len(levels) + 4]
         line(ax, rl_steps, [_smooth([r.get("confidence_negative", float("nan")) for r in recs]) for recs in rl], method)
         ax.set_title("old-policy confidence of wrong answers\nin negative groups (5-step mean)", fontsize=10)
+    ax = flat[len(levels) + 5]  # the paired view: per seed, method - GRPO at each evaluation
+    base_evals = {s: {r["step"]: r for r in _evals(runs[BASELINE][s])} for s in seeds} if BASELINE in runs else {}
+    for method in methods:
+        if method == BASELINE or not base_evals:
+            continue
+        evals = [_evals(runs[method][s]) for s in seeds]
+        steps = [r["step"] for r in evals[0]]
+        line(ax, steps, [[r["pass"]["all"]["pass@1"] - base_evals[s][r["step"]]["pass"]["all"]["pass@1"]
+                          for r in e] for s, e in zip(seeds, evals)], method)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_title("paired difference vs GRPO:\nPass@1 (T=1), all levels", fontsize=10)
     for i, ax in enumerate(flat[:panels]):
         ax.set_xlabel("RL step")
         if i <= len(levels) + 1 or i == len(levels) + 4:
