@@ -1,4 +1,5 @@
-"""lens-train --compare: aggregation over seeds, the paired LENS - GRPO table, and the plot."""
+"""lens-train --compare: aggregation over seeds, the paired differences with bootstrap intervals, the
+Table-1-shaped table, and the plot."""
 import random
 
 import pytest
@@ -7,37 +8,55 @@ pytest.importorskip("matplotlib")
 
 from lens_kernels.train.compare import aggregate, comparison_table, plot  # noqa: E402
 from lens_kernels.train.config import TrainConfig  # noqa: E402
+from lens_kernels.train.stats import paired_bootstrap  # noqa: E402
+
+KS = ("pass@1", "pass@16")
+
+
+def _eval(rng, levels=("1", "2")):
+    table = {lvl: {k: rng.random() for k in KS} for lvl in levels + ("all",)}
+    return {"pass": table, "test_acc": {lvl: rng.random() for lvl in levels}}
 
 
 def _records(rng, warm, steps=6, eval_every=3):
-    records = [{"step": 0, "phase": "warmup", "test_acc": warm}]
+    records = [{"step": 0, "phase": "warmup", **warm}]
     for step in range(1, steps + 1):
-        r = {"step": step, "phase": "rl", "frac_negative_groups": rng.random(), "mean_abs_adv_negative": rng.random()}
+        r = {"step": step, "phase": "rl", "frac_negative_groups": rng.random(), "mean_abs_adv_negative": rng.random(),
+             "mean_abs_adv_mixed": rng.random(), "confidence_negative": rng.random(), "entropy": rng.random(),
+             "frac_negative_groups_hard": rng.random(), "confidence_negative_hard": float("nan")}
         if step % eval_every == 0:
-            r["test_acc"] = {k: rng.random() for k in warm}
+            r.update(_eval(rng))
         records.append(r)
     return records
 
 
-def test_aggregate_table_and_plot(tmp_path):
+@pytest.mark.parametrize("methods", [("grpo", "lens"), ("grpo", "lens", "lens_neg", "lens_mixed")])
+def test_aggregate_table_and_plot(tmp_path, methods):
     rng = random.Random(0)
-    runs = {m: {} for m in ("grpo", "lens")}
-    for seed in (3, 4, 5):
-        warm = {"1": rng.random(), "2": rng.random()}
+    runs = {m: {} for m in methods}
+    seeds = (3, 4, 5)
+    for seed in seeds:
+        warm = _eval(rng)
         for m in runs:
             runs[m][seed] = _records(rng, warm)
     result = aggregate(runs)
-    assert result["seeds"] == [3, 4, 5] and result["levels"] == ["1", "2"]
-    for lvl in ("1", "2"):
-        finals = {m: [runs[m][s][-1]["test_acc"][lvl] for s in (3, 4, 5)] for m in runs}
-        diff = result["lens_minus_grpo"][lvl]
-        assert diff["values"] == pytest.approx([a - b for a, b in zip(finals["lens"], finals["grpo"])])
-        assert result["methods"]["lens"]["final_test_acc"][lvl]["mean"] == pytest.approx(sum(finals["lens"]) / 3)
-        assert result["warmup_test_acc"][lvl]["values"] == [runs["grpo"][s][0]["test_acc"][lvl] for s in (3, 4, 5)]
-    neg = [sum(r["frac_negative_groups"] for r in runs["grpo"][s][1:]) / 6 for s in (3, 4, 5)]
-    assert result["methods"]["grpo"]["mean_frac_negative_groups"]["values"] == pytest.approx(neg)
+    assert result["seeds"] == [3, 4, 5] and result["levels"] == ["1", "2", "all"] and result["ks"] == list(KS)
+    assert set(result["diff"]) == set(methods) - {"grpo"}
+    for lvl in ("1", "2", "all"):
+        for k in KS:
+            finals = {m: [runs[m][s][-1]["pass"][lvl][k] for s in seeds] for m in runs}
+            diff = result["diff"]["lens"][lvl][k]
+            want = [a - b for a, b in zip(finals["lens"], finals["grpo"])]
+            assert diff["values"] == pytest.approx(want)  # paired per seed
+            assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx(paired_bootstrap(want))
+            assert diff["low"] <= diff["mean"] <= diff["high"]
+            assert result["methods"]["lens"]["pass"][lvl][k]["mean"] == pytest.approx(sum(finals["lens"]) / 3)
+            assert result["warmup"][lvl][k]["values"] == [runs["grpo"][s][0]["pass"][lvl][k] for s in seeds]
+    neg = [sum(r["frac_negative_groups"] for r in runs["grpo"][s][1:]) / 6 for s in seeds]
+    assert result["methods"]["grpo"]["frac_negative_groups"]["values"] == pytest.approx(neg)
     table = comparison_table(result, TrainConfig(steps=6))
-    assert table.count("\n| ") == 5 and "LENS - GRPO (paired)" in table and "3 seed(s)" in table
+    assert "| LENS | L1 |" in table and "| warm-up | all |" in table and "3 seed(s)" in table
+    assert table.count("Paired difference") == len(methods) - 1 and "Pass@16" in table
     png = tmp_path / "compare.png"
-    plot(runs, str(png))
+    plot(runs, str(png), hard_levels=("2",))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -14,28 +14,71 @@ from lens_kernels.train.loop import (  # noqa: E402
 from lens_kernels.train.model import CharTokenizer, build_tiny_model  # noqa: E402
 from lens_kernels.train.rollout import (  # noqa: E402
     completion_mask, decode_completions, encode_answers, encode_prompts, rollout, sample, score)
-from lens_kernels.train.task import LEVELS, Task, answer_text, check_levels, prompt_text, verify  # noqa: E402
+from lens_kernels.train.task import (  # noqa: E402
+    BASE, DIGITS, LEVELS, Task, answer_text, carries, check_levels, draw, prompt_text, shortcut_answer, verify)
+
+
+def _sum_from_answer(text):
+    """Read the sum back from an answer: the digits at even positions, the last carry on top."""
+    digits = [int(c) for c in text[0::2]] + [int(text[-1])]
+    return sum(d * BASE ** i for i, d in enumerate(digits))
 
 
 def test_verifier_is_exact():
-    p = (3, 123, 45)
-    assert prompt_text(p) == "123+45=" and answer_text(p) == "168"
-    assert verify(p, "168")
-    for wrong in ("0168", "168 ", " 168", "167", "", "16", "1688", "+168"):
+    p = (3, 1234, 5678)
+    assert prompt_text(p) == "4 3 2 1+8 7 6 5=" and answer_text(p) == "21119060"  # 6912: 2 c1, 1 c1, 9 c0, 6 c0
+    assert verify(p, "21119060") and carries(1234, 5678) == 2
+    for wrong in ("21119060 ", " 21119060", "2111906", "211190600", "21019060", "", "6912", "21119061"):
         assert not verify(p, wrong), wrong
+    # the shortcut: a dropped carry is a wrong answer, and the carry after it is recomputed without it
+    assert shortcut_answer(1234, 5678, [True, False, False, False]) == "20019060"  # 3+7 without the carry in: 0, carry 1
+    assert not verify(p, shortcut_answer(1234, 5678, [True, False, False, False]))
+    assert shortcut_answer(1234, 5678, [False] * DIGITS) == answer_text(p)
+
+
+def test_answers_hold_the_sum_and_levels_count_carries():
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = rng.randrange(BASE ** DIGITS), rng.randrange(BASE ** DIGITS)
+        text = answer_text((1, a, b))
+        assert len(text) == 2 * DIGITS and _sum_from_answer(text) == a + b
+        assert int(carries(a, b)) == sum(int(c) for c in text[1::2])  # carries written out = carries counted
+        # dropping every carry gives the digit-wise sum mod BASE and no carry at all
+        dropped = shortcut_answer(a, b, [True] * DIGITS)
+        assert dropped[1::2] == "0" * DIGITS and verify((1, a, b), dropped) == (carries(a, b) == 0)
+    for level, n_carries in LEVELS.items():
+        problem = draw(rng, level)
+        assert problem[0] == level and carries(*problem[1:]) == n_carries
 
 
 @pytest.mark.parametrize("level", sorted(LEVELS))
 def test_task_levels_and_held_out_split(level):
     task = Task(levels=[level], test_per_level=40, seed=5)
-    da, db = LEVELS[level]
     test = task.test[level]
-    assert len(set(test)) == min(40, 10 ** (da + db) // 5)
+    assert len(set(test)) == 40
     train = task.sample(random.Random(0), 300)
-    assert not set(train) & set(test)
+    assert not set(train) & set(test)  # disjoint
     for lvl, a, b in train + test:
-        assert lvl == level and 0 <= a < 10 ** da and 0 <= b < 10 ** db
-    assert Task(levels=[level], test_per_level=40, seed=5).test == task.test  # from the seed
+        assert lvl == level and 0 <= a < BASE ** DIGITS and 0 <= b < BASE ** DIGITS
+        assert carries(a, b) == LEVELS[level]
+    assert Task(levels=[level], test_per_level=40, seed=5).test == task.test  # deterministic, from the seed
+    assert Task(levels=[level], test_per_level=40, seed=6).test != task.test
+    assert task.sample(random.Random(0), 300) == train
+
+
+def test_levels_splits_are_disjoint_across_levels_and_warmup_targets():
+    task = Task(test_per_level=50, seed=1)
+    held_out = [p for level in task.levels for p in task.test[level]]
+    assert len(set(held_out)) == len(held_out) == 50 * len(LEVELS)
+    assert all(task.is_held_out(p) for p in held_out)
+    assert not any(task.is_held_out(p) for p in task.sample(random.Random(2), 1000))
+    # warm-up targets: exact with drop_carry 0; with drop_carry 1 every carry is dropped
+    problem = (3, 1234, 5678)
+    rng = random.Random(0)
+    assert Task.warmup_target(problem, rng, 0.0) == answer_text(problem)
+    assert Task.warmup_target(problem, rng, 1.0) == shortcut_answer(1234, 5678, [True] * DIGITS)
+    half = [Task.warmup_target(problem, rng, 0.5) for _ in range(400)]
+    assert 0.15 < sum(t == answer_text(problem) for t in half) / 400 < 0.35  # 2 carries kept: 1/4
 
 
 def test_bad_levels():
@@ -56,14 +99,15 @@ def test_char_tokenizer_roundtrip_and_errors():
 
 def test_completion_mask_and_decoding():
     tok = CharTokenizer()
-    rows = [tok.encode("12") + [tok.eos_id] + tok.encode("34"),   # eos mid-row, tokens after it masked
-            [tok.eos_id] + tok.encode("1234"),                    # empty answer
-            tok.encode("12345")]                                  # no eos: whole row kept, never correct
+    rows = [tok.encode("20000000") + [tok.eos_id] + tok.encode("34"),   # eos mid-row, tokens after it masked
+            [tok.eos_id] + tok.encode("1234567890"),                    # empty answer
+            tok.encode("20000000000")]                                  # no eos: whole row kept, never correct
     comp = torch.tensor(rows)
     mask = completion_mask(comp, tok.eos_id)
-    assert mask.tolist() == [[True] * 3 + [False] * 2, [True] + [False] * 4, [True] * 5]
-    assert decode_completions(tok, comp) == ["12", "", None]
-    problems = [(1, 10, 2), (1, 0, 0), (5, 12345, 0)]
+    assert mask.tolist() == [[True] * 9 + [False] * 2, [True] + [False] * 10, [True] * 11]
+    assert decode_completions(tok, comp) == ["20000000", "", None]
+    problems = [(1, 1, 1), (1, 0, 0), (1, 1, 1)]
+    assert answer_text(problems[0]) == "20000000"
     assert score(tok, problems, comp).tolist() == [1.0, 0.0, 0.0]
 
 
@@ -93,7 +137,7 @@ def test_kv_cache_sampling_is_exact(temperature):
     # fp64 so that cached and uncached logits agree to ~1e-15 and the same draws follow
     model, tok = _tiny(torch.float64)
     problems = Task(levels=[2, 5], test_per_level=6).test[5][:6]
-    prompts = encode_prompts(tok, problems, 11, "cpu")
+    prompts = encode_prompts(tok, problems, 18, "cpu")  # 2 filler tokens in front
     got = sample(model, prompts, 7, tok.eos_id, tok.fill_id, temperature=temperature,
                  generator=torch.Generator().manual_seed(3))
     want = _sample_without_cache(model, prompts, 7, tok, temperature, torch.Generator().manual_seed(3))
@@ -103,10 +147,10 @@ def test_kv_cache_sampling_is_exact(temperature):
 def test_old_logprobs_match_sampling_distribution():
     model, tok = _tiny(torch.float64)
     problems = Task(levels=[3], test_per_level=4).test[3]
-    batch = rollout(model, tok, problems, 4, 7, 6, temperature=0.8, generator=torch.Generator().manual_seed(1),
+    batch = rollout(model, tok, problems, 4, 16, 6, temperature=0.8, generator=torch.Generator().manual_seed(1),
                     device="cpu")
-    logps = sequence_logprobs(model, batch.sequences, batch.completions, batch.mask, 7, 0.8)
-    full = torch.log_softmax(model(input_ids=batch.sequences).logits[:, 6:-1] / 0.8, -1)
+    logps = sequence_logprobs(model, batch.sequences, batch.completions, batch.mask, 16, 0.8)
+    full = torch.log_softmax(model(input_ids=batch.sequences).logits[:, 15:-1] / 0.8, -1)
     want = full.gather(-1, batch.completions[..., None]).squeeze(-1) * batch.mask
     assert torch.all(logps <= 0) and not torch.isnan(logps).any()
     torch.testing.assert_close(logps, want.to(logps.dtype), rtol=1e-6, atol=1e-6)
@@ -254,7 +298,7 @@ def test_tiny_model_architectures_sample_valid_tokens(arch):
     torch.manual_seed(0)
     model = build_tiny_model(tok.vocab_size, arch=arch, hidden_size=32, layers=1, heads=2).eval()
     assert type(model).__name__.lower().startswith(arch)
-    prompts = encode_prompts(tok, [(2, 12, 3), (1, 4, 5)], 5, "cpu")
+    prompts = encode_prompts(tok, [(2, 12, 3), (1, 4, 5)], 16, "cpu")
     out = sample(model, prompts, 4, tok.eos_id, tok.fill_id, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 4) and int(out.min()) >= 0 and int(out.max()) < tok.vocab_size
     with pytest.raises(ValueError, match="arch"):

@@ -26,11 +26,14 @@ def print_config(config: TrainConfig) -> None:
 def run_single(config: TrainConfig, device: torch.device) -> None:
     os.makedirs(config.out, exist_ok=True)
     setup = Setup(config, device)
-    warm_acc = warmup(setup, os.path.join(config.out, "warmup.pt"), config.resume)
-    summary = train_rl(setup, config.out, warm_acc)
-    log(f"\n{config.estimator} seed {config.seed}: held-out greedy accuracy per level\n" + summary_table(summary))
-    log(f"mean negative-group fraction {summary['mean_frac_negative_groups']:.2f}, "
-        f"mean reward {summary['mean_reward']:.2f}")
+    warm_eval = warmup(setup, os.path.join(config.out, "warmup.pt"), config.resume)
+    summary = train_rl(setup, config.out, warm_eval)
+    log(f"\n{config.estimator} seed {config.seed}, {summary['steps']} RL steps: held-out Pass@k at temperature 1 "
+        f"(unbiased, {config.eval_samples} samples per problem) and greedy accuracy, warm-up and after RL\n"
+        + summary_table(summary))
+    log(f"mean over RL steps: negative groups {summary['mean_frac_negative_groups']:.2f} (hard levels "
+        f"{summary['mean_frac_negative_groups_hard']:.2f}), confidence of their wrong answers "
+        f"{summary['mean_confidence_negative']:.2f}, reward {summary['mean_reward']:.2f}")
     out = os.path.abspath(config.out)
     log(f"\noutputs in {out}: metrics.jsonl (per step), summary.json, checkpoint.pt, warmup.pt")
 

@@ -23,7 +23,13 @@ class TrainConfig:
     compare: bool = field(default=False, metadata={"help": "run GRPO and LENS on the same seeds; plot and table"})
     seeds: int = field(default=1, metadata={"help": "number of seeds (seed, seed+1, ...) for --compare"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoints in --out"})
-    smoke: bool = field(default=False, metadata={"help": "a seconds-long run on levels 1-2 (CI)"})
+    ablations: bool = field(default=False, metadata={
+        "help": "with --compare, also run the paper's two ablations: LENS on negative groups only "
+                "(lens_neg) and on mixed groups only (lens_mixed)"})
+    methods: str = field(default="", metadata={
+        "help": "with --compare, the comma-separated methods to run (of grpo, lens, lens_neg, lens_mixed; "
+                "default grpo,lens and with --ablations the two ablations); the table always needs grpo"})
+    smoke: bool = field(default=False, metadata={"help": "a seconds-long run (CI)"})
     model: Optional[str] = field(default=None, metadata={"help": "local Hugging Face causal LM directory"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); one thread is the "
@@ -32,40 +38,59 @@ class TrainConfig:
     # task
     levels: str = field(default="1,2,3,4,5", metadata={"help": "comma-separated task levels"})
     test_per_level: int = field(default=100, metadata={"help": "held-out problems per level"})
+    eval_samples: int = field(default=16, metadata={
+        "help": "n samples per held-out problem at temperature 1 for Pass@k (unbiased estimator, k <= n)"})
+    pass_k: str = field(default="1,2,4,8,16", metadata={"help": "comma-separated k of the Pass@k columns"})
+    hard_levels: str = field(default="4,5", metadata={"help": "levels whose Pass@16 and negative-group "
+                                                                 "confidence are reported as 'hard'"})
     # tiny model (ignored with --model)
     arch: str = field(default="llama", metadata={"help": f"tiny model architecture: {'|'.join(ARCHS)}"})
-    hidden_size: int = 48
-    layers: int = 3
+    hidden_size: int = 64
+    layers: int = 2
     heads: int = 4
     # supervised warm-up
-    warmup_steps: int = field(default=800, metadata={"help": "supervised steps before RL"})
+    warmup_steps: int = field(default=600, metadata={"help": "supervised steps before RL"})
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
-    warmup_level_weights: str = field(default="4,3,2,1,1", metadata={
+    shortcut_steps: int = field(default=150, metadata={
+        "help": "the last SHORTCUT_STEPS warm-up steps teach the dropped-carry shortcut (see --drop-carry)"})
+    drop_carry: float = field(default=0.8, metadata={
+        "help": "in the shortcut steps, each carry of a target answer is dropped with this probability: the "
+                "warm-up leaves confident wrong answers on the levels with many carries"})
+    warmup_level_weights: str = field(default="1,1,1,1,1", metadata={
         "help": "warm-up sampling weight of each level 1-5 (unselected levels are ignored; empty: uniform)"})
     # RL
-    steps: int = field(default=200, metadata={"help": "RL steps (rollout batches)"})
-    prompts_per_step: int = 32
-    group_size: int = 8
+    steps: int = field(default=60, metadata={"help": "RL steps (rollout batches)"})
+    prompts_per_step: int = 16
+    group_size: int = 16
     temperature: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    inner_updates: int = field(default=2, metadata={"help": "optimizer steps per rollout batch (mini-batches)"})
+    inner_updates: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (mini-batches)"})
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
     beta: float = field(default=0.0, metadata={"help": "KL weight to the warm-up policy (k3)"})
     loss_agg_mode: str = "token-mean"
     lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
+    lens_groups: str = field(default="all", metadata={
+        "help": "LENS on all groups, or the paper's ablations: negative (negative groups only), mixed"})
     fused_head: bool = field(default=False, metadata={"help": "loss from hidden states + lm_head "
                                                               "(policy_loss_from_hidden)"})
     fused_step: bool = field(default=True, metadata={
         "help": "the one-call LENS step (lens_policy_loss_from_logits/_from_hidden: log-probs, advantages and "
                 "loss in one op) when it applies: --inner-updates 1 and micro-batches of whole groups; "
                 "--no-fused-step forces the two-stage path (old log-probs, group_advantages, loss)"})
-    eval_every: int = 25
-    checkpoint_every: int = 25
+    eval_every: int = 10
+    checkpoint_every: int = 20
+
+    def k_list(self):
+        return sorted(set(int(x) for x in str(self.pass_k).split(",") if x.strip()))
+
+    def hard_level_list(self):
+        return [lvl for lvl in (int(x) for x in str(self.hard_levels).split(",") if x.strip())
+                if lvl in self.level_list()]
 
     def level_list(self):
         return check_levels(int(x) for x in str(self.levels).split(",") if x.strip())
@@ -90,7 +115,23 @@ class TrainConfig:
                      "checkpoint_every", "warmup_batch", "test_per_level", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "threads"):
+        bad = [m for m in str(self.methods).split(",") if m.strip() and m.strip() not in
+               ("grpo", "lens", "lens_neg", "lens_mixed")]
+        if bad:
+            raise ValueError(f"--methods: unknown method(s) {bad}; known: grpo, lens, lens_neg, lens_mixed")
+        if self.lens_groups not in ("all", "negative", "mixed"):
+            raise ValueError(f"--lens-groups must be all, negative or mixed, got {self.lens_groups!r}")
+        if not 0 <= self.drop_carry <= 1:
+            raise ValueError(f"--drop-carry must be a probability in [0, 1], got {self.drop_carry}")
+        try:
+            ks = self.k_list()
+            [int(x) for x in str(self.hard_levels).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--pass-k and --hard-levels must be comma-separated integers, got "
+                             f"{self.pass_k!r}, {self.hard_levels!r}") from None
+        if self.eval_samples < 0 or (self.eval_samples and (not ks or ks[0] < 1 or ks[-1] > self.eval_samples)):
+            raise ValueError(f"--pass-k needs 1 <= k <= --eval-samples ({self.eval_samples}), got {self.pass_k!r}")
+        for name in ("steps", "warmup_steps", "threads", "shortcut_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -116,9 +157,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# --smoke: seconds on CPU; a tiny model that learns level 1 in the warm-up, then a few RL steps (CI)
-SMOKE = dict(levels="1,2", test_per_level=50, hidden_size=32, layers=2, heads=2, warmup_steps=200, warmup_batch=32,
-             steps=12, prompts_per_step=8, group_size=8, inner_updates=1, eval_every=6, checkpoint_every=6)
+# --smoke: seconds on CPU (CI). Too short for the warm-up to learn addition (that takes a few hundred steps
+# of the default model), so what it checks is the pipeline and the RL mechanism on negative groups.
+SMOKE = dict(levels="1,2", test_per_level=10, hidden_size=32, layers=2, heads=2, warmup_steps=60, shortcut_steps=20,
+             warmup_batch=32, steps=6, prompts_per_step=4, group_size=8, inner_updates=1, grad_accum=2,
+             eval_samples=8, pass_k="1,2,4,8", hard_levels="2", eval_every=3, checkpoint_every=3)
 
 
 def read_config_file(path: str) -> dict:

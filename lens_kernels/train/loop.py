@@ -17,7 +17,8 @@ import lens_kernels as lk
 from .config import TrainConfig
 from .model import CharTokenizer, attention_implementation, build_tiny_model, load_pretrained
 from .rollout import encode_answers, encode_prompts, evaluate, rollout
-from .task import LEVELS, Task
+from .stats import pass_table
+from .task import Task, answer_text, prompt_text
 
 try:
     from tqdm.auto import tqdm
@@ -58,11 +59,12 @@ class Setup:
                       f"({sum(p.numel() for p in self.model.parameters()):,} parameters)")
         self.model.to(device)
         self.task = Task(config.level_list(), config.test_per_level)
-        # sequence geometry in tokens, from the longest prompt and answer any level can produce
-        largest = [(10 ** LEVELS[lvl][0] - 1, 10 ** LEVELS[lvl][1] - 1) for lvl in self.task.levels]
+        # sequence geometry in tokens: every prompt and answer has the same number of characters; a
+        # subword tokenizer (--model) may vary, so take the longest over the held-out problems
         enc = self.tokenizer.encode
-        self.prompt_len = max(len(enc(f"{a}+{b}=")) for a, b in largest)
-        self.completion_len = max(len(enc(str(a + b))) for a, b in largest) + 2  # eos, and room to ramble
+        held_out = [p for problems in self.task.test.values() for p in problems]
+        self.prompt_len = max(len(enc(prompt_text(p))) for p in held_out)
+        self.completion_len = max(len(enc(answer_text(p))) for p in held_out) + 2  # eos, and room to ramble
         if announce:
             log(f"lens-train: model {source} on {device} ({str(self.dtype).replace('torch.', '')}), attention {self.attn}")
 
@@ -115,14 +117,16 @@ def _bar(total, desc, config, initial=0):
 
 
 # ----- supervised warm-up ----------------------------------------------------------------------------
-def warmup(setup: Setup, path: str, resume: bool) -> Dict[int, float]:
-    """Teacher-forced cross-entropy on task answers; saved to ``path`` and reused on resume."""
+def warmup(setup: Setup, path: str, resume: bool) -> Dict:
+    """Teacher-forced cross-entropy on task answers, the last ``shortcut_steps`` of them on answers with
+    carries dropped (``drop_carry``); saved to ``path`` and reused on resume (and by ``--compare``,
+    whose methods share a seed's warm-up). Returns the held-out evaluation (see ``run_eval``)."""
     config, model = setup.config, setup.model
     if resume and os.path.exists(path):
         state = torch.load(path, map_location=setup.device, weights_only=False)
         model.load_state_dict(state["model"])
         log(f"warm-up: loaded {path}")
-        return {int(k): v for k, v in state["test_acc"].items()}
+        return state["eval"]
     weights = config.warmup_weights()
     rng = random.Random(config.seed * 7919 + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, weight_decay=0.0)
@@ -132,7 +136,10 @@ def warmup(setup: Setup, path: str, resume: bool) -> Dict[int, float]:
     for step in range(config.warmup_steps):
         problems = setup.task.sample(rng, config.warmup_batch, weights)
         prompts = encode_prompts(setup.tokenizer, problems, P, setup.device)
-        answers, answer_mask = encode_answers(setup.tokenizer, problems, C, setup.device)
+        # the shortcut phase comes last: the model first learns to add, then picks up the habit
+        drop = config.drop_carry if step >= config.warmup_steps - config.shortcut_steps else 0.0
+        texts = [setup.task.warmup_target(p, rng, drop) for p in problems]
+        answers, answer_mask = encode_answers(setup.tokenizer, problems, C, setup.device, texts)
         logits = model(input_ids=torch.cat([prompts, answers], dim=1), use_cache=False).logits[:, P - 1:-1]
         # cosine decay: a short warm-up should end in a settled model
         for group in opt.param_groups:
@@ -149,14 +156,34 @@ def warmup(setup: Setup, path: str, resume: bool) -> Dict[int, float]:
     if bar is not None:
         bar.close()
     model.eval()
-    acc = evaluate(model, setup.tokenizer, setup.task.test, P, C, setup.device)
-    atomic_save({"model": model.state_dict(), "test_acc": acc}, path)
-    log("warm-up: test accuracy " + _fmt_acc(acc))
-    return acc
+    result = run_eval(setup, 0)
+    atomic_save({"model": model.state_dict(), "eval": result}, path)
+    log("warm-up: held-out " + _fmt_eval(result))
+    return result
 
 
-def _fmt_acc(acc: Dict[int, float]) -> str:
-    return "  ".join(f"L{k} {v:.2f}" for k, v in sorted(acc.items()))
+def run_eval(setup: Setup, step: int) -> Dict:
+    """Held-out evaluation as in the paper's Table 1: Pass@k (unbiased, from ``eval_samples`` samples at
+    temperature 1 per problem) per level and over all levels, plus greedy accuracy. The sampler is seeded
+    by (seed, step), so methods compared at the same step draw with the same random numbers.
+
+    Returns {"test_acc": {level: greedy}, "pass": {level|"all": {"pass@k": v}}, "counts": {level: [c]}}.
+    """
+    config = setup.config
+    gen = torch.Generator(device=setup.device).manual_seed(config.seed * 1_000_003 + step + 7)
+    greedy, counts = evaluate(setup.model, setup.tokenizer, setup.task.test, setup.prompt_len, setup.completion_len,
+                              setup.device, samples=config.eval_samples, temperature=1.0, generator=gen)
+    out = {"test_acc": {str(k): v for k, v in greedy.items()}, "counts": {str(k): v for k, v in counts.items()}}
+    if counts:
+        out["pass"] = pass_table(counts, config.eval_samples, config.k_list())
+    return out
+
+
+def _fmt_eval(result: Dict) -> str:
+    text = "greedy " + "  ".join(f"L{k} {v:.2f}" for k, v in sorted(result["test_acc"].items()))
+    if "pass" in result:
+        text += " | pass@1 (T=1) " + "  ".join(f"L{k} {v['pass@1']:.2f}" for k, v in result["pass"].items())
+    return text
 
 
 # ----- RL --------------------------------------------------------------------------------------------
@@ -249,7 +276,8 @@ def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_log
                           temperature=config.temperature, config=lcfg, grad_scale=1.0 / accum, **head_kwargs)
             if fused_step:
                 loss, metrics = lens_step(*inputs, targets, mask, batch.rewards[idx], group_size=G,
-                                          estimator=config.estimator, lens_alpha=config.lens_alpha, **common)
+                                          estimator=config.estimator, lens_alpha=config.lens_alpha,
+                                          lens_groups=config.lens_groups, **common)
                 _add_group_metrics(group_sums, metrics)
             else:
                 loss, metrics = two_stage_loss(*inputs, targets, mask, advantages[idx], old_logps=old_logps[idx],
@@ -299,9 +327,49 @@ def _group_metrics(sums: Dict[str, torch.Tensor], micro_batches: int) -> Dict[st
     return out
 
 
-def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
+def group_confidence(batch, group_size: int, hard_levels) -> Dict[str, float]:
+    """Confidence of the sampling (old) policy, pbar = exp(mean token log-prob), the quantity LENS weighs
+    mistakes by: mean over the completions of negative groups (all of them wrong), over the wrong and
+    the right completions of mixed groups, and over the negative groups of the hard levels; and the
+    fraction of negative groups on the hard levels. NaN where a kind is absent."""
+    mask = batch.mask.float()
+    pbar = torch.exp((batch.sample_logps * mask).sum(1) / mask.sum(1).clamp(min=1)).view(-1, group_size)
+    rewards = batch.rewards.view(-1, group_size).to(pbar.device)
+    k = rewards.sum(1)
+    negative, mixed = k == 0, (k > 0) & (k < group_size)
+    level = torch.tensor([p[0] for p in batch.problems[::group_size]], device=pbar.device)
+    hard = torch.zeros_like(negative)
+    for lvl in hard_levels:
+        hard |= level == lvl
+
+    def mean(values, where):
+        return float(values[where].mean()) if bool(where.any()) else float("nan")
+
+    wrong = rewards == 0
+    return {"confidence_negative": mean(pbar, negative[:, None].expand_as(pbar)),
+            "confidence_wrong_mixed": mean(pbar, mixed[:, None] & wrong),
+            "confidence_right_mixed": mean(pbar, mixed[:, None] & ~wrong),
+            "confidence_negative_hard": mean(pbar, (negative & hard)[:, None].expand_as(pbar)),
+            "frac_negative_groups_hard": mean(negative.float(), hard)}
+
+
+def transitions(before: Dict[str, List[int]], after: Dict[str, List[int]], n: int) -> Dict[str, int]:
+    """Held-out problems whose n-sample "group" went from negative (no correct sample) to mixed, and back,
+    between two evaluations (the same problems, the same n)."""
+    out = {"neg_before": 0, "neg_to_mixed": 0, "neg_to_all_correct": 0, "mixed_to_neg": 0}
+    for level in before:
+        for c0, c1 in zip(before[level], after[level]):
+            out["neg_before"] += c0 == 0
+            out["neg_to_mixed"] += c0 == 0 and 0 < c1 < n
+            out["neg_to_all_correct"] += c0 == 0 and c1 == n
+            out["mixed_to_neg"] += 0 < c0 < n and c1 == 0
+    return out
+
+
+def train_rl(setup: Setup, out_dir: str, warm_eval: Dict) -> Dict:
     """RL from the warm-up weights now in ``setup.model``; writes metrics.jsonl, checkpoint.pt,
-    summary.json under ``out_dir``. Returns the summary."""
+    summary.json under ``out_dir``. ``warm_eval`` is the warm-up's held-out evaluation. Returns the
+    summary."""
     config, model, device = setup.config, setup.model, setup.device
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
@@ -315,20 +383,25 @@ def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
     sampler = torch.Generator(device=device).manual_seed(config.seed + 12345)
     start = 1
     resume_step = None
+    last_counts = warm_eval.get("counts", {})
     if config.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], data_rng, sampler)
         resume_step = state["step"]
+        last_counts = state.get("last_counts", last_counts)
         start = resume_step + 1
         log(f"resume: {ckpt_path} at step {resume_step}")
     metrics_log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resume_step)
     if resume_step is None:
-        metrics_log.write({"step": 0, "phase": "warmup", "estimator": config.estimator, "seed": config.seed,
-                           "test_acc": {str(k): v for k, v in warm_acc.items()}})
+        record = {"step": 0, "phase": "warmup", "estimator": config.estimator, "lens_groups": config.lens_groups,
+                  "seed": config.seed}
+        record.update({k: v for k, v in warm_eval.items() if k != "counts"})
+        metrics_log.write(record)
     lcfg = loss_config(config)
     P, C, G = setup.prompt_len, setup.completion_len, config.group_size
+    hard = config.hard_level_list()
     blocker = fused_step_blocker(config)
     fused_step = blocker is None
     loss_path = "fused_lens_step" if fused_step else "two_stage"
@@ -337,8 +410,9 @@ def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
         log(f"RL loss path: fused_lens_step (lk.{op}: log-probs, advantages and loss in one op)")
     else:
         log(f"RL loss path: two_stage (old log-probs, group_advantages, policy loss), because {blocker}")
-    bar = _bar(config.steps, f"RL {config.estimator} seed {config.seed}", config, initial=start - 1)
-    last_acc = dict(warm_acc)
+    name = config.estimator + ("" if config.lens_groups == "all" or config.estimator != "lens"
+                               else f" ({config.lens_groups} groups)")
+    bar = _bar(config.steps, f"RL {name} seed {config.seed}", config, initial=start - 1)
     for step in range(start, config.steps + 1):
         t0 = time.perf_counter()
         model.eval()
@@ -358,66 +432,98 @@ def train_rl(setup: Setup, out_dir: str, warm_acc: Dict[int, float]) -> Dict:
         else:
             old_logps = sequence_logprobs(model, batch.sequences, completions, batch.mask, P, config.temperature)
             with torch.no_grad():
+                lens = config.estimator == "lens"
                 advantages, adv_stats = lk.group_advantages(
                     batch.rewards, group_size=G, estimator=config.estimator,
-                    old_logps=old_logps if config.estimator == "lens" else None,
-                    mask=batch.mask if config.estimator == "lens" else None, lens_alpha=config.lens_alpha)
+                    old_logps=old_logps if lens else None, mask=batch.mask if lens else None,
+                    lens_alpha=config.lens_alpha, lens_groups=config.lens_groups)
             stats = policy_update(setup, optimizer, batch, advantages, old_logps,
                                   ref_logps if config.beta > 0 else None, lcfg, sampler)
         elapsed = time.perf_counter() - t0
-        record = {"step": step, "phase": "rl", "estimator": config.estimator, "seed": config.seed,
-                  "loss_path": loss_path}
+        record = {"step": step, "phase": "rl", "estimator": config.estimator, "lens_groups": config.lens_groups,
+                  "seed": config.seed, "loss_path": loss_path}
         record.update({k: round(v, 6) for k, v in stats.items()})
         record["reward"] = float(batch.rewards.mean())
         levels = torch.tensor([p[0] for p in batch.problems])
         record["train_acc"] = {str(lvl): float(batch.rewards.cpu()[levels == lvl].mean())
                                for lvl in setup.task.levels if bool((levels == lvl).any())}
-        for name in ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups",
-                     "mean_abs_adv_negative", "mean_abs_adv_mixed"):
-            record[name] = float(adv_stats[name])
+        for key in ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups",
+                    "mean_abs_adv_negative", "mean_abs_adv_mixed"):
+            record[key] = float(adv_stats[key])
+        record.update(group_confidence(batch, G, hard))
         if config.beta == 0 and ref_logps is not None:  # drift from the warm-up policy (k3), as a metric
             d = (ref_logps - old_logps)[batch.mask]
             record["kl"] = float((torch.exp(d) - d - 1).mean())
         record["tokens_per_s"] = float(batch.mask.sum()) / elapsed
         record["step_time_s"] = elapsed
         if step % config.eval_every == 0 or step == config.steps:
-            last_acc = evaluate(model, setup.tokenizer, setup.task.test, P, C, device)
-            record["test_acc"] = {str(k): v for k, v in last_acc.items()}
+            model.eval()
+            result = run_eval(setup, step)
+            record.update({k: v for k, v in result.items() if k != "counts"})
+            if last_counts and result["counts"]:
+                record["transitions"] = transitions(last_counts, result["counts"], config.eval_samples)
+            last_counts = result["counts"]
         metrics_log.write(record)
         if step % config.checkpoint_every == 0 or step == config.steps:
             atomic_save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "rng": _rng_state(data_rng, sampler), "config": config.to_dict()}, ckpt_path)
+                         "rng": _rng_state(data_rng, sampler), "config": config.to_dict(),
+                         "last_counts": last_counts}, ckpt_path)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.2f}", neg=f"{record['frac_negative_groups']:.2f}")
     if bar is not None:
         bar.close()
     records = read_metrics(metrics_log.path)
-    summary = summarize(records, warm_acc)
+    summary = summarize(records)
     with open(os.path.join(out_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
 
 
-def summarize(records: List[Dict], warm_acc: Dict[int, float]) -> Dict:
+def summarize(records: List[Dict]) -> Dict:
+    """Warm-up and final held-out scores (Pass@k at T=1 and greedy), and means over the RL steps."""
     rl = [r for r in records if r["phase"] == "rl"]
     evals = [r for r in records if "test_acc" in r]
-    final = {int(k): v for k, v in evals[-1]["test_acc"].items()} if evals else dict(warm_acc)
+    first, last = evals[0], evals[-1]
 
     def mean(key):
-        return sum(r[key] for r in rl) / len(rl) if rl else float("nan")
+        values = [r[key] for r in rl if r.get(key) == r.get(key)]  # NaN-free
+        return sum(values) / len(values) if values else float("nan")
 
-    return {"warmup_test_acc": {str(k): v for k, v in warm_acc.items()},
-            "final_test_acc": {str(k): v for k, v in final.items()},
-            "steps": rl[-1]["step"] if rl else 0,
-            "mean_frac_negative_groups": mean("frac_negative_groups"),
-            "mean_reward": mean("reward"),
-            "mean_tokens_per_s": mean("tokens_per_s")}
+    out = {"warmup_test_acc": first["test_acc"], "final_test_acc": last["test_acc"],
+           "warmup_pass": first.get("pass"), "final_pass": last.get("pass"),
+           "steps": rl[-1]["step"] if rl else 0}
+    for key in ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative",
+                "confidence_negative_hard", "reward", "tokens_per_s"):
+        out[f"mean_{key}"] = mean(key)
+    return out
 
 
 def summary_table(summary: Dict) -> str:
+    """Pass@k at temperature 1 (unbiased, held-out) per level and over all, warm-up and after RL, and greedy
+    accuracy as an extra column."""
     levels = sorted(summary["warmup_test_acc"], key=int)
+    lines = []
+    if summary.get("warmup_pass"):
+        ks = list(summary["warmup_pass"]["all"])
+        lines += ["| | level | " + " | ".join(k.replace("pass", "Pass") for k in ks) + " | greedy |",
+                  "|---" * (len(ks) + 3) + "|"]
+        for name, pk, gk in (("warm-up", "warmup_pass", "warmup_test_acc"), ("after RL", "final_pass",
+                                                                               "final_test_acc")):
+            for level in levels + ["all"]:
+                greedy = (summary[gk][level] if level != "all"
+                          else sum(summary[gk].values()) / len(summary[gk]))
+                lines.append(f"| {name} | {'L' + level if level != 'all' else 'all'} | "
+                             + " | ".join(f"{summary[pk][level][k]:.3f}" for k in ks) + f" | {greedy:.3f} |")
+        lines += ["", "| change (after RL - warm-up) | " + " | ".join(f"L{l}" for l in levels) + " | all |",
+                  "|---" * (len(levels) + 2) + "|"]
+        for k in ks:
+            lines.append(f"| {k.replace('pass', 'Pass')} | " + " | ".join(
+                f"{summary['final_pass'][l][k] - summary['warmup_pass'][l][k]:+.3f}" for l in levels + ["all"]) + " |")
+        lines.append("| greedy | " + " | ".join(
+            f"{summary['final_test_acc'][l] - summary['warmup_test_acc'][l]:+.3f}" for l in levels) + " | |")
+        return "\n".join(lines)
     lines = ["| | " + " | ".join(f"L{l}" for l in levels) + " |", "|---" * (len(levels) + 1) + "|"]
     for name, key in (("warm-up", "warmup_test_acc"), ("after RL", "final_test_acc")):
-        lines.append(f"| {name} | " + " | ".join(f"{summary[key][l]:.2f}" for l in levels) + " |")
+        lines.append(f"| {name} greedy | " + " | ".join(f"{summary[key][l]:.2f}" for l in levels) + " |")
     return "\n".join(lines)

@@ -39,11 +39,15 @@ def encode_prompts(tokenizer, problems: Sequence[Problem], prompt_len: int, devi
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def encode_answers(tokenizer, problems: Sequence[Problem], completion_len: int, device):
-    """Teacher-forcing targets for the warm-up: answer + eos, filled after; and their mask."""
+def encode_answers(tokenizer, problems: Sequence[Problem], completion_len: int, device,
+                   texts: Optional[Sequence[str]] = None):
+    """Teacher-forcing targets for the warm-up: answer (``texts``, default the true answers) + eos,
+    filled after; and their mask."""
     rows, mask = [], []
-    for problem in problems:
-        ids = tokenizer.encode(answer_text(problem)) + [tokenizer.eos_id]
+    if texts is None:
+        texts = [answer_text(problem) for problem in problems]
+    for problem, text in zip(problems, texts):
+        ids = tokenizer.encode(text) + [tokenizer.eos_id]
         if len(ids) > completion_len:
             raise ValueError(f"answer of {prompt_text(problem)!r} needs {len(ids)} tokens > completion_len={completion_len}")
         pad = completion_len - len(ids)
@@ -123,9 +127,13 @@ def rollout(model, tokenizer, problems: Sequence[Problem], group_size: int, prom
 
 @torch.no_grad()
 def evaluate(model, tokenizer, test: Dict[int, List[Problem]], prompt_len: int, completion_len: int,
-             device, batch_size: int = 256) -> Dict[int, float]:
-    """Greedy accuracy per level on the held-out split."""
-    acc = {}
+             device, *, samples: int = 0, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+             batch_size: int = 2048):
+    """Greedy accuracy per level on the held-out split, and with ``samples`` = n > 0 the number of
+    correct answers among n samples at ``temperature`` of every held-out problem (for Pass@k).
+
+    Returns (greedy {level: accuracy}, counts {level: [c per problem]}; counts is empty when n = 0)."""
+    greedy, counts = {}, {}
     for level, problems in test.items():
         correct = 0.0
         for start in range(0, len(problems), batch_size):
@@ -134,5 +142,16 @@ def evaluate(model, tokenizer, test: Dict[int, List[Problem]], prompt_len: int, 
             completions = sample(model, prompts, completion_len, tokenizer.eos_id, tokenizer.fill_id,
                                  temperature=0.0, generator=None)
             correct += float(score(tokenizer, chunk, completions).sum())
-        acc[level] = correct / max(1, len(problems))
-    return acc
+        greedy[level] = correct / max(1, len(problems))
+        if samples > 0:
+            per_chunk = max(1, batch_size // samples)
+            level_counts = []
+            for start in range(0, len(problems), per_chunk):
+                chunk = problems[start:start + per_chunk]
+                repeated = [p for p in chunk for _ in range(samples)]
+                prompts = encode_prompts(tokenizer, repeated, prompt_len, device)
+                completions = sample(model, prompts, completion_len, tokenizer.eos_id, tokenizer.fill_id,
+                                     temperature=temperature, generator=generator)
+                level_counts += score(tokenizer, repeated, completions).view(-1, samples).sum(1).long().tolist()
+            counts[level] = level_counts
+    return greedy, counts
