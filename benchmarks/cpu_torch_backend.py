@@ -40,8 +40,8 @@ def child(shape, dtype, provider, reps, temperature):
     else:
         fn = eager_logits_loss if provider == "eager" else torch.compile(eager_logits_loss, dynamic=False)
 
-        def step():
-            fn(logits, targets, old, adv, mask, temperature).backward()
+        def step():  # TRL slices the model's output, as ours does: the same [B, T, V] view for both
+            fn(logits[:, :-1], targets, old, adv, mask, temperature).backward()
     base = reset_peak()
     step()  # warm-up (compiles)
     logits.grad = None
