@@ -208,8 +208,9 @@ def dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def chunk_log_softmax(z: torch.Tensor, targets: torch.Tensor, tau, active: Optional[torch.Tensor], a: torch.Tensor,
                       b: torch.Tensor) -> torch.Tensor:
-    """a = log p = log_softmax(z / tau) and b = p = exp(a) of each row of a chunk; rows that are not
-    ``active`` hold a = 0. Returns log p[target] (exact: a -inf target logit gives -inf).
+    """a = log_softmax(z / tau) and b = exp(a) of each row of a chunk, up to one offset per row; rows
+    that are not ``active`` hold a = 0. Returns (a[target], l_i) with l_i = sum_v b_v: log p = a - log l_i
+    and p = b / l_i exactly (a -inf target logit gives -inf).
 
     torch's log_softmax kernel walks a row while it is in cache (max, sum of exp, write), so this is
     one read of z and one write of a, against four passes for max, subtract, exp and sum apart; the
@@ -229,7 +230,10 @@ def chunk_log_softmax(z: torch.Tensor, targets: torch.Tensor, tau, active: Optio
     # a NaN, a +inf or no finite entry makes the whole row of log p NaN, its target's included
     _zero_rows(a, active, torch.isnan(logp_t))
     torch.exp(a, out=b)
-    return logp_t
+    # torch's CPU log_softmax sums exp(z - max) lane by lane in fp32: at V ~ 1.5e5 its row offset is off
+    # by up to ~1e-4 (measured 7e-5 at V = 151936 against float64; logsumexp's cascade sum: 2e-6). One
+    # cascade sum of b measures that offset; callers fold l_i into log p, H and the gradient as scalars.
+    return logp_t, b.sum(dim=-1)
 
 
 def chunk_entropy(logp_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep_a: bool) -> torch.Tensor:

@@ -313,22 +313,23 @@ class FusedLogitsLossFunction(torch.autograd.Function):
         rows = chunk_rows(logits)
         work = WorkBuffers(min(rows, n), V, cdt, device) if n else None
         zero = torch.zeros((), dtype=cdt, device=device)
-        ones = torch.ones(min(rows, n), dtype=cdt, device=device)  # p is normalized: l = 1, log l = 0
-        zeros = torch.zeros(min(rows, n), dtype=cdt, device=device)
         for chunk, out, start in row_chunk_pairs(logits, out_rows, rows):
             stop = start + chunk.shape[0]
             y, e = work.get(stop - start)
             t_c, keep_c, bad_c, tau_c = t[start:stop], keep[start:stop], bad[start:stop], slice_tau(tau, start, stop)
-            logp_t = chunk_log_softmax(chunk, t_c, tau_c, keep_c, y, e)  # y = log p, e = p
+            logp_t, l_i = chunk_log_softmax(chunk, t_c, tau_c, keep_c, y, e)  # y = log p + c, e = p l_i
+            log_l = torch.log(l_i)
+            logp_t = logp_t - log_l
             lp = mark_bad(torch.where(keep_c, logp_t, zero), bad_c)
             logp[start:stop] = lp
             # the entropy gradient needs log p after the entropy sum (a dot); without it, y is consumed
             bonus = cfg.entropy_coef != 0.0
-            ent = torch.where(keep_c, chunk_entropy(logp_t, y, e, keep_a=bonus), zero)
+            # -sum (e / l)(y - log l) = -sum e y / l + log l
+            ent = torch.where(keep_c, chunk_entropy(logp_t, y, e, keep_a=bonus) / l_i + log_l, zero)
             entropy[start:stop] = ent
             g_l, g_h = chunk_coefficients(tok, start, stop, lp, ent, cfg)
             g_l = mark_bad(g_l, bad_c)
-            write_grad(y, e, t_c, tau_c, ones[:stop - start], zeros[:stop - start], ent, g_l, g_h, g_l, out)
+            write_grad(y, e, t_c, tau_c, l_i, log_l, ent, g_l, g_h, g_l, out)
         del work
         if inplace:
             torch.autograd.graph.increment_version(logits)
