@@ -274,6 +274,21 @@ def upstream_correction(grad_output: torch.Tensor, grad_scale: float):
     return ratio
 
 
+def take_stored_grads(ctx, grad_loss, once_message: str):
+    """The gradients a fused forward stored in ``ctx.grads`` (computed for the upstream
+    ``ctx.grad_scale``), scaled to the ``grad_loss`` backward received; they are handed out once, and a
+    second backward raises ``once_message``."""
+    if ctx.grads is None:
+        raise RuntimeError(once_message)
+    grads, ctx.grads = ctx.grads, None
+    ratio = upstream_correction(grad_loss, ctx.grad_scale)
+    if ratio is not None:
+        for g in grads:
+            if g is not None:
+                g.mul_(ratio)
+    return grads
+
+
 class FusedLogitsLossFunction(torch.autograd.Function):
     """Token-level ratios from logits: per row chunk, log p (one log_softmax pass), p = exp(log p),
     the entropy, the per-token loss coefficients and dL/dz = g_t onehot - p (g_l + g_h (log p + H))
@@ -335,21 +350,16 @@ class FusedLogitsLossFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits)
         loss, metrics, _, _ = loss_terms(logp.view(B, T), entropy.view(B, T), advantages, mask, old_logps,
                                          ref_logps, is_weights, cfg, num_tokens, num_sequences)
-        ctx.grad = grad
+        ctx.grads = (grad,)
         ctx.grad_scale = grad_scale
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        if ctx.grad is None:
-            raise RuntimeError("policy_loss_from_logits (token-level ratios, torch backend) computes its gradient "
-                               "in forward: backward can run only once")
-        grad, ctx.grad = ctx.grad, None
-        ratio = upstream_correction(grad_loss, ctx.grad_scale)
-        if ratio is not None:
-            grad.mul_(ratio.to(grad.dtype))
-        return (grad,) + (None,) * 12
+        grads = take_stored_grads(ctx, grad_loss, "policy_loss_from_logits (token-level ratios, torch backend) "
+                                  "computes its gradient in forward: backward can run only once")
+        return grads + (None,) * 12
 
 
 def fused_applies(cfg: LossConfig, logits) -> bool:

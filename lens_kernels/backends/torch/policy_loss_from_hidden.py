@@ -9,7 +9,7 @@ from ...config import LossConfig
 from ._common import chunk_ey, chunk_stats, compute_dtype, flat_keep, mark_bad, rows_per_chunk, slice_tau, tau_rows, write_grad
 from .linear_token_logprobs import linear_token_logprobs
 from .policy_loss import (METRIC_NAMES, chunk_coefficients, policy_loss, token_inputs,  # noqa: F401
-                          token_loss_grads, upstream_correction)
+                          take_stored_grads, token_loss_grads)
 
 
 def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None,
@@ -141,15 +141,8 @@ class FastHiddenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
-        if ctx.grads is None:
-            raise RuntimeError("policy_loss_from_hidden(mode='fast') stores its gradient once: backward can run "
-                               "only once (use mode='lean' to backward twice through the graph)")
-        grads, ctx.grads = ctx.grads, None
-        ratio = upstream_correction(grad_loss, ctx.grad_scale)
-        if ratio is not None:
-            for g in grads:
-                if g is not None:
-                    g.mul_(ratio)
+        grads = take_stored_grads(ctx, grad_loss, "policy_loss_from_hidden(mode='fast') stores its gradient once: "
+                                  "backward can run only once (use mode='lean' to backward twice through the graph)")
         return grads + (None,) * 13
 
 
