@@ -10,7 +10,7 @@ for the backend explains what is missing. The ops have the signatures of ``torch
   ``torch_backend.policy_loss`` (a few [B, T] ops, the same formulas). Grad-scale contract (SPEC 5): the
   gradient assumes the upstream ``grad_scale``; backward multiplies it by grad_output / grad_scale on
   the device, a kernel whose rows leave at once when that ratio is 1 (no extra pass, no host sync;
-  as ``torch_backend.upstream_correction`` on GPU, no warning). Sequence-level ratios (GSPO) take the
+  as ``backends/torch/policy_loss.upstream_correction`` does on GPU, no warning). Sequence-level ratios (GSPO) take the
   3-pass path: ``token_logprobs`` then ``policy_loss``.
 - ``group_advantages``: the whole batch in one launch, same contract as ``lk.group_advantages``.
 - ``token_logprobs_with_sequence_sums``: log-probs, entropy and per-sequence sums in one launch.
