@@ -1,16 +1,22 @@
 """linear_token_logprobs: token log-probs and entropy from hidden states [N, H] and an lm_head [V, H],
 with the logits computed tile by tile on chip (``tl.dot``) and never written to memory.
 
-Forward: one program per block of BLOCK_N rows sweeps the vocabulary in BLOCK_V tiles; each tile
-of logits is a K-loop of ``tl.dot`` over H, folded at once into an online softmax (``m_i``, ``l_i``
-and the entropy accumulator ``s_i``) and the target gather. Outputs are fp32 [N] (log-prob,
-entropy, and the split lse (m_i, log l_i) that backward needs), plus optional per-sequence sums.
-Memory is O(N) beyond the inputs.
+Forward: a 2-D grid of (block of BLOCK_N rows, vocabulary slice) programs; each sweeps its slice in
+BLOCK_V tiles, each tile of logits a K-loop of ``tl.dot`` over H folded at once into an online
+softmax (``m_i``, ``l_i`` and the entropy accumulator ``s_i``) and the target gather. With one slice
+(the row blocks fill the GPU) a program writes the fp32 [N] outputs (log-prob, entropy, and the
+split lse (m_i, log l_i) that backward needs) itself; with several, it writes its slice's partials to
+a small fp32 workspace and a one-pass merge kernel combines them. Optional per-sequence sums.
+Memory is O(N x slices) beyond the inputs.
 
-Backward (CCE-style, exact: no gradient filtering): a 2-D grid of (row block, vocab tile) programs
-recomputes its logits tile, forms dL/dz on chip, and adds dz W into an fp32 dX and dz^T h into an
-fp32 dW slab with atomics. The vocabulary is walked in slabs so that the fp32 dW buffer is one slab,
-not [V, H]. Row blocks whose tokens are all masked are skipped: they cost no FLOPs.
+Backward (CCE-style, exact: no gradient filtering): (row block, vocabulary tile) programs, in a
+grouped order that keeps a group's dX rows in L2, recompute their logits tile, form dL/dz on chip,
+and add dz W into an fp32 dX and dz^T h into an fp32 dW slab with relaxed atomics. The vocabulary is
+walked in slabs so that the fp32 dW buffer is one slab, not [V, H]. Row blocks whose tokens are all
+masked are skipped: they cost no FLOPs.
+
+fp32 operands follow torch's fp32 matmul setting (TF32 tensor cores or exact CUDA-core products),
+decided on the host per call and kept from forward to backward.
 """
 from __future__ import annotations
 
