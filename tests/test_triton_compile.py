@@ -60,6 +60,9 @@ MERGE_KERNEL = "_linear_logprobs_merge_kernel"
 # registers: the dot kernels within the hardware's 255 and without a spill (fp32 included: its "ieee"
 # path takes small tiles for that); the merge of the split forward is a handful of loads and sums
 REG_BUDGET = {MERGE_KERNEL: 64}
+# the lean forward on tensor cores at sm_90 with aligned rows: 2 programs of 256 threads per SM, which
+# linear_token_logprobs.FWD_PROGRAMS_PER_SM (the split heuristic) assumes
+FWD_SM90_REG_BUDGET = 128
 # the merge's one pass: no loop, and one block load each of keep, targets and the 4 partial planes
 MERGE_BLOCK_LOADS = 6
 
@@ -389,6 +392,11 @@ def test_registers_and_spills_within_budget(report, kernel):
     for r in _rows(report, kernel):
         budget = REG_BUDGET.get(kernel, 255)
         assert r["regs"] <= budget, f"promise broken: {kernel} within {budget} registers; {_where(r)} uses {r['regs']}"
+        if kernel == "_linear_logprobs_fwd_kernel" and r["arch"] == 90 and r["V"] % 8 == 0 and \
+                "ieee" not in r["variant"]:
+            assert r["regs"] <= FWD_SM90_REG_BUDGET, \
+                f"promise broken: lean forward within {FWD_SM90_REG_BUDGET} registers (2 programs per SM); " \
+                f"{_where(r)} uses {r['regs']}"
         if kernel == "_policy_loss_split_kernel":
             budget = SPLIT_REG_BUDGET[(r["dtype"], r["V"] % 8 == 0)]
             assert r["regs"] <= budget, \

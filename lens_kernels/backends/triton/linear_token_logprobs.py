@@ -75,9 +75,7 @@ def _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_
         tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep, sem="relaxed")
 
 
-# The vocabulary size only bounds masks (the weight is read along H): not specializing on its
-# divisibility gives one compile for every V (151936, 128256 and 50257 alike).
-@triton.jit(do_not_specialize=["V"])
+@triton.jit
 def _linear_logprobs_fwd_kernel(
     # data pointers
     hidden_ptr,  # [N, H] hidden states, stride 1 along H
@@ -152,6 +150,7 @@ def _linear_logprobs_fwd_kernel(
                          logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
 
 
+# V only bounds the target check here: one compile for every V
 @triton.jit(do_not_specialize=["V"])
 def _linear_logprobs_merge_kernel(
     # data pointers
@@ -288,7 +287,7 @@ def _linear_logprobs_bwd_kernel(
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The split forward aims at FWD_PROGRAMS_PER_SM x SMs programs (about two waves at the 2 programs per SM
-# that 122 registers x 256 threads and 72 KiB of shared memory allow), with slices of at least
+# that <= 128 registers x 256 threads and 72 KiB of shared memory allow at sm_90), with slices of at least
 # MIN_TILES_PER_SLICE vocabulary tiles so that a program's fixed costs (the row loads, the partials)
 # stay small next to its dots. Unmeasured: a GPU run should tune both.
 FWD_PROGRAMS_PER_SM = 4
