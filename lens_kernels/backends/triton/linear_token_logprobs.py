@@ -217,13 +217,13 @@ def _linear_logprobs_bwd_kernel(
     # from HBM once per group (not once per row block), and the group's hidden rows and, above all,
     # its fp32 dX rows (the target of the dX atomics) stay in L2 for the whole sweep instead of all of
     # dX (N H 4 B, 128 MiB at the headline, larger than L2) being re-streamed once per vocabulary tile.
-    pid = tl.program_id(0).to(tl.int64)
-    tiles_v = tl.cdiv(v_stop - v_start, BLOCK_V).to(tl.int64)
-    blocks_n = tl.cdiv(N, BLOCK_N).to(tl.int64)
-    first_n = (pid // (group_n * tiles_v)) * group_n
-    group_rows = tl.minimum(blocks_n - first_n, group_n)  # the last group may be short
-    pid_n = first_n + pid % group_rows
-    pid_v = (pid % (group_n * tiles_v)) // group_rows
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here: no int32 product of the shape arguments
+    tiles_v = tl.cdiv(v_stop - v_start, BLOCK_V)
+    first_n = (pid // tiles_v) // group_n * group_n  # the group's first row block
+    group_rows = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, group_n)  # the last group may be short
+    in_group = pid - first_n * tiles_v  # in [0, group_rows * tiles_v)
+    pid_n = first_n + in_group % group_rows
+    pid_v = in_group // group_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_in = offs_n < N
