@@ -9,10 +9,12 @@ compiled once per architecture (V = 151936 and 128256 specialize alike; 50257 do
 
 From each compiled artifact the test asserts the design's promises, each failure naming the promise:
 
-- registers and spills (ptxas -v, as triton runs it): no spill in any logits-row kernel; the split
-  variant within ``SPLIT_REG_BUDGET`` registers (its residency check relies on it); the hidden-path
-  dot kernels within 255 registers and, for bf16/fp16, without spills (fp32 inputs are a documented
-  slow path: CUDA-core FMA, they spill);
+- registers and spills (ptxas -v, as triton runs it): no spill in any kernel; the split variant
+  within ``SPLIT_REG_BUDGET`` registers (its residency check relies on it); the hidden-path dot
+  kernels within 255 registers for bf16, fp16 and fp32 (both the TF32 and the exact "ieee" operand
+  path, each chosen through torch's fp32 matmul setting as a user chooses it), the lean forward both
+  unsplit and split across the vocabulary, and the split's merge within ``REG_BUDGET``;
+- the merge of the split lean forward in one pass: no loop, one block load per partial plane;
 - 128-bit global loads (and stores where a gradient row is written) when rows are 16-byte aligned
   (V a multiple of 8);
 - the number of loops that read the row: forward 1, ``row`` variant 2, backward 1, ``split`` no loop
@@ -54,11 +56,47 @@ ROW_LOOPS = {
 GRAD_WRITERS = {"_token_logprobs_bwd_kernel", "_policy_loss_row_kernel", "_policy_loss_split_kernel",
                 "_rescale_grad_kernel", "_vocab_shard_grad_kernel", "_chunk_row_grad_kernel"}
 DOT_KERNELS = {"_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"}
+MERGE_KERNEL = "_linear_logprobs_merge_kernel"
+# registers: the dot kernels within the hardware's 255 and without a spill (fp32 included: its "ieee"
+# path takes small tiles for that); the merge of the split forward is a handful of loads and sums
+REG_BUDGET = {MERGE_KERNEL: 64}
+# the lean forward on tensor cores at sm_90 with aligned rows: 2 programs of 256 threads per SM, which
+# linear_token_logprobs.FWD_PROGRAMS_PER_SM (the split heuristic) assumes
+FWD_SM90_REG_BUDGET = 128
+# the merge's one pass: no loop, and one block load each of keep, targets and the 4 partial planes
+MERGE_BLOCK_LOADS = 6
 
 
 # ---------------------------------------------------------------------------------------------
 # Subprocess side: run the launchers, record their launches, compile each distinct one
 # ---------------------------------------------------------------------------------------------
+class _fp32_matmul:
+    """Sets torch's fp32 matmul precision ("ieee" / "tf32") for the block, restoring it after (no-op for None)."""
+
+    def __init__(self, setting):
+        self.setting = setting
+
+    def __enter__(self):
+        import torch
+        matmul = torch.backends.cuda.matmul
+        self.saved = getattr(matmul, "fp32_precision", None)
+        if self.setting is not None:
+            if self.saved is None:  # torch < 2.9: the legacy flag
+                self.saved = matmul.allow_tf32
+                matmul.allow_tf32 = self.setting == "tf32"
+            else:
+                matmul.fp32_precision = self.setting
+
+    def __exit__(self, *exc):
+        import torch
+        matmul = torch.backends.cuda.matmul
+        if self.setting is not None:
+            if isinstance(self.saved, bool):
+                matmul.allow_tf32 = self.saved
+            else:
+                matmul.fp32_precision = self.saved
+
+
 def _record_launches():
     """[(kernel, args, kwargs, tags)] of every launch the launchers make at the real shapes."""
     import torch
@@ -73,7 +111,7 @@ def _record_launches():
     kernels = [tlp._token_logprobs_fwd_kernel, tlp._token_logprobs_bwd_kernel, pl._policy_loss_row_kernel,
                pl._policy_loss_split_kernel, pl._rescale_grad_kernel, vs._vocab_shard_partials_kernel,
                vs._vocab_shard_grad_kernel, plh._chunk_row_stats_kernel, plh._chunk_row_grad_kernel,
-               lin._linear_logprobs_fwd_kernel, lin._linear_logprobs_bwd_kernel]
+               lin._linear_logprobs_fwd_kernel, lin._linear_logprobs_merge_kernel, lin._linear_logprobs_bwd_kernel]
     launches, tags = [], {}
 
     class Stop(Exception):
@@ -81,7 +119,10 @@ def _record_launches():
 
     def recorder(kernel):
         def run(*args, grid, warmup, **kwargs):
-            launches.append((kernel, args, kwargs, dict(tags)))
+            launch_tags = dict(tags)
+            if "SPLIT" in kwargs:  # the lean forward: unsplit, or one vocabulary slice of a split
+                launch_tags["variant"] = (tags["variant"] + (" split" if kwargs["SPLIT"] else " unsplit")).strip()
+            launches.append((kernel, args, kwargs, launch_tags))
             if kernel is lin._linear_logprobs_bwd_kernel:
                 raise Stop  # one vocabulary slab is the whole story; the rest would touch GBs of dW
             return None
@@ -91,8 +132,9 @@ def _record_launches():
         kernel.run = recorder(kernel)
     # the hidden path's GPU tiles, not the interpreter's (chosen by device type); a smaller dW slab
     # (only the grid and the runtime v_stop change, with the same specialization) spares zeroing 256 MiB
-    cpu_tiles = lin.tile_config
-    lin.tile_config = lambda device, dtype: cpu_tiles(torch.device("cuda"), dtype)
+    cpu_tiles, cpu_bwd_tiles = lin.tile_config, lin.backward_tile_config
+    lin.tile_config = lambda device, dtype, precision: cpu_tiles(torch.device("cuda"), dtype, precision)
+    lin.backward_tile_config = lambda device, dtype, precision: cpu_bwd_tiles(torch.device("cuda"), dtype, precision)
     lin.DW_SLAB_ROWS = 256
 
     g = torch.Generator().manual_seed(0)
@@ -102,7 +144,7 @@ def _record_launches():
     for dtype_name in DTYPES:
         dtype = getattr(torch, dtype_name)
         for V in VOCABS:
-            tags.update(dtype=dtype_name, V=V, H=0)
+            tags.update(dtype=dtype_name, V=V, H=0, variant="")
             base = torch.empty(B, T + 1, V, dtype=dtype)
             view = base[:, :-1]  # the usual strided slice
             targets = torch.randint(0, V, (B, T), generator=g)
@@ -130,17 +172,25 @@ def _record_launches():
             chunk = torch.empty(n, V, dtype=dtype)
             plh.triton_chunk_step(chunk, targets.reshape(n), 1.0, lambda lp, ent: (lp, ent))
             for H in HIDDEN:
-                tags.update(H=H)
                 hidden = torch.empty(64, H, dtype=dtype)
                 weight = torch.empty(V, H, dtype=dtype)
                 t = torch.randint(0, V, (64,), generator=g)
                 keep = torch.ones(64, dtype=torch.int8)
-                lp, ent, m_i, log_l, _ = lin.linear_logprobs_forward(hidden, weight, None, t, keep, 1.0, None)
-                try:
-                    lin.linear_logprobs_backward(hidden, weight, None, t, 1.0, None, m_i, log_l, ent, lp, ent,
-                                                 True, True, False)
-                except Stop:
-                    pass
+                # fp32: both operand paths, chosen as a user chooses them (torch's fp32 matmul setting)
+                for setting in ("ieee", "tf32") if dtype_name == "float32" else (None,):
+                    with _fp32_matmul(setting):
+                        precision = lin.dot_precision(dtype)
+                        tags.update(H=H, variant=precision if setting else "")
+                        # the unsplit forward (rows fill the GPU) and the split one with its merge
+                        for splits in (1, 8):
+                            lp, ent, m_i, log_l, _ = lin.linear_logprobs_forward(hidden, weight, None, t, keep, 1.0,
+                                                                                 None, vocab_splits=splits)
+                        try:
+                            lin.linear_logprobs_backward(hidden, weight, None, t, 1.0, None, m_i, log_l, ent, lp,
+                                                         ent, True, True, False, precision)
+                        except Stop:
+                            pass
+            tags.update(variant="")
     budget = getattr(pl, "split_reg_budget", None)
     return launches, [[name, aligned, budget(getattr(torch, name), 151936 if aligned else 50257)]
                       for name in DTYPES for aligned in (True, False)] if budget else []
@@ -314,32 +364,53 @@ def _rows(report, kernel=None):
 
 
 def _where(r):
-    return f"{r['kernel']} sm_{r['arch']} {r['dtype']} V={r['V']}" + (f" H={r['H']}" if r["H"] else "")
+    return f"{r['kernel']} sm_{r['arch']} {r['dtype']} V={r['V']}" + (f" H={r['H']}" if r["H"] else "") + \
+        (f" ({r['variant']})" if r.get("variant") else "")
 
 
 def test_every_kernel_and_specialization_was_compiled(report):
     names = {r["kernel"] for r in report["rows"]}
-    expected = set(ROW_LOOPS) | DOT_KERNELS
+    expected = set(ROW_LOOPS) | DOT_KERNELS | {MERGE_KERNEL}
     assert names == expected, f"kernels never launched by a launcher: {expected - names}"
     assert {(name, aligned): regs for name, aligned, regs in report["split_budget"]} == SPLIT_REG_BUDGET, \
         "policy_loss.split_reg_budget and this check disagree"
     for r in report["rows"]:
         assert r["regs"] > 0 and r["spills"] >= 0, f"{_where(r)}: no ptxas -v figures"
+    forward = {(r["dtype"], r["variant"]) for r in _rows(report, "_linear_logprobs_fwd_kernel")}
+    want = {(d, v) for d in ("bfloat16", "float16") for v in ("split", "unsplit")} | \
+        {("float32", p + " " + v) for p in ("ieee", "tf32") for v in ("split", "unsplit")}
+    assert forward == want, f"lean forward variants never compiled: {want - forward}"
+    backward = {(r["dtype"], r["variant"]) for r in _rows(report, "_linear_logprobs_bwd_kernel")}
+    assert backward == {("bfloat16", ""), ("float16", ""), ("float32", "ieee"), ("float32", "tf32")}, backward
 
 
-@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS) + sorted(DOT_KERNELS))
+ALL_KERNELS = sorted(ROW_LOOPS) + sorted(DOT_KERNELS) + [MERGE_KERNEL]
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 def test_registers_and_spills_within_budget(report, kernel):
     for r in _rows(report, kernel):
-        assert r["regs"] <= 255, f"{_where(r)}: {r['regs']} registers"
+        budget = REG_BUDGET.get(kernel, 255)
+        assert r["regs"] <= budget, f"promise broken: {kernel} within {budget} registers; {_where(r)} uses {r['regs']}"
+        if kernel == "_linear_logprobs_fwd_kernel" and r["arch"] == 90 and r["V"] % 8 == 0 and \
+                "ieee" not in r["variant"]:
+            assert r["regs"] <= FWD_SM90_REG_BUDGET, \
+                f"promise broken: lean forward within {FWD_SM90_REG_BUDGET} registers (2 programs per SM); " \
+                f"{_where(r)} uses {r['regs']}"
         if kernel == "_policy_loss_split_kernel":
             budget = SPLIT_REG_BUDGET[(r["dtype"], r["V"] % 8 == 0)]
             assert r["regs"] <= budget, \
                 f"promise broken: split variant within {budget} registers (its residency check), " \
                 f"{_where(r)} uses {r['regs']}"
-        if kernel in DOT_KERNELS and r["dtype"] == "float32":
-            continue  # documented slow path: fp32 dots on CUDA cores
         assert r["spills"] == 0, f"promise broken: no spill in a vocabulary loop; {_where(r)} spills " \
                                  f"{r['spills']} bytes ({r['regs']} registers)"
+
+
+def test_merge_of_the_split_forward_is_one_pass(report):
+    for r in _rows(report, MERGE_KERNEL):
+        assert r["row_loops"] == 0 and r["block_loads"] == MERGE_BLOCK_LOADS, \
+            f"promise broken: the merge reads its partials in one pass (no loop, {MERGE_BLOCK_LOADS} block " \
+            f"loads); {_where(r)} has {r['row_loops']} loop(s) and {r['block_loads']} block loads"
 
 
 @pytest.mark.parametrize("kernel", sorted(ROW_LOOPS))
@@ -362,7 +433,7 @@ def test_number_of_loops_reading_the_row(report, kernel):
             assert r["block_loads"] >= 1, f"{_where(r)}: the split variant's one block load is missing"
 
 
-@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS) + sorted(DOT_KERNELS))
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 def test_offsets_are_int64(report, kernel):
     for r in _rows(report, kernel):
         assert not r["i32_arg_products"], \
@@ -370,7 +441,7 @@ def test_offsets_are_int64(report, kernel):
             f"{r['i32_arg_products'][:2]}"
 
 
-@pytest.mark.parametrize("kernel", sorted(ROW_LOOPS) + sorted(DOT_KERNELS))
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 def test_shared_memory_within_the_limit(report, kernel):
     for r in _rows(report, kernel):
         assert r["smem"] <= SMEM_LIMIT[r["arch"]], \

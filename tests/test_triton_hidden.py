@@ -22,7 +22,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         if _module is not None:
             importlib.reload(_module)
 
-from hidden_cases import CONFIGS, TOL, check, make_batch, run_both  # noqa: E402
+from hidden_cases import CONFIGS, TOL, assert_close_scaled, check, make_batch, run_both  # noqa: E402
+from seeds import stable_seed  # noqa: E402
 from lens_kernels import reference as ref  # noqa: E402
 linear_op = importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs")
 loss_op = importlib.import_module("lens_kernels.backends.triton.policy_loss_from_hidden")
@@ -161,3 +162,219 @@ def test_temperature_frozen_weight_and_grad_scale(mode):
                           grad_output=0.5, grad_scale=0.25, op=_loss_op(chunk_rows=4))
     assert ours["weight"] is None
     check(ours, want, TOL_TRITON[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward split across the vocabulary (issue 14), its merge, and the backward's tile order
+# ---------------------------------------------------------------------------------------------
+FINITE_NEG = -1e4  # stands in for -inf in the float64 reference: exp(-1e4 - lse) == 0.0 exactly
+# V = 150 is 5 tiles of the interpreter's 32 lanes, the last one partial (22 lanes). vocab_splits:
+# 1 (the unsplit kernel), 2 (3 + 2 tiles), 3 (2 + 2 + 1: a partial last slice), 4 (2 + 2 + 1 + 0: an
+# empty last slice), 7 (one tile each, two empty slices)
+SPLIT_V = 150
+SPLITS = [1, 2, 3, 4, 7]
+
+
+def _split_case(seed, dtype=torch.float32, n_seq=3, T=13, H=24):
+    """Fresh random inputs with every special input a real pipeline produces at once: a -inf bias over
+    vocabulary [64, 128) (the whole 2nd slice at 3 or 4 splits, a whole tile in the others) and on a
+    few scattered ids, masked tokens whose hidden states are NaN, per-row temperatures."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_seq, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(SPLIT_V, H, generator=g, dtype=torch.float64) * (2.0 / H ** 0.5)
+    bias = torch.randn(SPLIT_V, generator=g, dtype=torch.float64) * 0.5
+    banned = torch.zeros(SPLIT_V, dtype=torch.bool)
+    banned[64:128] = True
+    banned[[3, 141, 149]] = True
+    bias[banned] = float("-inf")
+    allowed = (~banned).nonzero()[:, 0]
+    targets = allowed[torch.randint(0, len(allowed), (n_seq, T), generator=g)]
+    mask = torch.rand(n_seq, T, generator=g) < 0.75
+    mask[1, :] = False  # a fully masked sequence: with T = 13 and 16-row blocks, a block of masked rows
+    targets[~mask] = -100
+    hidden[~mask] = float("nan")  # garbage under the mask must reach nothing
+    tau = (torch.rand(n_seq, T, generator=g, dtype=torch.float64) + 0.5).float()
+    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), bias=bias.to(dtype), targets=targets, mask=mask,
+                tau=tau, banned=banned)
+
+
+def _reference(case, g_logp, g_entropy):
+    """float64 log-probs, entropy and gradients (-inf bias as FINITE_NEG, NaN hidden rows zeroed: the
+    reference never reads a masked row)."""
+    h64 = case["hidden"].double().requires_grad_()
+    w64 = case["weight"].double().requires_grad_()
+    b64 = torch.where(case["banned"], torch.full_like(case["bias"], FINITE_NEG, dtype=torch.float64),
+                      case["bias"].double()).requires_grad_()
+    logp, entropy = ref.linear_token_logprobs(h64, w64, case["targets"], b64, case["tau"].double(), case["mask"])
+    ((logp * g_logp).sum() + (entropy * g_entropy).sum()).backward()
+    return logp, entropy, h64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+def test_vocab_split_values_and_gradients_match_reference(splits, monkeypatch):
+    case = _split_case(stable_seed("vocab-split", splits))
+    g = torch.Generator().manual_seed(stable_seed("vocab-split-upstream", splits))
+    g_logp = torch.randn(case["targets"].shape, generator=g, dtype=torch.float64)
+    g_entropy = torch.randn(case["targets"].shape, generator=g, dtype=torch.float64)
+    want = _reference(case, g_logp, g_entropy)
+    _poisoned_empty(monkeypatch)  # an unwritten output or a partial read where none was written shows
+    launches = []
+    real_fwd = linear_op._linear_logprobs_fwd_kernel
+    monkeypatch.setattr(linear_op, "_linear_logprobs_fwd_kernel", _GridSpy(real_fwd, launches))
+    inputs = {k: case[k].clone().to(DEVICE).requires_grad_() for k in ("hidden", "weight", "bias")}
+    logp, entropy = linear_op.linear_token_logprobs(
+        inputs["hidden"], inputs["weight"], case["targets"].to(DEVICE), inputs["bias"], case["mask"].to(DEVICE),
+        case["tau"].to(DEVICE), True, vocab_splits=splits)
+    assert [grid[1] for grid in launches] == [splits], "the forward did not run the vocabulary slices asked for"
+    ((logp * g_logp.float().to(DEVICE)).sum() + (entropy * g_entropy.float().to(DEVICE)).sum()).backward()
+    mask = case["mask"]
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all()
+    for got, expected, name in zip((logp, entropy, inputs["hidden"].grad, inputs["weight"].grad, inputs["bias"].grad),
+                                   want, ("logp", "entropy", "dX", "dW", "dbias")):
+        assert_close_scaled(got, expected, TOL_TRITON[torch.float32], name)
+    assert (inputs["hidden"].grad[~mask.to(DEVICE)] == 0).all()
+    assert (inputs["weight"].grad[case["banned"].to(DEVICE)] == 0).all(), "banned tokens' lm_head rows get exactly 0"
+
+
+class _GridSpy:
+    """Stands in for a kernel: records each launch's grid, then launches."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_vocab_split_bad_kept_target_and_sequence_sums(splits):
+    """A kept target outside [0, V) (-100, V) gives NaN for its row only; the per-sequence sums of the
+    split forward are those of the reference; masked rows write 0."""
+    case = _split_case(stable_seed("vocab-split-bad-target", splits))
+    targets, mask = case["targets"].clone(), case["mask"]
+    kept = mask.nonzero()
+    bad = [tuple(kept[0].tolist()), tuple(kept[-1].tolist())]
+    targets[bad[0]], targets[bad[1]] = -100, SPLIT_V
+    args = [case[k].to(DEVICE) for k in ("hidden", "weight")] + [targets.to(DEVICE), case["bias"].to(DEVICE),
+                                                                mask.to(DEVICE), case["tau"].to(DEVICE)]
+    logp, entropy = linear_op.linear_token_logprobs(*args, return_entropy=True, vocab_splits=splits)
+    nan = torch.zeros_like(mask)
+    for b in bad:
+        nan[b] = True
+    assert torch.isnan(logp[nan.to(DEVICE)]).all() and torch.isfinite(logp[~nan.to(DEVICE)]).all()
+    good = torch.where(nan, torch.zeros_like(targets), targets)
+    want_logp, want_entropy, *_ = _reference(dict(case, targets=good), torch.zeros(targets.shape, dtype=torch.float64),
+                                             torch.zeros(targets.shape, dtype=torch.float64))
+    assert_close_scaled(logp[~nan.to(DEVICE)], want_logp[~nan], TOL_TRITON[torch.float32], "logp")
+    assert_close_scaled(entropy, want_entropy, TOL_TRITON[torch.float32], "entropy")
+    good_args = args[:2] + [good.to(DEVICE)] + args[3:]
+    logp2, _, sums = linear_op.linear_token_logprobs_with_sequence_sums(*good_args, vocab_splits=splits)
+    assert_close_scaled(logp2, want_logp, TOL_TRITON[torch.float32], "logp (sums launch)")
+    assert_close_scaled(sums, want_logp.sum(-1), TOL_TRITON[torch.float32], "sequence sums")
+    assert sums[1] == 0 and (logp2[~mask.to(DEVICE)] == 0).all()
+
+
+@pytest.mark.parametrize("group_n", [1, 2])
+def test_backward_grouped_tile_order_with_a_short_last_group(group_n, monkeypatch):
+    """3 row blocks in groups of 2 (the last group short) or 1, dW slabs cutting vocabulary tiles: every
+    (row block, vocabulary tile) pair is visited exactly once (a missed or doubled tile shows in dX/dW)."""
+    monkeypatch.setattr(linear_op, "group_rows_for", lambda width, dtype, block_n: group_n)
+    monkeypatch.setattr(linear_op, "DW_SLAB_ROWS", 100)
+    case = _split_case(stable_seed("bwd-group", group_n), n_seq=4, T=11)  # 44 rows: 3 blocks of 16 on CPU
+    g = torch.Generator().manual_seed(stable_seed("bwd-group-upstream", group_n))
+    g_logp = torch.randn(case["targets"].shape, generator=g, dtype=torch.float64)
+    g_entropy = torch.randn(case["targets"].shape, generator=g, dtype=torch.float64)
+    want = _reference(case, g_logp, g_entropy)
+    inputs = {k: case[k].clone().to(DEVICE).requires_grad_() for k in ("hidden", "weight", "bias")}
+    logp, entropy = linear_op.linear_token_logprobs(
+        inputs["hidden"], inputs["weight"], case["targets"].to(DEVICE), inputs["bias"], case["mask"].to(DEVICE),
+        case["tau"].to(DEVICE), True, vocab_splits=3)
+    ((logp * g_logp.float().to(DEVICE)).sum() + (entropy * g_entropy.float().to(DEVICE)).sum()).backward()
+    for got, expected, name in zip((inputs["hidden"].grad, inputs["weight"].grad, inputs["bias"].grad), want[2:],
+                                   ("dX", "dW", "dbias")):
+        assert_close_scaled(got, expected, TOL_TRITON[torch.float32], name)
+
+
+def test_lean_policy_loss_with_a_split_forward(monkeypatch):
+    """The lean loss (which takes the heuristic's splits) with the heuristic forced to 3 slices."""
+    monkeypatch.setattr(linear_op, "vocab_splits_for", lambda n_rows, vocab, device, block_n, block_v: 3)
+    batch = _to_device(make_batch(B, T, H, V, torch.float32, seed=stable_seed("lean-split")))
+    ours, want = run_both(batch, CONFIGS["dapo_kl_entropy"], mode="lean", op=_loss_op())
+    check(ours, want, TOL_TRITON[torch.float32])
+
+
+def test_vocab_splits_heuristic(monkeypatch):
+    """From N, V and the SM count only: 1 when the row blocks alone fill the GPU, enough slices for about
+    FWD_PROGRAMS_PER_SM programs per SM otherwise, never slices under MIN_TILES_PER_SLICE tiles."""
+    monkeypatch.setattr(linear_op, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    want_programs = linear_op.FWD_PROGRAMS_PER_SM * 132
+    splits = functools.partial(linear_op.vocab_splits_for, device=cuda, block_n=64, block_v=128)
+    assert splits(64 * want_programs, 151936) == 1  # rows fill the GPU
+    assert splits(16384, 151936) == triton_cdiv(want_programs, 256)  # 256 row blocks: 3 slices
+    at_4096 = splits(4096, 151936)
+    assert 64 * at_4096 >= want_programs and 64 * (at_4096 - 1) < want_programs  # 64 row blocks: 9 slices
+    assert splits(64, 151936) == 148  # one row block: capped by slices of >= 8 tiles (1187 tiles)
+    assert splits(64, 2048) == 2 and splits(64, 1000) == 1  # small V: never a slice under 8 tiles
+    assert linear_op.vocab_splits_for(64, 151936, torch.device("cpu"), 16, 32) == 1  # no SMs to fill
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", linear_op.MAX_VOCAB_SPLITS + 1])
+def test_vocab_splits_argument_is_checked(bad):
+    batch = make_batch(2, 2, 8, 10, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="vocab_splits"):
+        linear_op.linear_token_logprobs(batch["hidden"].to(DEVICE), batch["weight"].to(DEVICE),
+                                        batch["targets"].clamp(min=0).to(DEVICE), vocab_splits=bad)
+
+
+@pytest.fixture
+def fp32_matmul_setting():
+    """Restores torch's fp32 matmul setting after a test that changes it (through the new API only:
+    torch refuses to read a flag set through both)."""
+    matmul = torch.backends.cuda.matmul
+    saved = getattr(matmul, "fp32_precision", None)
+    if saved is None:
+        pytest.skip("this torch has no torch.backends.cuda.matmul.fp32_precision")
+    yield matmul
+    matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_fp32_dot_precision_follows_torch(setting, fp32_matmul_setting, monkeypatch):
+    """fp32 inputs: TF32 products exactly when torch's own fp32 matmuls may use TF32, decided on the host
+    at forward and kept for backward (which recomputes the logits as forward computed them), even if
+    the setting changes in between. fp16/bf16 are unaffected.
+
+    The interpreter computes every tl.dot in full fp32 whatever input_precision says (numpy matmul), so
+    both settings must match the reference at the fp32 tolerance here; on a GPU, TF32 products have a
+    10-bit mantissa (README: about 1e-3 relative on the logits). The test is about the decision."""
+    fp32_matmul_setting.fp32_precision = setting
+    assert linear_op.dot_precision(torch.float32) == setting
+    assert linear_op.dot_precision(torch.bfloat16) == linear_op.dot_precision(torch.float16) == "tf32"
+    seen = []
+
+    def spy(kernel):
+        class Spy:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+                return lambda *args, **kwargs: (seen.append((kernel.fn.__name__, kwargs["DOT_PRECISION"])),
+                                                launch(*args, **kwargs))
+        return Spy()
+
+    for name in ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"):
+        monkeypatch.setattr(linear_op, name, spy(getattr(linear_op, name)))
+    batch = _to_device(make_batch(B, T, H, V, torch.float32, seed=stable_seed("fp32-precision", setting)))
+    h, w = batch["hidden"].clone().requires_grad_(), batch["weight"].clone().requires_grad_()
+    logp, _ = linear_op.linear_token_logprobs(h, w, batch["targets"], batch["bias"], batch["mask"])
+    fp32_matmul_setting.fp32_precision = "ieee" if setting == "tf32" else "tf32"  # flipped before backward
+    logp.sum().backward()
+    assert seen == [("_linear_logprobs_fwd_kernel", setting), ("_linear_logprobs_bwd_kernel", setting)]
+    want, _ = ref.linear_token_logprobs(batch["hidden"].double(), batch["weight"].double(), batch["targets"],
+                                        batch["bias"].double(), 1.0, batch["mask"])
+    tol = TOL_TRITON[torch.float32] if DEVICE == "cpu" or setting == "ieee" else 2e-3
+    assert_close_scaled(logp, want, tol, f"logp ({setting})")

@@ -1,18 +1,26 @@
 """linear_token_logprobs: token log-probs and entropy from hidden states [N, H] and an lm_head [V, H],
 with the logits computed tile by tile on chip (``tl.dot``) and never written to memory.
 
-Forward: one program per block of BLOCK_N rows sweeps the vocabulary in BLOCK_V tiles; each tile
-of logits is a K-loop of ``tl.dot`` over H, folded at once into an online softmax (``m_i``, ``l_i``
-and the entropy accumulator ``s_i``) and the target gather. Outputs are fp32 [N] (log-prob,
-entropy, and the split lse (m_i, log l_i) that backward needs), plus optional per-sequence sums.
-Memory is O(N) beyond the inputs.
+Forward: a 2-D grid of (block of BLOCK_N rows, vocabulary slice) programs; each sweeps its slice in
+BLOCK_V tiles, each tile of logits a K-loop of ``tl.dot`` over H folded at once into an online
+softmax (``m_i``, ``l_i`` and the entropy accumulator ``s_i``) and the target gather. With one slice
+(the row blocks fill the GPU) a program writes the fp32 [N] outputs (log-prob, entropy, and the
+split lse (m_i, log l_i) that backward needs) itself; with several, it writes its slice's partials to
+a small fp32 workspace and a one-pass merge kernel combines them. Optional per-sequence sums.
+Memory is O(N x slices) beyond the inputs.
 
-Backward (CCE-style, exact: no gradient filtering): a 2-D grid of (row block, vocab tile) programs
-recomputes its logits tile, forms dL/dz on chip, and adds dz W into an fp32 dX and dz^T h into an
-fp32 dW slab with atomics. The vocabulary is walked in slabs so that the fp32 dW buffer is one slab,
-not [V, H]. Row blocks whose tokens are all masked are skipped: they cost no FLOPs.
+Backward (CCE-style, exact: no gradient filtering): (row block, vocabulary tile) programs, in a
+grouped order that keeps a group's dX rows in L2, recompute their logits tile, form dL/dz on chip,
+and add dz W into an fp32 dX and dz^T h into an fp32 dW slab with relaxed atomics. The vocabulary is
+walked in slabs so that the fp32 dW buffer is one slab, not [V, H]. Row blocks whose tokens are all
+masked are skipped: they cost no FLOPs.
+
+fp32 operands follow torch's fp32 matmul setting (TF32 tensor cores or exact CUDA-core products),
+decided on the host per call and kept from forward to backward.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -22,6 +30,8 @@ from .. import torch as torch_backend
 
 # fp32 rows of dW accumulated at once in backward: 16384 x H=4096 x 4 B = 256 MiB
 DW_SLAB_ROWS = 16384
+# L2 bytes one group of the backward's tile order keeps resident (dX fp32 + hidden rows); H200 L2: 60 MiB
+BWD_GROUP_BYTES = 16 << 20
 
 
 @triton.jit
@@ -50,6 +60,22 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_in, v_in,
 
 
 @triton.jit
+def _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
+                 logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM: tl.constexpr):
+    """Writes a block of rows from their merged state: masked rows get exact zeros (whatever garbage
+    their hidden states held), a kept target outside [0, V) (e.g. -100) a NaN log-prob (README)."""
+    log_l = tl.log(l_i)
+    x_target = tl.where((target >= 0) & (target < V), x_target, float("nan"))
+    logp = tl.where(keep, (x_target - m_i) - log_l, 0.0)
+    tl.store(logp_ptr + offs_n, logp, mask=row_in)
+    tl.store(entropy_ptr + offs_n, tl.where(keep, log_l - s_i / l_i, 0.0), mask=row_in)
+    tl.store(m_ptr + offs_n, tl.where(keep, m_i, 0.0), mask=row_in)
+    tl.store(log_l_ptr + offs_n, tl.where(keep, log_l, 0.0), mask=row_in)
+    if SEQ_SUM:
+        tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep, sem="relaxed")
+
+
+@triton.jit
 def _linear_logprobs_fwd_kernel(
     # data pointers
     hidden_ptr,  # [N, H] hidden states, stride 1 along H
@@ -58,16 +84,17 @@ def _linear_logprobs_fwd_kernel(
     targets_ptr,  # [N] int64 target ids (0 under the mask)
     keep_ptr,  # [N] int8, 1 = token in the loss
     tau_ptr,  # [N] fp32 per-row temperature (read only if PER_ROW_TAU)
-    logp_ptr, entropy_ptr, m_ptr, log_l_ptr,  # [N] fp32 outputs; lse = m + log_l
-    seq_sum_ptr,  # [N // rows_per_seq] fp32, zeroed, sums of kept log-probs (only if SEQ_SUM)
-    # shapes
-    N, V, H, rows_per_seq,
+    logp_ptr, entropy_ptr, m_ptr, log_l_ptr,  # [N] fp32 outputs; lse = m + log_l (only if not SPLIT)
+    seq_sum_ptr,  # [N // rows_per_seq] fp32, zeroed, sums of kept log-probs (only if SEQ_SUM, not SPLIT)
+    partial_ptr,  # [4, splits, N] fp32: (m, l, s, x_target) of each vocabulary slice (only if SPLIT)
+    # shapes: program (i, j) covers rows [i BLOCK_N, (i + 1) BLOCK_N) and vocabulary [j slice_v, (j + 1) slice_v)
+    N, V, H, rows_per_seq, slice_v,
     # strides (elements)
     stride_hn, stride_wv,
     # scalars
     tau,
     # switches
-    HAS_BIAS: tl.constexpr, PER_ROW_TAU: tl.constexpr, SEQ_SUM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PER_ROW_TAU: tl.constexpr, SEQ_SUM: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,23 +102,26 @@ def _linear_logprobs_fwd_kernel(
     keep = (tl.load(keep_ptr + offs_n, mask=row_in, other=0) != 0) & row_in
     zero = tl.zeros([BLOCK_N], dtype=tl.float32)
     if tl.max(keep.to(tl.int32), 0) == 0:  # every token of the block masked: no FLOPs
-        tl.store(logp_ptr + offs_n, zero, mask=row_in)
-        tl.store(entropy_ptr + offs_n, zero, mask=row_in)
-        tl.store(m_ptr + offs_n, zero, mask=row_in)
-        tl.store(log_l_ptr + offs_n, zero, mask=row_in)
+        if not SPLIT:  # (split: the merge writes the zeros without reading this block's partials)
+            tl.store(logp_ptr + offs_n, zero, mask=row_in)
+            tl.store(entropy_ptr + offs_n, zero, mask=row_in)
+            tl.store(m_ptr + offs_n, zero, mask=row_in)
+            tl.store(log_l_ptr + offs_n, zero, mask=row_in)
     else:
         if PER_ROW_TAU:
             inv_tau = 1.0 / tl.load(tau_ptr + offs_n, mask=row_in, other=1.0)
         else:
             inv_tau = zero + 1.0 / tau
         target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
+        v_begin = tl.program_id(1).to(tl.int64) * slice_v
+        v_end = tl.minimum(v_begin + slice_v, V)  # the last slices may be partial or empty
         m_i = zero - float("inf")
         l_i = zero
         s_i = zero  # sum_v exp(x_v - m_i) (x_v - m_i): the entropy without the lse - E[x] cancellation
         x_target = zero
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(v_begin, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
-            v_in = offs_v < V
+            v_in = offs_v < v_end
             x = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_in, v_in, H, stride_hn,
                              stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION) * inv_tau[:, None]
             x = tl.where(v_in[None, :], x, -float("inf"))
@@ -106,20 +136,60 @@ def _linear_logprobs_fwd_kernel(
             s_i = alpha * (s_i + shift * l_i) + tl.sum(tl.where(e > 0, e * (x - m_safe[:, None]), 0.0), 1)
             l_i = alpha * l_i + tl.sum(e, 1)
             m_i = m_new
-        log_l = tl.log(l_i)
-        # a kept target outside [0, V) (e.g. -100) matched no lane: its log-prob is NaN (README)
-        x_target = tl.where((target >= 0) & (target < V), x_target, float("nan"))
-        logp = tl.where(keep, (x_target - m_i) - log_l, 0.0)
-        entropy = tl.where(keep, log_l - s_i / l_i, 0.0)
-        tl.store(logp_ptr + offs_n, logp, mask=row_in)
-        tl.store(entropy_ptr + offs_n, entropy, mask=row_in)
-        tl.store(m_ptr + offs_n, m_i, mask=row_in)
-        tl.store(log_l_ptr + offs_n, log_l, mask=row_in)
-        if SEQ_SUM:
-            tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep, sem="relaxed")
+        if SPLIT:
+            # an empty slice, or one whose logits are all -inf, publishes (-inf, 0, 0, 0 or -inf): the
+            # merge drops it by l == 0; a target outside the slice adds its x_target of 0
+            slot = partial_ptr + tl.program_id(1).to(tl.int64) * N + offs_n
+            plane = tl.num_programs(1).to(tl.int64) * N
+            tl.store(slot, m_i, mask=row_in)
+            tl.store(slot + plane, l_i, mask=row_in)
+            tl.store(slot + 2 * plane, s_i, mask=row_in)
+            tl.store(slot + 3 * plane, x_target, mask=row_in)
+        else:
+            _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
+                         logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
 
 
-@triton.jit
+# V only bounds the target check here: one compile for every V
+@triton.jit(do_not_specialize=["V"])
+def _linear_logprobs_merge_kernel(
+    # data pointers
+    partial_ptr,  # [4, splits, N] fp32 written by the split forward (rows of blocks with no kept token: unwritten)
+    targets_ptr, keep_ptr,  # [N] as in forward
+    logp_ptr, entropy_ptr, m_ptr, log_l_ptr,  # [N] fp32 outputs
+    seq_sum_ptr,  # [N // rows_per_seq] fp32, zeroed (only if SEQ_SUM)
+    # shapes
+    N, V, splits, rows_per_seq,
+    # switches
+    SEQ_SUM: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """One pass: each program loads the [BLOCK_R, splits] partials of its rows once (no loop) and merges
+    them as ``_common.merge_stats`` does, row-wise: partials with l == 0 (an empty slice, or only -inf
+    logits) add nothing, a NaN partial makes its row NaN."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = offs_n < N
+    keep = (tl.load(keep_ptr + offs_n, mask=row_in, other=0) != 0) & row_in
+    target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
+    offs_s = tl.arange(0, SPLITS_PAD).to(tl.int64)
+    live = keep[:, None] & (offs_s < splits)[None, :]  # masked rows are never read: they may be unwritten
+    slot = partial_ptr + offs_s[None, :] * N + offs_n[:, None]
+    plane = splits.to(tl.int64) * N
+    m_p = tl.load(slot, mask=live, other=-float("inf"))
+    l_p = tl.load(slot + plane, mask=live, other=0.0)
+    s_p = tl.load(slot + 2 * plane, mask=live, other=0.0)
+    x_target = tl.sum(tl.load(slot + 3 * plane, mask=live, other=0.0), 1)
+    m_i = tl.max(m_p, 1)
+    m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
+    empty = l_p == 0
+    shift = tl.where(empty, 0.0, m_p - m_safe[:, None])  # an empty partial's m is -inf: keep it out
+    scale = tl.where(empty, 0.0, tl.exp(shift))
+    l_i = tl.sum(l_p * scale, 1)
+    s_i = tl.sum(scale * (s_p + shift * l_p), 1)
+    _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
+                 logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
+
+
+@triton.jit(do_not_specialize=["V_TOTAL", "group_n"])  # one compile for every V and H
 def _linear_logprobs_bwd_kernel(
     # data pointers
     hidden_ptr, weight_ptr, bias_ptr,  # as in forward
@@ -132,6 +202,7 @@ def _linear_logprobs_bwd_kernel(
     d_bias_ptr,  # [V] fp32, zeroed (only if WANT_DB)
     # shapes: this launch covers vocabulary rows [v_start, v_stop) of V_TOTAL
     N, H, v_start, v_stop, V_TOTAL,
+    group_n,  # row blocks per group of the tile order (a runtime int: one compile for every H)
     # strides (elements)
     stride_hn, stride_wv,
     # scalars
@@ -141,8 +212,20 @@ def _linear_logprobs_bwd_kernel(
     WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = v_start + tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # Grouped tile order: group_n consecutive programs take group_n row blocks of the same vocabulary
+    # tile, and the group walks the vocabulary before the next group starts. One W tile is then read
+    # from HBM once per group (not once per row block), and the group's hidden rows and, above all,
+    # its fp32 dX rows (the target of the dX atomics) stay in L2 for the whole sweep instead of all of
+    # dX (N H 4 B, 128 MiB at the headline, larger than L2) being re-streamed once per vocabulary tile.
+    pid = tl.program_id(0).to(tl.int64)  # int64 from here: no int32 product of the shape arguments
+    tiles_v = tl.cdiv(v_stop - v_start, BLOCK_V)
+    first_n = (pid // tiles_v) // group_n * group_n  # the group's first row block
+    group_rows = tl.minimum(tl.cdiv(N, BLOCK_N) - first_n, group_n)  # the last group may be short
+    in_group = pid - first_n * tiles_v  # in [0, group_rows * tiles_v)
+    pid_n = first_n + in_group % group_rows
+    pid_v = in_group // group_rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_in = offs_n < N
     v_in = offs_v < v_stop
     g_logp = tl.load(g_logp_ptr + offs_n, mask=row_in, other=0.0)
@@ -203,15 +286,79 @@ def _linear_logprobs_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# The split forward aims at FWD_PROGRAMS_PER_SM x SMs programs (about two waves at the 2 programs per SM
+# that <= 128 registers x 256 threads and 72 KiB of shared memory allow at sm_90), with slices of at least
+# MIN_TILES_PER_SLICE vocabulary tiles so that a program's fixed costs (the row loads, the partials)
+# stay small next to its dots. Unmeasured: a GPU run should tune both.
+FWD_PROGRAMS_PER_SM = 4
+MIN_TILES_PER_SLICE = 8
+MAX_VOCAB_SPLITS = 256  # the merge holds [rows, next_pow2(splits)] partials in registers
+MERGE_BLOCK_R = 32
 
-def tile_config(device: torch.device, dtype: torch.dtype):
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages, dot precision). One fixed config per device
-    kind: the interpreter cannot autotune over several, and its dots are slow, so it gets the
-    smallest tiles tl.dot accepts."""
-    precision = "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: exact products, not TF32
+
+def fp32_dot_precision() -> str:
+    """"tf32" when torch's own fp32 matmuls may use TF32, else "ieee": the lean kernels follow the
+    caller's choice (``torch.backends.cuda.matmul.fp32_precision`` or the legacy ``allow_tf32`` /
+    ``torch.set_float32_matmul_precision``), read on the host per call (a flag, no sync)."""
+    matmul = torch.backends.cuda.matmul
+    chosen = getattr(matmul, "fp32_precision", "none")  # torch >= 2.9; "none": follow the legacy flag
+    if chosen in ("tf32", "ieee"):
+        return chosen
+    try:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # torch refuses to read a flag set through both APIs: stay exact
+        return "ieee"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp16/bf16 operands take the tensor cores as they are ("tf32" is ignored for them)."""
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+def tile_config(device: torch.device, dtype: torch.dtype, precision: str):
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of the forward: one fixed config per device kind
+    and operand path. The interpreter cannot autotune over several, and its dots are slow, so it gets
+    the smallest tiles tl.dot accepts. On a GPU, fp32 operands with exact ("ieee") products run on
+    CUDA-core FMAs, whose operand fragments live in registers: a 32 x 64 tile, K steps of 16 and one
+    stage keep ptxas from spilling (the 64 x 128 x 64, 3-stage config used 255 registers and spilled
+    56 B at sm_90, 2.5 KB at sm_80). tests/test_triton_compile.py holds every variant to no spill."""
     if device.type != "cuda":
-        return 16, 32, 16, 4, 1, precision
-    return 64, 128, 64, 8, 3, precision
+        return 16, 32, 16, 4, 1
+    if dtype == torch.float32:
+        return (32, 64, 16, 4, 1) if precision == "ieee" else (64, 128, 32, 8, 3)
+    return 64, 128, 64, 8, 3
+
+
+def backward_tile_config(device: torch.device, dtype: torch.dtype, precision: str):
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) of the backward. Its cost is the fp32 atomics:
+    one per element of each program's dX [BLOCK_N, H] and dW [BLOCK_V, H] contributions, so
+    N V H (1 / BLOCK_V + 1 / BLOCK_N) in all. A 128 x 128 tile sums twice as many rows into each dW
+    atomic as the forward's 64 x 128 (K steps of 32 keep it within 255 registers without a spill);
+    at the headline shape (N = 16384, V = 151936, H = 2048; N V H = 5.10e12) that is 7.97e10 fp32
+    atomics instead of 1.19e11 (-33%), a model, unmeasured. fp32 keeps the forward's tiles (the
+    128-row tile spills at sm_80 or fills its shared memory)."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return tile_config(device, dtype, precision)
+    return 128, 128, 32, 8, 3
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def vocab_splits_for(n_rows: int, vocab: int, device: torch.device, block_n: int, block_v: int) -> int:
+    """Vocabulary slices per row block of the forward: 1 when the row blocks alone fill the GPU (and on
+    CPU tensors, which have no SMs to fill), else enough to give about FWD_PROGRAMS_PER_SM programs per
+    SM. From shapes and the device's properties only (no sync)."""
+    if device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(n_rows, block_n)
+    wanted = FWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if row_blocks >= wanted:
+        return 1
+    return max(1, min(triton.cdiv(wanted, row_blocks), triton.cdiv(vocab, block_v) // MIN_TILES_PER_SLICE,
+                      MAX_VOCAB_SPLITS))
 
 
 def check_dtype(t: torch.Tensor, name: str, op: str) -> None:
@@ -238,37 +385,79 @@ def row_inputs(hidden, weight, bias, targets, mask, temperature):
     return h, weight, bias, t.contiguous(), keep8, float(temperature), None
 
 
-def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, rows_per_seq=None):
-    """Launches the forward kernel; returns fp32 [N] (logp, entropy, m, log_l) and the [N / rows_per_seq]
-    sums of kept log-probs (or None)."""
+def check_vocab_splits(vocab_splits) -> int:
+    if isinstance(vocab_splits, bool) or not isinstance(vocab_splits, int) or \
+            not 1 <= vocab_splits <= MAX_VOCAB_SPLITS:
+        raise ValueError(f"vocab_splits must be an int in [1, {MAX_VOCAB_SPLITS}] (or None for the heuristic), "
+                         f"got {vocab_splits!r}")
+    return vocab_splits
+
+
+def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, rows_per_seq=None, vocab_splits=None,
+                            precision=None):
+    """Launches the forward (and, with more than one vocabulary slice, the merge); returns fp32 [N]
+    (logp, entropy, m, log_l) and the [N / rows_per_seq] sums of kept log-probs (or None).
+
+    ``vocab_splits`` overrides ``vocab_splits_for`` (tests force several slices, also ones that leave
+    the last slice partial or empty); ``precision`` overrides ``dot_precision`` (backward passes the
+    forward's)."""
     n, width = h.shape
     vocab = weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=h.device)
     logp, entropy, m_i, log_l = out.unbind(0)
     seq_sums = None if rows_per_seq is None else torch.zeros(n // rows_per_seq, dtype=torch.float32,
                                                              device=h.device)
+    precision = precision or dot_precision(h.dtype)
+    block_n, block_v, block_h, warps, stages = tile_config(h.device, h.dtype, precision)
+    splits = vocab_splits_for(n, vocab, h.device, block_n, block_v) if vocab_splits is None else \
+        check_vocab_splits(vocab_splits)
     if n == 0:
         return logp, entropy, m_i, log_l, seq_sums
-    block_n, block_v, block_h, warps, stages, precision = tile_config(h.device, h.dtype)
-    _linear_logprobs_fwd_kernel[(triton.cdiv(n, block_n),)](
+    slice_v = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v  # whole tiles per slice
+    partials = torch.empty((4, splits, n), dtype=torch.float32, device=h.device) if splits > 1 else None
+    _linear_logprobs_fwd_kernel[(triton.cdiv(n, block_n), splits)](
         h, weight, bias if bias is not None else h, t, keep8, tau_rows if tau_rows is not None else logp,
         logp, entropy, m_i, log_l, seq_sums if seq_sums is not None else logp,
-        n, vocab, width, rows_per_seq or 1,
+        partials if partials is not None else logp,
+        n, vocab, width, rows_per_seq or 1, slice_v,
         h.stride(0), weight.stride(0),
         tau,
         HAS_BIAS=bias is not None, PER_ROW_TAU=tau_rows is not None, SEQ_SUM=seq_sums is not None,
+        SPLIT=splits > 1,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, DOT_PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
+    if splits > 1:
+        _linear_logprobs_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_R),)](
+            partials, t, keep8, logp, entropy, m_i, log_l, seq_sums if seq_sums is not None else logp,
+            n, vocab, splits, rows_per_seq or 1,
+            SEQ_SUM=seq_sums is not None, BLOCK_R=MERGE_BLOCK_R, SPLITS_PAD=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
     return logp, entropy, m_i, log_l, seq_sums
 
 
+def group_rows_for(width: int, dtype: torch.dtype, block_n: int) -> int:
+    """Row blocks per group of the backward's tile order: the largest power of two whose fp32 dX rows and
+    hidden rows fit in BWD_GROUP_BYTES of L2 (8 at H = 2048 and 4 at H = 4096 for bf16 128-row blocks).
+
+    L2 traffic model at the headline shape (bf16, N = 16384, V = 151936, H = 2048; unmeasured): the old
+    order (row block fastest over all N) swept all of dX (128 MiB fp32) through the atomics once per
+    vocabulary tile, ~1187 x 2 x 128 MiB = 3.2e11 B; grouped by 8 row blocks, dX stays in L2 and the
+    fp32 dW slab is swept once per group instead, 16 groups x 2 x 1.24 GB = 4.0e10 B, plus W read
+    once per group (16 x 0.62 GB = 1.0e10 B)."""
+    per_block = block_n * width * (4 + dtype.itemsize)
+    return max(1, min(64, 1 << max(0, (BWD_GROUP_BYTES // per_block).bit_length() - 1)))
+
+
 def linear_logprobs_backward(h, weight, bias, t, tau, tau_rows, m_i, log_l, entropy, g_logp, g_entropy,
-                             need_h, need_w, need_b):
+                             need_h, need_w, need_b, precision=None):
     """(dX in h's dtype, dW in weight's dtype, dbias) of the recompute backward, each None if not wanted."""
     n, width = h.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_h, warps, stages, precision = tile_config(h.device, h.dtype)
+    precision = precision or dot_precision(h.dtype)
+    block_n, block_v, block_h, warps, stages = backward_tile_config(h.device, h.dtype, precision)
+    group_n = group_rows_for(width, h.dtype, block_n)
     need_b = need_b and bias is not None
     d_hidden = torch.zeros((n, width), dtype=torch.float32, device=h.device) if need_h else None
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=h.device) if need_w else None
@@ -280,11 +469,11 @@ def linear_logprobs_backward(h, weight, bias, t, tau, tau_rows, m_i, log_l, entr
         if need_w:
             dw_slab.zero_()
         if n:
-            _linear_logprobs_bwd_kernel[(triton.cdiv(n, block_n), triton.cdiv(v_stop - v_start, block_v))](
+            _linear_logprobs_bwd_kernel[(triton.cdiv(n, block_n) * triton.cdiv(v_stop - v_start, block_v),)](
                 h, weight, bias if bias is not None else h, t, tau_rows if tau_rows is not None else m_i,
                 m_i, log_l, entropy, g_logp, g_entropy if g_entropy is not None else g_logp,
                 d_hidden if need_h else m_i, dw_slab if need_w else m_i, d_bias if need_b else m_i,
-                n, width, v_start, v_stop, vocab,
+                n, width, v_start, v_stop, vocab, group_n,
                 h.stride(0), weight.stride(0),
                 tau,
                 HAS_BIAS=bias is not None, PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None,
@@ -303,11 +492,14 @@ def linear_logprobs_backward(h, weight, bias, t, tau, tau_rows, m_i, log_l, entr
 # ---------------------------------------------------------------------------------------------
 class TritonLinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, temperature):
+    def forward(ctx, hidden, weight, bias, targets, mask, temperature, vocab_splits=None):
         h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
-        logp, entropy, m_i, log_l, _ = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows)
+        precision = dot_precision(h.dtype)  # backward recomputes the logits as forward computed them
+        logp, entropy, m_i, log_l, _ = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
+                                                               vocab_splits=vocab_splits, precision=precision)
         ctx.save_for_backward(h, w, b, t, keep8, tau_rows, m_i, log_l, entropy)
         ctx.tau = tau
+        ctx.precision = precision
         ctx.hidden_shape = hidden.shape
         ctx.set_materialize_grads(False)
         lead = targets.shape
@@ -318,7 +510,7 @@ class TritonLinearTokenLogprobsFunction(torch.autograd.Function):
         h, w, b, t, keep8, tau_rows, m_i, log_l, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if (g_logp is None and g_entropy is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         keep = keep8 != 0
         zero = torch.zeros((), dtype=torch.float32, device=keep.device)
         # where, not * keep: a NaN upstream gradient at a masked token must not become NaN * 0
@@ -326,20 +518,27 @@ class TritonLinearTokenLogprobsFunction(torch.autograd.Function):
             torch.where(keep, g_logp.reshape(-1).float(), zero)
         g_h = None if g_entropy is None else torch.where(keep, g_entropy.reshape(-1).float(), zero).contiguous()
         d_hidden, d_weight, d_bias = linear_logprobs_backward(
-            h, w, b, t, ctx.tau, tau_rows, m_i, log_l, entropy, g_l.contiguous(), g_h, need_h, need_w, need_b)
+            h, w, b, t, ctx.tau, tau_rows, m_i, log_l, entropy, g_l.contiguous(), g_h, need_h, need_w, need_b,
+            ctx.precision)
         d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None
 
 
-def linear_token_logprobs(hidden, weight, targets, bias=None, mask=None, temperature=1.0, return_entropy=False):
+def linear_token_logprobs(hidden, weight, targets, bias=None, mask=None, temperature=1.0, return_entropy=False,
+                          vocab_splits=None):
     """log p(target) [B, T] (or [N]) fp32 and the entropy from hidden states and the lm_head, never
-    writing [N, V]; differentiable w.r.t. hidden, weight and bias (same signature as the torch backend)."""
+    writing [N, V]; differentiable w.r.t. hidden, weight and bias (the torch backend's signature, plus
+    ``vocab_splits``: the forward's vocabulary slices per row block, None for ``vocab_splits_for``)."""
     check_dtype(hidden, "hidden", "linear_token_logprobs")
-    logp, entropy = TritonLinearTokenLogprobsFunction.apply(hidden, weight, bias, targets, mask, temperature)
+    if vocab_splits is not None:
+        check_vocab_splits(vocab_splits)
+    logp, entropy = TritonLinearTokenLogprobsFunction.apply(hidden, weight, bias, targets, mask, temperature,
+                                                            vocab_splits)
     return logp, (entropy if return_entropy else None)
 
 
-def linear_token_logprobs_with_sequence_sums(hidden, weight, targets, bias=None, mask=None, temperature=1.0):
+def linear_token_logprobs_with_sequence_sums(hidden, weight, targets, bias=None, mask=None, temperature=1.0,
+                                             vocab_splits=None):
     """Forward only (old/ref log-probs, LENS confidence): (logp [B, T], entropy [B, T], sums [B]) fp32,
     the sums of the kept log-probs of each sequence accumulated in the same launch."""
     check_dtype(hidden, "hidden", "linear_token_logprobs")
@@ -348,5 +547,5 @@ def linear_token_logprobs_with_sequence_sums(hidden, weight, targets, bias=None,
     with torch.no_grad():
         h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
         logp, entropy, _, _, sums = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
-                                                            rows_per_seq=targets.shape[1])
+                                                            rows_per_seq=targets.shape[1], vocab_splits=vocab_splits)
     return logp.view(targets.shape), entropy.view(targets.shape), sums
