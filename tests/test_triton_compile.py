@@ -23,10 +23,9 @@ From each compiled artifact the test asserts the design's promises, each failure
 - int64 offsets: no int32 multiply of a kernel argument (a stride or a size) anywhere;
 - shared memory within the architecture's limit.
 
-About 2 min 20 s of CPU (distinct compiles run in 2 processes): 2 min 30 s wall on a shared, loaded
-2-core machine, a little over 1 minute on 2 free cores. Uses
-triton 3.9's JIT internals; on another triton version whose internals differ, the tests skip with the
-reason (on 3.9 any failure fails).
+About 2 min 20 s of CPU, spread over 2 processes (distinct compiles): measured 2 min 30 s wall on a
+shared, loaded 2-core machine. Uses triton 3.9's JIT internals; on another triton version whose
+internals differ, the tests skip with the reason (on 3.9 any failure fails).
 """
 import importlib.util
 import json
