@@ -2,8 +2,10 @@
 
 A strided view over one large, mostly untouched storage puts rows (or lm_head rows) more than 2^31
 elements apart while the tensors stay tiny: only the touched pages are ever allocated. Each result is
-compared bitwise with the same op on a contiguous copy (same kernel, same values: any wrapped offset
-reads other memory, or crashes).
+compared bitwise with the same op on a compact copy (same kernel, same values: any wrapped offset
+reads other memory, or crashes). The logits sweeps are peeled at each row's first 16-byte boundary,
+so the order of their sums depends on where a row starts modulo 16 bytes: the compact copy of the
+logits keeps every row's phase (``empty_grad_like``), which keeps the comparison bitwise.
 
 First, the premise: the interpreter wraps int32 arithmetic as the GPU does, so an int32 offset
 product that overflows on a GPU also overflows here, and these tests catch it on CPU.
@@ -19,6 +21,7 @@ import triton.language as tl
 
 pl = importlib.import_module("lens_kernels.backends.triton.policy_loss")
 tlp = importlib.import_module("lens_kernels.backends.triton.token_logprobs")
+common = importlib.import_module("lens_kernels.backends.triton._common")
 lin = importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs")
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the GPU variant is tests/gpu/test_triton_gpu.py")
@@ -56,13 +59,18 @@ def test_logits_rows_past_2_31_elements():
     T, V = 10, 70
     view = _sparse_rows(T, V, 2 ** 28, torch.bfloat16, seed=31)
     logits = view.unsqueeze(0)  # [1, T, V], stride_t = 2^28
-    dense = logits.contiguous()
+    # rows 72 apart with the same 16-byte phases (.clone() of a strided tensor would not keep them)
+    def dense_copy():
+        return common.empty_grad_like(logits).copy_(logits)
+
+    dense = dense_copy()
+    assert dense.stride(1) < 2 ** 20 and common.same_row_phase(logits, dense)
     g = torch.Generator().manual_seed(32)
     targets = torch.randint(0, V, (1, T), generator=g)
     mask = torch.ones(1, T, dtype=torch.bool)
     mask[0, 3] = False
 
-    got = [x.requires_grad_(True) for x in (logits.detach(), dense.detach().clone())]
+    got = [x.requires_grad_(True) for x in (logits.detach(), dense_copy())]
     outs = [tlp.token_logprobs(x, targets, mask, 1.0, True) for x in got]
     for (lp, ent), x in zip(outs, got):
         (lp.sum() + 0.1 * ent.sum()).backward()
@@ -70,8 +78,7 @@ def test_logits_rows_past_2_31_elements():
     assert torch.equal(got[0].grad, got[1].grad)
 
     adv = torch.randn(1, generator=g)
-    zs = [x.detach().clone().requires_grad_(True) if i else logits.detach().requires_grad_(True)
-          for i, x in enumerate((logits, dense))]
+    zs = [logits.detach().requires_grad_(True), dense_copy().requires_grad_(True)]
     losses = [pl.policy_loss_from_logits(z, targets, mask, adv)[0] for z in zs]
     for loss in losses:
         loss.backward()

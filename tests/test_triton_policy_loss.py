@@ -277,12 +277,12 @@ def test_split_variant_falls_back_when_a_row_does_not_fit(monkeypatch):
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "25")  # MPS: a quarter of the SMs
     assert pl.choose_variant(16384, 151936, cuda) == "row"
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
-    pl._SPLIT_REGS[(0, torch.bfloat16, True)] = 200  # a launch reported 200 registers: 1 program per SM
+    pl._SPLIT_REGS[(0, torch.bfloat16)] = 200  # a launch reported 200 registers: 1 program per SM
     assert pl.choose_variant(16384, 151936, cuda, torch.bfloat16) == "row"
     assert pl.choose_variant(16384, 151936, cuda, torch.float16) == "split"
-    # the budget before any launch: fp32 or unaligned rows hold 1 program per SM
-    assert pl.split_reg_budget(torch.bfloat16, 151936) == 128
-    assert pl.split_reg_budget(torch.bfloat16, 50257) == 255 and pl.split_reg_budget(torch.float32, 151936) == 255
+    # the budget before any launch: 16-bit rows (peeled, any V) hold 2 programs per SM, fp32 rows 1
+    assert pl.split_reg_budget(torch.bfloat16) == 128 and pl.split_reg_budget(torch.float16) == 128
+    assert pl.split_reg_budget(torch.float32) == 255
     _fake_device(monkeypatch, sms=30)  # 60 resident bf16 programs, 30 fp32: 19 blocks fit in half of 60 only
     assert pl.choose_variant(16384, 151936, cuda, torch.bfloat16) == "split"
     assert pl.choose_variant(16384, 151936, cuda, torch.float32) == "row"

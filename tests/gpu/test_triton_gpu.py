@@ -1,8 +1,9 @@
 """GPU tests of the triton backend at real sizes (skipped without CUDA; run by the device script).
 
-Real vocabularies (Qwen 151936, Llama-3 128256), the split-row cooperative variant against the
-row variant and the float64 reference, a 70000-token sequence (Liger's (B, L) grid fails at
-L >= 65536), logits of +-1e4, and bitwise-identical results run to run.
+Real vocabularies (Qwen 151936, Llama-3 128256, GPT-2 50257: rows at every 16-byte phase, peeled),
+the split-row cooperative variant against the row variant and the float64 reference, a 70000-token
+sequence (Liger's (B, L) grid fails at L >= 65536), logits of +-1e4, and bitwise-identical results
+run to run.
 """
 import importlib
 
@@ -45,7 +46,7 @@ def _reference_rows(view, targets, mask, adv, old, cfg, rows=64):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("V", [151936, 128256])
+@pytest.mark.parametrize("V", [151936, 128256, 50257])
 @pytest.mark.parametrize("variant", ["split", "row"])
 def test_real_vocab_both_variants(monkeypatch, dtype, V, variant):
     monkeypatch.setenv("LENS_KERNELS_TRITON_VARIANT", variant)
@@ -143,10 +144,12 @@ def test_auto_prefers_triton_on_cuda_and_torch_for_fp64():
 
 # The split variant's tests carry "split" in their names: the device script runs them last, on their
 # own, under `timeout -k` (``pytest -k split``), so that a hang there cannot take the other results.
-def test_split_in_place_equals_row_out_of_place(monkeypatch):
+@pytest.mark.parametrize("V", [151936, 50257])
+def test_split_in_place_equals_row_out_of_place(monkeypatch, V):
     """In place, a block's gradient may land on the target logit before another block of the row has
-    read it: every program must read the target logit before it publishes its arrival."""
-    base, targets, mask, old = _inputs(4, 128, 151936, torch.float32, seed=5, pad=0)
+    read it: every program must read the target logit before it publishes its arrival. At V = 50257
+    the rows are peeled: block 0 also owns the head and tail of its row."""
+    base, targets, mask, old = _inputs(4, 128, V, torch.float32, seed=5, pad=0)
     adv = torch.randn(4, device="cuda")
     cfg = LossConfig(entropy_coef=0.01, beta=0.02)
     results = {}
@@ -164,7 +167,7 @@ def test_split_in_place_equals_row_out_of_place(monkeypatch):
 
 def test_split_choice_checks_resident_capacity():
     pl = _pl()
-    capacity = pl.resident_programs(torch.device("cuda"), pl.split_reg_budget(torch.bfloat16, 151936),
+    capacity = pl.resident_programs(torch.device("cuda"), pl.split_reg_budget(torch.bfloat16),
                                     pl.SPLIT_NUM_WARPS)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert sms <= capacity <= 16 * sms
@@ -173,8 +176,8 @@ def test_split_choice_checks_resident_capacity():
     base, targets, mask, old = _inputs(1, 4, 151936, torch.bfloat16, seed=7, pad=0)
     pl.fused_policy_loss_forward(base, None, targets, mask, torch.ones(1, device="cuda"), old, None, None, 1.0,
                                  LossConfig(), None, None, 1.0, variant="split")
-    regs = pl._SPLIT_REGS.get((torch.cuda.current_device(), torch.bfloat16, True))
-    assert regs is not None and 0 < regs <= pl.split_reg_budget(torch.bfloat16, 151936)
+    regs = pl._SPLIT_REGS.get((torch.cuda.current_device(), torch.bfloat16))
+    assert regs is not None and 0 < regs <= pl.split_reg_budget(torch.bfloat16)
 
 
 def test_logits_past_2_31_elements():

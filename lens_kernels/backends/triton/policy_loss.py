@@ -43,9 +43,12 @@ from ...config import LossConfig
 from .. import torch as torch_backend
 from ._common import (
     INTERPRETING,
+    VEC_BYTES,
     bad_target_nan,
     block_v,
+    check_element_aligned,
     check_kernel_dtype,
+    empty_grad_like,
     finish_stats,
     flat_rows,
     keep_rows,
@@ -53,8 +56,10 @@ from ._common import (
     merge_stats,
     num_warps_for,
     row_layout,
+    row_peel,
     row_offset,
     row_stats,
+    same_row_phase,
     softmax_stats_update,
     target_logit,
     temperature_args,
@@ -200,7 +205,9 @@ def _policy_loss_row_kernel(
     POLICY_LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     HAS_LOG_RATIO_CLAMP: tl.constexpr, HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
-    PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,  # gradient rows share the logits rows' 16-byte phase (same_row_phase)
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     keep = tl.load(keep_ptr + row) != 0
@@ -227,7 +234,7 @@ def _policy_loss_row_kernel(
             g_entropy = g_entropy * grad_scale
             # second sweep: on a GPU this re-read mostly misses L2 (see the split variant)
             write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, g_logp,
-                           inv_tau, HAS_ENTROPY_BONUS, BLOCK_V)
+                           inv_tau, HAS_ENTROPY_BONUS, GRAD_ALIGNED, BLOCK_V)
         _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                            loss, policy, kl, rho, entropy, logp)
     else:
@@ -260,7 +267,9 @@ def _policy_loss_split_kernel(
     POLICY_LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
     HAS_LOG_RATIO_CLAMP: tl.constexpr, HAS_OLD: tl.constexpr, HAS_IS: tl.constexpr, HAS_KL: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr, HAS_KL_CLAMP: tl.constexpr, HAS_ENTROPY_BONUS: tl.constexpr,
-    PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    PER_ROW_TAU: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,  # gradient rows share the logits rows' 16-byte phase (same_row_phase)
+    BLOCK_V: tl.constexpr,
     BLOCKS_POW2: tl.constexpr,  # next power of 2 of NUM_BLOCKS, to load all partials at once
 ):
     # The logical id comes from a ticket counter, not from program_id: a program holding ticket k is
@@ -269,23 +278,36 @@ def _policy_loss_split_kernel(
     # has all its blocks started and completes, whatever order the hardware dispatches programs in.
     pid = tl.atomic_add(ticket_ptr, 1, sem="relaxed").to(tl.int64)
     row = pid // NUM_BLOCKS
-    block = pid % NUM_BLOCKS
+    block = (pid % NUM_BLOCKS).to(tl.int32)  # int32 offsets within the row: fewer registers per value
     keep = tl.load(keep_ptr + row) != 0
-    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_range = offs < V
+    # The row is peeled (see _common): block b holds [b * BLOCK_V, (b + 1) * BLOCK_V) of the aligned body,
+    # which starts at the row's first 16-byte boundary; block 0 also holds the edge tile (head and tail).
+    # The body is at most V long, so cdiv(V, BLOCK_V) blocks cover it (the last one may be empty).
+    VEC: tl.constexpr = VEC_BYTES * 8 // logits_ptr.dtype.element_ty.primitive_bitwidth
+    row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
     grad_row_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
+    head, body_len, edge, edge_mask = row_peel(row_ptr, V, 2 * VEC)
+    edge_mask = tl.where(block == 0, edge_mask, False)
+    offs = block * BLOCK_V + tl.arange(0, BLOCK_V)  # from the body's start
+    in_range = offs < body_len
+    body_ptr = row_ptr + head
+    grad_body_ptr = grad_row_ptr + head
+    if GRAD_ALIGNED:  # both sides or neither (see _common.write_row_grad)
+        body_ptr = tl.multiple_of(body_ptr, VEC_BYTES)
+        grad_body_ptr = tl.multiple_of(grad_body_ptr, VEC_BYTES)
     if keep:
         if PER_ROW_TAU:
             tau = tl.load(tau_ptr + row)
         inv_tau = 1.0 / tau
-        row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
         # the only HBM read of this block: x stays in registers until its gradient is written
-        x = tl.load(row_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
+        x = tl.load(body_ptr + offs, mask=in_range, other=-float("inf")).to(tl.float32) * inv_tau
+        x_edge = tl.load(row_ptr + edge, mask=edge_mask, other=-float("inf")).to(tl.float32) * inv_tau
         # Everything read from the logits is read before the arrival is published: with inplace the
         # block that owns the target may write its gradient over it as soon as the row is complete.
         target = tl.load(targets_ptr + row)
         x_target = target_logit(row_ptr, target, V) * inv_tau
-        m_b, l_b, s_b = softmax_stats_update(x, -float("inf"), 0.0, 0.0)
+        m_b, l_b, s_b = softmax_stats_update(x_edge, -float("inf"), 0.0, 0.0)
+        m_b, l_b, s_b = softmax_stats_update(x, m_b, l_b, s_b)
         part_ptr = partials_ptr + (row * NUM_BLOCKS + block) * 3
         tl.store(part_ptr, m_b)
         tl.store(part_ptr + 1, l_b)
@@ -318,15 +340,21 @@ def _policy_loss_split_kernel(
         policy += bad
         g_logp += bad
         if WRITE_GRAD:
-            dz = logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp * grad_scale,
-                                  g_entropy * grad_scale, g_logp * grad_scale, inv_tau, HAS_ENTROPY_BONUS)
-            tl.store(grad_row_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
+            g_logp = g_logp * grad_scale
+            g_entropy = g_entropy * grad_scale
+            dz = logit_grad_block(x, head + offs, target, m_i, log_l, entropy, g_logp, g_entropy, g_logp, inv_tau,
+                                  HAS_ENTROPY_BONUS)
+            tl.store(grad_body_ptr + offs, dz.to(grad_ptr.dtype.element_ty), mask=in_range)
+            dz_edge = logit_grad_block(x_edge, edge, target, m_i, log_l, entropy, g_logp, g_entropy, g_logp,
+                                       inv_tau, HAS_ENTROPY_BONUS)
+            tl.store(grad_row_ptr + edge, dz_edge.to(grad_ptr.dtype.element_ty), mask=edge_mask)
         if block == 0:
             _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                                loss, policy, kl, rho, entropy, logp)
     else:
         if WRITE_GRAD:
-            tl.store(grad_row_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=in_range)
+            tl.store(grad_body_ptr + offs, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=in_range)
+            tl.store(grad_row_ptr + edge, tl.zeros([2 * VEC], dtype=grad_ptr.dtype.element_ty), mask=edge_mask)
         if block == 0:
             _store_row_outputs(row, loss_part_ptr, policy_part_ptr, kl_ptr, rho_ptr, entropy_ptr, logp_ptr,
                                0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
@@ -349,11 +377,17 @@ def _rescale_grad_kernel(
     if ratio != 1.0:
         row = tl.program_id(0).to(tl.int64)
         grad_row_ptr = grad_ptr + row_offset(row, rows_per_batch, grad_stride_b, grad_stride_t)
-        for start in range(0, V, BLOCK_V):
+        # peeled on the gradient row (see _common)
+        VEC: tl.constexpr = VEC_BYTES * 8 // grad_ptr.dtype.element_ty.primitive_bitwidth
+        head, body_len, edge, edge_mask = row_peel(grad_row_ptr, V, 2 * VEC)
+        g_edge = tl.load(grad_row_ptr + edge, mask=edge_mask, other=0.0).to(tl.float32)
+        tl.store(grad_row_ptr + edge, (g_edge * ratio).to(grad_ptr.dtype.element_ty), mask=edge_mask)
+        body_ptr = tl.multiple_of(grad_row_ptr + head, VEC_BYTES)
+        for start in range(0, body_len, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            in_range = offs < V
-            g = tl.load(grad_row_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
-            tl.store(grad_row_ptr + offs, (g * ratio).to(grad_ptr.dtype.element_ty), mask=in_range)
+            in_body = offs < body_len
+            g = tl.load(body_ptr + offs, mask=in_body, other=0.0).to(tl.float32)
+            tl.store(body_ptr + offs, (g * ratio).to(grad_ptr.dtype.element_ty), mask=in_body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,19 +395,19 @@ def _rescale_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 # Registers per thread the split kernel is held to by the static compile check (tests/test_triton_compile.py,
 # ptxas -v at sm_90 and sm_80); the capacity check uses it until a launch reports the real count.
-# bf16/fp16 rows with V a multiple of 8 (128-bit loads): ~104 registers, 2 programs per SM. fp32, or
-# V not a multiple of 8 (scalar loads, ~250 registers): 1 program per SM.
+# Rows are peeled (128-bit accesses whatever V and the row stride): bf16/fp16 ~80 registers, held to
+# 128 (2 programs per SM); fp32 ~140, held to 255 (1 program per SM).
 SPLIT_NUM_WARPS = 8
 
 
-def split_reg_budget(dtype: torch.dtype, vocab: int) -> int:
-    return 128 if dtype in (torch.bfloat16, torch.float16) and vocab % 8 == 0 else 255
+def split_reg_budget(dtype: torch.dtype) -> int:
+    return 128 if dtype in (torch.bfloat16, torch.float16) else 255
 
 
 # Only this fraction of the resident capacity may be needed by one row: the rest is headroom for other
 # streams' kernels and for SM limits the device properties do not report (green contexts).
 SPLIT_CAPACITY_FRACTION = 0.5
-_SPLIT_REGS = {}  # (device index, logits dtype, V % 8 == 0) -> registers per thread of the compiled split kernel
+_SPLIT_REGS = {}  # (device index, logits dtype) -> registers per thread of the compiled split kernel
 
 
 def resident_programs(device: torch.device, regs_per_thread: int, num_warps: int) -> int:
@@ -399,7 +433,7 @@ def split_fits(vocab: int, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether every block of a row can be resident at once (the split variant's progress condition)."""
     blocks = triton.cdiv(vocab, SPLIT_BLOCK_V)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    regs = _SPLIT_REGS.get((index, dtype, vocab % 8 == 0), split_reg_budget(dtype, vocab))
+    regs = _SPLIT_REGS.get((index, dtype), split_reg_budget(dtype))
     return blocks <= SPLIT_CAPACITY_FRACTION * resident_programs(device, regs, SPLIT_NUM_WARPS)
 
 
@@ -450,6 +484,9 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
     n = B * T
     device = logits.device
     lead = (B, T)
+    check_element_aligned(logits, "logits")
+    if grad is not None:
+        check_element_aligned(grad, "grad")
     mask_f = (mask != 0).to(torch.float32)  # kept = mask != 0: never a weight (README)
     agg = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_length=cfg.loss_norm_length,
                dp_size=cfg.dp_size)
@@ -471,7 +508,8 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
     grad_arg = grad if write_grad else logits
     _, grad_stride_b, grad_stride_t = row_layout(grad_arg)
     switches = _loss_switches(cfg, old_logps is not None, is_weights is not None, has_entropy_bonus)
-    switches.update(PER_ROW_TAU=tau_rows is not None, WRITE_GRAD=write_grad)
+    switches.update(PER_ROW_TAU=tau_rows is not None, WRITE_GRAD=write_grad,
+                    GRAD_ALIGNED=same_row_phase(logits, grad_arg))  # grad_arg is logits when no gradient
     head = (logits, t, keep, weight if tau_rows is None else tau_rows, adv, old, ref, is_w, weight, entropy_weight,
             grad_arg, *outputs.unbind(0))
     scalars = (tau, float(grad_scale)) + _loss_scalars(cfg)
@@ -490,7 +528,7 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
         regs = getattr(compiled, "n_regs", None)
         if isinstance(regs, int) and regs > 0 and device.type == "cuda":
             _SPLIT_REGS[(device.index if device.index is not None else torch.cuda.current_device(),
-                         logits.dtype, vocab % 8 == 0)] = regs
+                         logits.dtype)] = regs
     else:
         block = block_v(vocab)
         _policy_loss_row_kernel[(n,)](
@@ -583,7 +621,7 @@ class FusedPolicyLossFunction(torch.autograd.Function):
         GRAD_SCALE_WATCH.poll()
         grad = None
         if write_grad:
-            grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            grad = logits if inplace else empty_grad_like(logits)
         outputs = fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps, ref_logps,
                                             is_weights, temperature, cfg, num_tokens, num_sequences, grad_scale)
         if inplace and grad is not None:

@@ -15,12 +15,15 @@ import triton.language as tl
 from ._common import (
     bad_target_nan,
     block_v,
+    check_element_aligned,
     check_kernel_dtype,
+    empty_grad_like,
     keep_rows,
     num_warps_for,
     row_layout,
     row_offset,
     row_stats,
+    same_row_phase,
     temperature_args,
     write_row_grad,
     write_zero_row,
@@ -97,6 +100,7 @@ def _token_logprobs_bwd_kernel(
     # switches
     PER_ROW_TAU: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,  # gradient rows share the logits rows' 16-byte phase (same_row_phase)
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -117,7 +121,7 @@ def _token_logprobs_bwd_kernel(
         if HAS_ENTROPY_GRAD:
             g_entropy = tl.load(g_entropy_ptr + row)
         write_row_grad(row_ptr, grad_row_ptr, V, target, m_i, log_l, entropy, g_logp, g_entropy, g_logp,
-                       inv_tau, HAS_ENTROPY_GRAD, BLOCK_V)
+                       inv_tau, HAS_ENTROPY_GRAD, GRAD_ALIGNED, BLOCK_V)
     else:
         write_zero_row(grad_row_ptr, V, BLOCK_V)
 
@@ -126,6 +130,7 @@ def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=Fal
     """Launches the forward kernel. Returns [N] fp32 logp and entropy, [2, N] row stats, the flat row inputs
     (targets, keep, tau tensor, tau scalar) for backward, and [B] sequence sums or None."""
     check_kernel_dtype(logits, "token_logprobs")
+    check_element_aligned(logits, "logits")
     lead = tuple(logits.shape[:-1])
     vocab = logits.shape[-1]
     n = targets.numel()
@@ -151,7 +156,9 @@ def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=Fal
 
 
 def token_logprobs_backward(logits, grad, row_inputs, stats, entropy, g_logp, g_entropy):
-    """Writes dL/dz into ``grad`` (which may be ``logits`` itself): one read, one write."""
+    """Writes dL/dz into ``grad`` (which may be ``logits`` itself; ``empty_grad_like`` gives a buffer
+    whose stores are aligned as the loads are): one read, one write."""
+    check_element_aligned(grad, "grad")
     t, keep, tau_rows, tau = row_inputs
     n = t.numel()
     vocab = logits.shape[-1]
@@ -163,8 +170,8 @@ def token_logprobs_backward(logits, grad, row_inputs, stats, entropy, g_logp, g_
             logits, grad, t, keep, entropy if tau_rows is None else tau_rows, stats, entropy, g_logp,
             g_logp if g_entropy is None else g_entropy,
             rows_per_batch, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, tau,
-            PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None, BLOCK_V=block,
-            num_warps=num_warps_for(block),
+            PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None,
+            GRAD_ALIGNED=same_row_phase(logits, grad), BLOCK_V=block, num_warps=num_warps_for(block),
         )
     return grad
 
@@ -189,7 +196,7 @@ class TritonTokenLogprobsFunction(torch.autograd.Function):
         g_l = torch.zeros(n, dtype=torch.float32, device=entropy.device) if g_logp is None else \
             g_logp.reshape(n).float().contiguous()
         g_h = None if g_entropy is None else g_entropy.reshape(n).float().contiguous()
-        grad = logits if ctx.inplace_grad else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad = logits if ctx.inplace_grad else empty_grad_like(logits)
         token_logprobs_backward(logits, grad, ctx.row_inputs, stats, entropy, g_l, g_h)
         if ctx.inplace_grad:
             # the logits now hold the gradient: an op that saved them must raise, not read a gradient

@@ -16,12 +16,15 @@ import triton.language as tl
 
 from ._common import (
     block_v,
+    check_element_aligned,
     check_kernel_dtype,
+    empty_grad_like,
     flat_rows,
     num_warps_for,
     row_layout,
     row_offset,
     row_partials,
+    same_row_phase,
     temperature_args,
     write_row_grad,
     write_zero_row,
@@ -90,6 +93,7 @@ def _vocab_shard_grad_kernel(
     # switches
     PER_ROW_TAU: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,  # gradient rows share the logits rows' 16-byte phase (same_row_phase)
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -106,7 +110,8 @@ def _vocab_shard_grad_kernel(
         row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
         # the global lse stands in for m_i (log_l = 0): log p = y - lse, as the torch backend computes it
         write_row_grad(row_ptr, grad_row_ptr, V, tl.load(targets_ptr + row), tl.load(lse_ptr + row), 0.0,
-                       tl.load(entropy_ptr + row), g_logp, g_entropy, g_target, inv_tau, HAS_ENTROPY_GRAD, BLOCK_V)
+                       tl.load(entropy_ptr + row), g_logp, g_entropy, g_target, inv_tau, HAS_ENTROPY_GRAD,
+                       GRAD_ALIGNED, BLOCK_V)
     else:
         write_zero_row(grad_row_ptr, V, BLOCK_V)
 
@@ -123,6 +128,7 @@ def vocab_shard_partials(logits, targets, temperature=1.0):
     """Same contract as ``backends.torch.vocab_shard_partials``: (m_i, l_i, ey_i, target_shifted),
     four flat [N] fp32 tensors, from one read of ``logits`` [..., V_s] (strided rows allowed)."""
     check_kernel_dtype(logits, "vocab_shard_partials")
+    check_element_aligned(logits, "logits")
     n, t, tau, tau_rows = _shard_rows(logits, targets, temperature)
     vocab = logits.shape[-1]
     partials = torch.full((4, n), float("nan"), dtype=torch.float32, device=logits.device)
@@ -142,13 +148,14 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
     """Same contract as ``backends.torch.vocab_shard_grad``: dL/dlogits of the shard, shaped and
     typed as ``logits`` (written into it when ``inplace``), from one read and one write."""
     check_kernel_dtype(logits, "vocab_shard_grad")
+    check_element_aligned(logits, "logits")
     n, t, tau, tau_rows = _shard_rows(logits, targets, temperature)
     lead = (n,)
     lse, entropy, g_logp = (flat_rows(x, n, lead, logits.device) for x in (lse, entropy, g_logp))
     g_target = g_logp if g_target is None else flat_rows(g_target, n, lead, logits.device)
     g_entropy = None if g_entropy is None else flat_rows(g_entropy, n, lead, logits.device)
     vocab = logits.shape[-1]
-    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = logits if inplace else empty_grad_like(logits)
     if inplace:
         # the write below replaces the logits: an op that saved them for its backward must raise
         torch.autograd.graph.increment_version(logits)
@@ -160,7 +167,7 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
             logits, grad, t, lse if tau_rows is None else tau_rows, lse, entropy, g_logp,
             g_logp if g_entropy is None else g_entropy, g_target,
             rows_per_batch, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, tau,
-            PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None, BLOCK_V=block,
-            num_warps=num_warps_for(block),
+            PER_ROW_TAU=tau_rows is not None, HAS_ENTROPY_GRAD=g_entropy is not None,
+            GRAD_ALIGNED=same_row_phase(logits, grad), BLOCK_V=block, num_warps=num_warps_for(block),
         )
     return grad
