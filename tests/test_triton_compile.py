@@ -70,8 +70,6 @@ REG_BUDGET = {MERGE_KERNEL: 64}
 FWD_SM90_REG_BUDGET = 128
 # the merge's one pass: no loop, and one block load each of keep, targets and the 4 partial planes
 MERGE_BLOCK_LOADS = 6
-# row kernels whose gradient loop is their own, not _common's peeled sweep: scalar where V % 8 != 0
-UNPEELED = {"_chunk_row_grad_kernel"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,8 +449,6 @@ def test_merge_of_the_split_forward_is_one_pass(report):
 @pytest.mark.parametrize("kernel", sorted(ROW_LOOPS))
 def test_128_bit_row_accesses_at_every_vocabulary_size(report, kernel):
     for r in _rows(report, kernel):
-        if kernel in UNPEELED and r["V"] % 8:
-            continue  # policy_loss_from_hidden's own gradient loop: scalar on rows not 16-byte aligned
         assert r["v4_loads"] > 0, \
             f"promise broken: 128-bit global loads of a row (peeled sweep); {_where(r)} has none"
         if kernel in GRAD_WRITERS:

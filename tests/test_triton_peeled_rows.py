@@ -240,6 +240,35 @@ def test_vocab_shard_ops_on_rows_of_every_phase(V, phase, dtype):
     assert_close_scaled(inplace, z64.grad, GRAD_REL[dtype], "in-place dL/dz of the shard")
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", (1001, 4097))
+def test_fast_hidden_chunk_kernels_on_rows_of_every_phase(V, dtype):
+    """The fast hidden path's row kernels (``policy_loss_from_hidden``'s chunk step: statistics, then
+    dL/dz over the chunk in place) on a contiguous [rows, odd V] chunk, whose rows start at every
+    phase: the same peeled sweeps. Masked rows (NaN garbage, upstream gradient 0) become exact zeros."""
+    plh = importlib.import_module("lens_kernels.backends.triton.policy_loss_from_hidden")
+    seed = stable_seed("peeled-fast-chunk", V, str(dtype))
+    _, logits, targets, mask = _rows(V, dtype, 0, seed)
+    chunk = logits.reshape(-1, V).contiguous()  # rows at r * V: every phase for odd V
+    t, keep = targets.reshape(-1), mask.reshape(-1)
+    g = torch.Generator().manual_seed(seed + 1)
+    g_logp = torch.where(keep, torch.randn(len(t), generator=g), 0.0).to(DEVICE)
+    g_entropy = torch.where(keep, torch.randn(len(t), generator=g), 0.0).to(DEVICE)
+    seen = {}
+
+    def coef_fn(logp, entropy):
+        seen["logp"], seen["entropy"] = logp.clone(), entropy.clone()
+        return g_logp, g_entropy
+
+    want_logp, want_entropy, want_grad = _reference(chunk, t, keep, g_logp, g_entropy)
+    dz, _, _ = plh.triton_chunk_step(chunk.clone(), t, 1.0, coef_fn)
+    assert_close_scaled(seen["logp"][keep], want_logp[keep], VALUE_REL / 10, "logp")
+    assert_close_scaled(seen["entropy"][keep], want_entropy[keep], VALUE_REL, "entropy")
+    assert_close_scaled(dz, want_grad, GRAD_REL[dtype], "dL/dz")
+    assert (dz[~keep] == 0).all(), "a masked row (NaN garbage) gets an exact-zero gradient"
+    assert (dz[want_grad == 0] == 0).all(), "a -inf logit gets a gradient of exactly 0"
+
 def test_grad_buffers_keep_the_row_phase():
     """``empty_grad_like`` pads each leading stride by less than 16 bytes so that every gradient row
     starts at its logits row's phase; contiguous logits get a contiguous buffer."""

@@ -20,7 +20,7 @@ import triton.language as tl
 from ...config import LossConfig
 from .. import torch as torch_backend
 from ..torch import _common as torch_common
-from ._common import bad_target_nan, row_partials, target_logit
+from ._common import bad_target_nan, row_partials, target_logit, write_row_grad, write_zero_row
 from .linear_token_logprobs import check_dtype, linear_token_logprobs
 
 # vocabulary lanes one program holds per step of a row sweep
@@ -75,31 +75,22 @@ def _chunk_row_grad_kernel(
     row_ptr = logits_ptr + row * V
     g_logp = tl.load(g_logp_ptr + row)
     live = g_logp != 0.0
+    g_entropy = 0.0
     if HAS_ENTROPY_GRAD:
         g_entropy = tl.load(g_entropy_ptr + row)
         live = live | (g_entropy != 0.0)
     target = tl.load(targets_ptr + row)
     live = live | (target < 0) | (target >= V)  # a kept bad target (masked ones are 0): a NaN row below
     if not live:  # a masked token: write zeros, read nothing
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            tl.store(row_ptr + offs, tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty), mask=offs < V)
+        write_zero_row(row_ptr, V, BLOCK_V)
     else:
         inv_tau = 1.0 / (tl.load(tau_ptr + row) if PER_ROW_TAU else tau)
         g_logp += bad_target_nan(target, V)  # a kept target outside [0, V): a NaN gradient row
-        m_i = tl.load(m_ptr + row)
-        log_l = tl.load(log_l_ptr + row)
-        for v0 in range(0, V, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            v_in = offs < V
-            x = tl.load(row_ptr + offs, mask=v_in, other=-float("inf")).to(tl.float32) * inv_tau
-            log_p = (x - m_i) - log_l
-            p = tl.exp(log_p)
-            coef = -g_logp + tl.zeros([BLOCK_V], dtype=tl.float32)
-            if HAS_ENTROPY_GRAD:  # p == 0 (a -inf lane) must give 0, not 0 * inf
-                coef = coef - g_entropy * tl.where(p > 0, log_p + tl.load(entropy_ptr + row), 0.0)
-            dz = (p * coef + tl.where(offs == target, g_logp, 0.0)) * inv_tau
-            tl.store(row_ptr + offs, dz.to(logits_ptr.dtype.element_ty), mask=v_in)
+        # the shared peeled sweep (in place: the gradient row is the logits row, so its phase is the
+        # same and the body's loads and stores are 128-bit at any V)
+        write_row_grad(row_ptr, row_ptr, V, target, tl.load(m_ptr + row), tl.load(log_l_ptr + row),
+                       tl.load(entropy_ptr + row), g_logp, g_entropy, g_logp, inv_tau, HAS_ENTROPY_GRAD,
+                       True, BLOCK_V)
 
 
 def _tau_args(tau, rows: int, device):
