@@ -135,12 +135,31 @@ def test_model_path_loads_and_trains(tmp_path, capsys):
     (["--lens-groups", "some"], "--lens-groups must be"),
     (["--drop-carry", "1.5"], "--drop-carry must be"),
     (["--pass-k", "1,32"], "--pass-k needs 1 <= k <= --eval-samples"),
+    (["--rl-level-weights", "1,1"], "--rl-level-weights needs 5"),
+    (["--levels", "1,2", "--rl-level-weights", "0,0,1,1,1"], "not all zero on --levels"),
+    (["--lr-warmup-steps", "-1"], "--lr-warmup-steps must be >= 0"),
 ])
 def test_bad_flags_exit_with_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_config(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_rl_level_weights_and_lr_ramp():
+    import random
+
+    from lens_kernels.train.loop import rl_learning_rate
+    from lens_kernels.train.task import Task
+
+    config = parse_config(["--levels", "2,3,5", "--rl-level-weights", "9,0,1,7,1", "--lr", "1e-4",
+                           "--lr-warmup-steps", "4"])
+    assert config.rl_weights() == [0.0, 1.0, 1.0]  # the weights of levels 2, 3, 5
+    drawn = Task([2, 3, 5], test_per_level=5).sample(random.Random(0), 200, config.rl_weights())
+    assert {p[0] for p in drawn} == {3, 5}
+    assert parse_config([]).rl_weights() is None  # uniform over --levels
+    assert [rl_learning_rate(config, s) for s in (1, 2, 4, 9)] == pytest.approx([2.5e-5, 5e-5, 1e-4, 1e-4])
+    assert rl_learning_rate(parse_config([]), 1) == parse_config([]).lr
 
 
 def test_config_file_and_flag_precedence(tmp_path, capsys):

@@ -137,7 +137,8 @@ def aggregate(runs: Dict[str, Dict[int, List[Dict]]]) -> Dict:
     levels = list(first["pass"])  # "1", ..., "all"
     ks = list(first["pass"]["all"])
     out = {"seeds": seeds, "levels": levels, "ks": ks, "steps": _evals(runs[BASELINE][seeds[0]])[-1]["step"],
-           "warmup": {}, "methods": {}, "diff": {}}
+           "eval_steps": [r["step"] for r in _evals(runs[BASELINE][seeds[0]])],
+           "warmup": {}, "methods": {}, "diff": {}, "diff_curve": {}}
     for lvl in levels:
         out["warmup"][lvl] = {k: _spread([_evals(runs[BASELINE][s])[0]["pass"][lvl][k] for s in seeds]) for k in ks}
     out["warmup_greedy"] = {lvl: _spread([_evals(runs[BASELINE][s])[0]["test_acc"][lvl] for s in seeds])
@@ -155,14 +156,26 @@ def aggregate(runs: Dict[str, Dict[int, List[Dict]]]) -> Dict:
         if method == BASELINE:
             continue
         base_final = {s: _evals(runs[BASELINE][s])[-1] for s in seeds}
-        out["diff"][method] = {}
+        out["diff"][method], out["diff_curve"][method] = {}, {}
         for lvl in levels:
-            out["diff"][method][lvl] = {}
+            out["diff"][method][lvl], out["diff_curve"][method][lvl] = {}, {}
             for k in ks:
                 diffs = [final[s]["pass"][lvl][k] - base_final[s]["pass"][lvl][k] for s in seeds]
-                mean, lo, hi = paired_bootstrap(diffs)
-                out["diff"][method][lvl][k] = {"mean": mean, "low": lo, "high": hi, "values": diffs}
+                out["diff"][method][lvl][k] = _paired(diffs)
+                diffs = [_curve_mean(runs[method][s], lvl, k) - _curve_mean(runs[BASELINE][s], lvl, k) for s in seeds]
+                out["diff_curve"][method][lvl][k] = _paired(diffs)
     return out
+
+
+def _paired(diffs: List[float]) -> Dict:
+    mean, lo, hi = paired_bootstrap(diffs)
+    return {"mean": mean, "low": lo, "high": hi, "values": diffs}
+
+
+def _curve_mean(records: List[Dict], lvl: str, k: str) -> float:
+    """Mean of a held-out score over the evaluations after the warm-up: the area under the learning curve
+    per step. A method that learns faster scores higher even when both end at the same ceiling."""
+    return statistics.fmean(r["pass"][lvl][k] for r in _evals(records) if r["step"] > 0)
 
 
 def _k(name: str) -> str:
@@ -185,13 +198,18 @@ def comparison_table(result: Dict, config: TrainConfig) -> str:
                  f"{statistics.fmean(v['mean'] for v in greedy.values()):.3f}")
             cells = " | ".join(f"{table[lvl][k]['mean']:.3f} ± {table[lvl][k]['std']:.3f}" for k in ks)
             lines.append(f"| {name} | {'L' + lvl if lvl != 'all' else 'all'} | {cells} | {g} |")
-    for method, diff in result["diff"].items():
-        lines += ["", f"Paired difference {LABELS.get(method, method)} - GRPO (same warm-up, prompts and evaluation "
-                  f"draws per seed): mean [95% paired bootstrap interval over {n} seeds].", "",
-                  "| level | " + " | ".join(_k(k) for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-        for lvl in levels:
-            lines.append(f"| {'L' + lvl if lvl != 'all' else 'all'} | " + " | ".join(
-                f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diff[lvl][k] for k in ks)) + " |")
+    curve_steps = [r for r in result.get("eval_steps", []) if r > 0]
+    for key, when in (("diff", f"after {result['steps']} RL steps"),
+                      ("diff_curve", "averaged over the evaluations during RL (steps "
+                       f"{', '.join(map(str, curve_steps)) or 'after 0'}: the area under the learning curve, "
+                       "which also counts how fast a method learns)")):
+        for method, diff in result.get(key, {}).items():
+            lines += ["", f"Paired difference {LABELS.get(method, method)} - GRPO {when} (same warm-up, prompts and "
+                      f"evaluation draws per seed): mean [95% paired bootstrap interval over {n} seeds].", "",
+                      "| level | " + " | ".join(_k(k) for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+            for lvl in levels:
+                lines.append(f"| {'L' + lvl if lvl != 'all' else 'all'} | " + " | ".join(
+                    f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diff[lvl][k] for k in ks)) + " |")
     lines += ["", "Means over the RL steps (mean ± std over seeds): negative groups (all levels / hard levels), "
               "old-policy confidence of the wrong answers in negative groups (all / hard levels), mean |A| per "
               "group kind, entropy.", "",

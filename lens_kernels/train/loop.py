@@ -366,6 +366,17 @@ def transitions(before: Dict[str, List[int]], after: Dict[str, List[int]], n: in
     return out
 
 
+def rl_learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of RL step ``step`` (1-based): a linear ramp over ``lr_warmup_steps``, then ``lr``.
+
+    Why a ramp: Adam divides by a second-moment estimate built from the few gradients seen so far, so its
+    first updates move every weight by about ``lr`` whatever the size of the signal, and early RL batches
+    carry little signal (most groups negative or all-correct)."""
+    if config.lr_warmup_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, step / config.lr_warmup_steps)
+
+
 def train_rl(setup: Setup, out_dir: str, warm_eval: Dict) -> Dict:
     """RL from the warm-up weights now in ``setup.model``; writes metrics.jsonl, checkpoint.pt,
     summary.json under ``out_dir``. ``warm_eval`` is the warm-up's held-out evaluation. Returns the
@@ -415,8 +426,10 @@ def train_rl(setup: Setup, out_dir: str, warm_eval: Dict) -> Dict:
     bar = _bar(config.steps, f"RL {name} seed {config.seed}", config, initial=start - 1)
     for step in range(start, config.steps + 1):
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = rl_learning_rate(config, step)
         model.eval()
-        problems = setup.task.sample(data_rng, config.prompts_per_step)
+        problems = setup.task.sample(data_rng, config.prompts_per_step, config.rl_weights())
         batch = rollout(model, setup.tokenizer, problems, G, P, C, temperature=config.temperature,
                         generator=sampler, device=device)
         completions = batch.completions
