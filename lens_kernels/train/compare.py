@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 
 from .config import TrainConfig
-from .loop import Setup, log, read_metrics, train_rl, warmup
+from .loop import EARLY_STEPS, Setup, log, read_metrics, train_rl, warmup
 from .stats import paired_bootstrap
 
 # method name -> (estimator, lens_groups)
@@ -25,7 +25,6 @@ BASELINE = "grpo"
 # per-step metrics averaged in the comparison, over all RL steps and over the first EARLY_STEPS
 STEP_METRICS = ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative", "confidence_negative_hard",
                 "mean_abs_adv_negative", "mean_abs_adv_mixed", "entropy")
-EARLY_STEPS = 10
 # the warm-up options: a cached seed warm-up is reused only when these match
 WARMUP_KEYS = ("levels", "test_per_level", "eval_samples", "pass_k", "arch", "hidden_size", "layers", "heads",
                "warmup_steps", "warmup_batch", "warmup_lr", "shortcut_steps", "drop_carry", "warmup_level_weights",
@@ -224,8 +223,10 @@ def comparison_table(result: Dict, config: TrainConfig) -> str:
                   "mean abs A negative | mean abs A mixed | entropy |", "|---" * 8 + "|"]
         for method, r in result["methods"].items():
             r = r["early"] if early else r
+            # LENS's negative-group |A| is bounded by alpha / G and is typically 1e-3: four decimals
             lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(
-                f"{r[name]['mean']:.3f} ± {r[name]['std']:.3f}" for name in STEP_METRICS) + " |")
+                f"{r[name]['mean']:.{4 if name == 'mean_abs_adv_negative' else 3}f} ± "
+                f"{r[name]['std']:.{4 if name == 'mean_abs_adv_negative' else 3}f}" for name in STEP_METRICS) + " |")
     return "\n".join(lines)
 
 

@@ -205,6 +205,8 @@ def sequence_logprobs(model, sequences: torch.Tensor, completions: torch.Tensor,
 GROUP_FRACTIONS = ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups")
 ABS_ADV_KINDS = ("negative", "mixed")
 ADVANTAGE_METRIC_PREFIXES = ("frac_", "mean_abs_adv_", "mean_confidence_")
+# the "early" means of the summary and the comparison: the first RL steps, where the paper's regime is
+EARLY_STEPS = 10
 
 
 def fused_step_blocker(config: TrainConfig) -> Optional[str]:
@@ -499,8 +501,8 @@ def summarize(records: List[Dict]) -> Dict:
     evals = [r for r in records if "test_acc" in r]
     first, last = evals[0], evals[-1]
 
-    def mean(key):
-        values = [r[key] for r in rl if r.get(key) == r.get(key)]  # NaN-free
+    def mean(key, steps=None):
+        values = [r[key] for r in rl[:steps] if r.get(key) == r.get(key)]  # NaN-free
         return sum(values) / len(values) if values else float("nan")
 
     out = {"warmup_test_acc": first["test_acc"], "final_test_acc": last["test_acc"],
@@ -509,6 +511,9 @@ def summarize(records: List[Dict]) -> Dict:
     for key in ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative",
                 "confidence_negative_hard", "reward", "tokens_per_s"):
         out[f"mean_{key}"] = mean(key)
+    # the paper's regime is the start of RL: before the policy unlearns its confident mistakes
+    for key in ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative"):
+        out[f"early_{key}"] = mean(key, EARLY_STEPS)
     return out
 
 
