@@ -49,7 +49,7 @@ class TrainConfig:
     layers: int = 2
     heads: int = 4
     # supervised warm-up
-    warmup_steps: int = field(default=600, metadata={"help": "supervised steps before RL"})
+    warmup_steps: int = field(default=1200, metadata={"help": "supervised steps before RL"})
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
     shortcut_steps: int = field(default=150, metadata={
@@ -172,7 +172,8 @@ class TrainConfig:
 
 
 # --smoke: seconds on CPU (CI). Too short for the warm-up to learn addition (that takes a few hundred steps
-# of the default model), so what it checks is the pipeline and the RL mechanism on negative groups.
+# of the default model), so what it checks is the pipeline and the RL mechanism on negative groups; the
+# RL effect itself is tested on a 450-step warm-up (tests/test_train_cli.py, about 22 s).
 SMOKE = dict(levels="1,2", test_per_level=10, hidden_size=32, layers=2, heads=2, warmup_steps=60, shortcut_steps=20,
              warmup_batch=32, steps=6, prompts_per_step=4, group_size=8, inner_updates=1, grad_accum=2,
              eval_samples=8, pass_k="1,2,4,8", hard_levels="2", eval_every=3, checkpoint_every=3)
