@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from .config import TrainConfig, parse_config  # noqa: E402
-from .loop import Setup, log, resolve_device, summary_table, train_rl, warmup  # noqa: E402
+from .loop import EARLY_STEPS, Setup, log, resolve_device, summary_table, train_rl, warmup  # noqa: E402
 
 
 def print_config(config: TrainConfig) -> None:
@@ -33,7 +33,9 @@ def run_single(config: TrainConfig, device: torch.device) -> None:
         + summary_table(summary))
     log(f"mean over RL steps: negative groups {summary['mean_frac_negative_groups']:.2f} (hard levels "
         f"{summary['mean_frac_negative_groups_hard']:.2f}), confidence of their wrong answers "
-        f"{summary['mean_confidence_negative']:.2f}, reward {summary['mean_reward']:.2f}")
+        f"{summary['mean_confidence_negative']:.2f}, reward {summary['mean_reward']:.2f}; over the first "
+        f"{EARLY_STEPS} steps: negative groups {summary['early_frac_negative_groups']:.2f} (hard levels "
+        f"{summary['early_frac_negative_groups_hard']:.2f}), confidence {summary['early_confidence_negative']:.2f}")
     out = os.path.abspath(config.out)
     log(f"\noutputs in {out}: metrics.jsonl (per step), summary.json, checkpoint.pt, warmup.pt")
 

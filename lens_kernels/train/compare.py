@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 
 from .config import TrainConfig
-from .loop import Setup, log, read_metrics, train_rl, warmup
+from .loop import EARLY_STEPS, Setup, log, read_metrics, train_rl, warmup
 from .stats import paired_bootstrap
 
 # method name -> (estimator, lens_groups)
@@ -22,6 +22,9 @@ LABELS = {"grpo": "GRPO", "lens": "LENS", "lens_neg": "LENS, negative groups onl
           "lens_mixed": "LENS, mixed groups only"}
 COLORS = {"grpo": "tab:blue", "lens": "tab:red", "lens_neg": "tab:orange", "lens_mixed": "tab:purple"}
 BASELINE = "grpo"
+# per-step metrics averaged in the comparison, over all RL steps and over the first EARLY_STEPS
+STEP_METRICS = ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative", "confidence_negative_hard",
+                "mean_abs_adv_negative", "mean_abs_adv_mixed", "entropy")
 # the warm-up options: a cached seed warm-up is reused only when these match
 WARMUP_KEYS = ("levels", "test_per_level", "eval_samples", "pass_k", "arch", "hidden_size", "layers", "heads",
                "warmup_steps", "warmup_batch", "warmup_lr", "shortcut_steps", "drop_carry", "warmup_level_weights",
@@ -137,7 +140,8 @@ def aggregate(runs: Dict[str, Dict[int, List[Dict]]]) -> Dict:
     levels = list(first["pass"])  # "1", ..., "all"
     ks = list(first["pass"]["all"])
     out = {"seeds": seeds, "levels": levels, "ks": ks, "steps": _evals(runs[BASELINE][seeds[0]])[-1]["step"],
-           "warmup": {}, "methods": {}, "diff": {}}
+           "eval_steps": [r["step"] for r in _evals(runs[BASELINE][seeds[0]])],
+           "warmup": {}, "methods": {}, "diff": {}, "diff_curve": {}}
     for lvl in levels:
         out["warmup"][lvl] = {k: _spread([_evals(runs[BASELINE][s])[0]["pass"][lvl][k] for s in seeds]) for k in ks}
     out["warmup_greedy"] = {lvl: _spread([_evals(runs[BASELINE][s])[0]["test_acc"][lvl] for s in seeds])
@@ -149,20 +153,34 @@ def aggregate(runs: Dict[str, Dict[int, List[Dict]]]) -> Dict:
             "pass": {lvl: {k: _spread([final[s]["pass"][lvl][k] for s in seeds]) for k in ks} for lvl in levels},
             "greedy": {lvl: _spread([final[s]["test_acc"][lvl] for s in seeds]) for lvl in first["test_acc"]},
             **{name: _spread([_nanmean([r.get(name, float("nan")) for r in rl[s]]) for s in seeds])
-               for name in ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative",
-                            "confidence_negative_hard", "mean_abs_adv_negative", "mean_abs_adv_mixed", "entropy")},
+               for name in STEP_METRICS},
+            # the regime the paper's claim is about is the start of RL, before the shortcut is unlearned
+            "early": {name: _spread([_nanmean([r.get(name, float("nan")) for r in rl[s][:EARLY_STEPS]])
+                                     for s in seeds]) for name in STEP_METRICS},
         }
         if method == BASELINE:
             continue
         base_final = {s: _evals(runs[BASELINE][s])[-1] for s in seeds}
-        out["diff"][method] = {}
+        out["diff"][method], out["diff_curve"][method] = {}, {}
         for lvl in levels:
-            out["diff"][method][lvl] = {}
+            out["diff"][method][lvl], out["diff_curve"][method][lvl] = {}, {}
             for k in ks:
                 diffs = [final[s]["pass"][lvl][k] - base_final[s]["pass"][lvl][k] for s in seeds]
-                mean, lo, hi = paired_bootstrap(diffs)
-                out["diff"][method][lvl][k] = {"mean": mean, "low": lo, "high": hi, "values": diffs}
+                out["diff"][method][lvl][k] = _paired(diffs)
+                diffs = [_curve_mean(runs[method][s], lvl, k) - _curve_mean(runs[BASELINE][s], lvl, k) for s in seeds]
+                out["diff_curve"][method][lvl][k] = _paired(diffs)
     return out
+
+
+def _paired(diffs: List[float]) -> Dict:
+    mean, lo, hi = paired_bootstrap(diffs)
+    return {"mean": mean, "low": lo, "high": hi, "values": diffs}
+
+
+def _curve_mean(records: List[Dict], lvl: str, k: str) -> float:
+    """Mean of a held-out score over the evaluations after the warm-up: the area under the learning curve
+    per step. A method that learns faster scores higher even when both end at the same ceiling."""
+    return statistics.fmean(r["pass"][lvl][k] for r in _evals(records) if r["step"] > 0)
 
 
 def _k(name: str) -> str:
@@ -185,23 +203,30 @@ def comparison_table(result: Dict, config: TrainConfig) -> str:
                  f"{statistics.fmean(v['mean'] for v in greedy.values()):.3f}")
             cells = " | ".join(f"{table[lvl][k]['mean']:.3f} ± {table[lvl][k]['std']:.3f}" for k in ks)
             lines.append(f"| {name} | {'L' + lvl if lvl != 'all' else 'all'} | {cells} | {g} |")
-    for method, diff in result["diff"].items():
-        lines += ["", f"Paired difference {LABELS.get(method, method)} - GRPO (same warm-up, prompts and evaluation "
-                  f"draws per seed): mean [95% paired bootstrap interval over {n} seeds].", "",
-                  "| level | " + " | ".join(_k(k) for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-        for lvl in levels:
-            lines.append(f"| {'L' + lvl if lvl != 'all' else 'all'} | " + " | ".join(
-                f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diff[lvl][k] for k in ks)) + " |")
-    lines += ["", "Means over the RL steps (mean ± std over seeds): negative groups (all levels / hard levels), "
-              "old-policy confidence of the wrong answers in negative groups (all / hard levels), mean |A| per "
-              "group kind, entropy.", "",
-              "| method | negative groups | negative, hard | confidence in negative groups | same, hard | "
-              "mean abs A negative | mean abs A mixed | entropy |", "|---" * 8 + "|"]
-    for method, r in result["methods"].items():
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(
-            f"{r[name]['mean']:.3f} ± {r[name]['std']:.3f}" for name in (
-                "frac_negative_groups", "frac_negative_groups_hard", "confidence_negative",
-                "confidence_negative_hard", "mean_abs_adv_negative", "mean_abs_adv_mixed", "entropy")) + " |")
+    curve_steps = [r for r in result.get("eval_steps", []) if r > 0]
+    for key, when in (("diff", f"after {result['steps']} RL steps"),
+                      ("diff_curve", "averaged over the evaluations during RL (steps "
+                       f"{', '.join(map(str, curve_steps)) or 'after 0'}: the area under the learning curve, "
+                       "which also counts how fast a method learns)")):
+        for method, diff in result.get(key, {}).items():
+            lines += ["", f"Paired difference {LABELS.get(method, method)} - GRPO {when} (same warm-up, prompts and "
+                      f"evaluation draws per seed): mean [95% paired bootstrap interval over {n} seeds].", "",
+                      "| level | " + " | ".join(_k(k) for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+            for lvl in levels:
+                lines.append(f"| {'L' + lvl if lvl != 'all' else 'all'} | " + " | ".join(
+                    f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" for d in (diff[lvl][k] for k in ks)) + " |")
+    for early, span in ((False, "all RL steps"), (True, f"the first {EARLY_STEPS} RL steps")):
+        lines += ["", f"Means over {span} (mean ± std over seeds): negative groups (all levels / hard levels), "
+                  "old-policy confidence of the wrong answers in negative groups (all / hard levels), mean |A| per "
+                  "group kind, entropy.", "",
+                  "| method | negative groups | negative, hard | confidence in negative groups | same, hard | "
+                  "mean abs A negative | mean abs A mixed | entropy |", "|---" * 8 + "|"]
+        for method, r in result["methods"].items():
+            r = r["early"] if early else r
+            # LENS's negative-group |A| is bounded by alpha / G and is typically 1e-3: four decimals
+            lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(
+                f"{r[name]['mean']:.{4 if name == 'mean_abs_adv_negative' else 3}f} ± "
+                f"{r[name]['std']:.{4 if name == 'mean_abs_adv_negative' else 3}f}" for name in STEP_METRICS) + " |")
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ class TrainConfig:
     layers: int = 2
     heads: int = 4
     # supervised warm-up
-    warmup_steps: int = field(default=600, metadata={"help": "supervised steps before RL"})
+    warmup_steps: int = field(default=1200, metadata={"help": "supervised steps before RL"})
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
     shortcut_steps: int = field(default=150, metadata={
@@ -64,7 +64,12 @@ class TrainConfig:
     prompts_per_step: int = 16
     group_size: int = 16
     temperature: float = 1.0
+    rl_level_weights: str = field(default="", metadata={
+        "help": "sampling weight of each level 1-5 for the RL prompts (empty: uniform over --levels); "
+                "0,0,1,1,1 draws RL prompts from the hard levels only, where most groups are negative"})
     lr: float = 1e-4
+    lr_warmup_steps: int = field(default=0, metadata={
+        "help": "RL steps over which the learning rate rises linearly to --lr"})
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     inner_updates: int = field(default=1, metadata={"help": "optimizer steps per rollout batch (mini-batches)"})
@@ -101,16 +106,18 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self.level_list()
-        if self.warmup_level_weights:
+        for name in ("warmup_level_weights", "rl_level_weights"):
+            text = getattr(self, name)
+            if not text:
+                continue
             try:
-                weights = [float(x) for x in self.warmup_level_weights.split(",")]
+                weights = [float(x) for x in text.split(",")]
             except ValueError:
                 weights = []
             picked = [weights[lvl - 1] for lvl in self.level_list()] if len(weights) == len(LEVELS) else []
             if not picked or min(weights) < 0 or sum(picked) <= 0:
-                raise ValueError(f"--warmup-level-weights needs {len(LEVELS)} comma-separated non-negative weights "
-                                 f"(levels 1-{len(LEVELS)}), not all zero on --levels; got "
-                                 f"{self.warmup_level_weights!r}")
+                raise ValueError(f"--{name.replace('_', '-')} needs {len(LEVELS)} comma-separated non-negative "
+                                 f"weights (levels 1-{len(LEVELS)}), not all zero on --levels; got {text!r}")
         for name in ("seeds", "prompts_per_step", "group_size", "inner_updates", "grad_accum", "eval_every",
                      "checkpoint_every", "warmup_batch", "test_per_level", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
@@ -131,7 +138,7 @@ class TrainConfig:
                              f"{self.pass_k!r}, {self.hard_levels!r}") from None
         if self.eval_samples < 0 or (self.eval_samples and (not ks or ks[0] < 1 or ks[-1] > self.eval_samples)):
             raise ValueError(f"--pass-k needs 1 <= k <= --eval-samples ({self.eval_samples}), got {self.pass_k!r}")
-        for name in ("steps", "warmup_steps", "threads", "shortcut_steps"):
+        for name in ("steps", "warmup_steps", "threads", "shortcut_steps", "lr_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -148,9 +155,16 @@ class TrainConfig:
         return self
 
     def warmup_weights(self):
-        if not self.warmup_level_weights:
+        return self._level_weights(self.warmup_level_weights)
+
+    def rl_weights(self):
+        return self._level_weights(self.rl_level_weights)
+
+    def _level_weights(self, text: str):
+        """The weights of the selected levels, in level order; None (uniform) for an empty string."""
+        if not text:
             return None
-        weights = [float(x) for x in self.warmup_level_weights.split(",")]
+        weights = [float(x) for x in text.split(",")]
         return [weights[lvl - 1] for lvl in self.level_list()]
 
     def to_dict(self):
@@ -158,7 +172,8 @@ class TrainConfig:
 
 
 # --smoke: seconds on CPU (CI). Too short for the warm-up to learn addition (that takes a few hundred steps
-# of the default model), so what it checks is the pipeline and the RL mechanism on negative groups.
+# of the default model), so what it checks is the pipeline and the RL mechanism on negative groups; the
+# RL effect itself is tested on a 450-step warm-up (tests/test_train_cli.py, about 22 s).
 SMOKE = dict(levels="1,2", test_per_level=10, hidden_size=32, layers=2, heads=2, warmup_steps=60, shortcut_steps=20,
              warmup_batch=32, steps=6, prompts_per_step=4, group_size=8, inner_updates=1, grad_accum=2,
              eval_samples=8, pass_k="1,2,4,8", hard_levels="2", eval_every=3, checkpoint_every=3)

@@ -205,6 +205,8 @@ def sequence_logprobs(model, sequences: torch.Tensor, completions: torch.Tensor,
 GROUP_FRACTIONS = ("frac_negative_groups", "frac_mixed_groups", "frac_all_correct_groups")
 ABS_ADV_KINDS = ("negative", "mixed")
 ADVANTAGE_METRIC_PREFIXES = ("frac_", "mean_abs_adv_", "mean_confidence_")
+# the "early" means of the summary and the comparison: the first RL steps, where the paper's regime is
+EARLY_STEPS = 10
 
 
 def fused_step_blocker(config: TrainConfig) -> Optional[str]:
@@ -366,6 +368,17 @@ def transitions(before: Dict[str, List[int]], after: Dict[str, List[int]], n: in
     return out
 
 
+def rl_learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of RL step ``step`` (1-based): a linear ramp over ``lr_warmup_steps``, then ``lr``.
+
+    Why a ramp: Adam divides by a second-moment estimate built from the few gradients seen so far, so its
+    first updates move every weight by about ``lr`` whatever the size of the signal, and early RL batches
+    carry little signal (most groups negative or all-correct)."""
+    if config.lr_warmup_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, step / config.lr_warmup_steps)
+
+
 def train_rl(setup: Setup, out_dir: str, warm_eval: Dict) -> Dict:
     """RL from the warm-up weights now in ``setup.model``; writes metrics.jsonl, checkpoint.pt,
     summary.json under ``out_dir``. ``warm_eval`` is the warm-up's held-out evaluation. Returns the
@@ -415,8 +428,10 @@ def train_rl(setup: Setup, out_dir: str, warm_eval: Dict) -> Dict:
     bar = _bar(config.steps, f"RL {name} seed {config.seed}", config, initial=start - 1)
     for step in range(start, config.steps + 1):
         t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = rl_learning_rate(config, step)
         model.eval()
-        problems = setup.task.sample(data_rng, config.prompts_per_step)
+        problems = setup.task.sample(data_rng, config.prompts_per_step, config.rl_weights())
         batch = rollout(model, setup.tokenizer, problems, G, P, C, temperature=config.temperature,
                         generator=sampler, device=device)
         completions = batch.completions
@@ -486,8 +501,8 @@ def summarize(records: List[Dict]) -> Dict:
     evals = [r for r in records if "test_acc" in r]
     first, last = evals[0], evals[-1]
 
-    def mean(key):
-        values = [r[key] for r in rl if r.get(key) == r.get(key)]  # NaN-free
+    def mean(key, steps=None):
+        values = [r[key] for r in rl[:steps] if r.get(key) == r.get(key)]  # NaN-free
         return sum(values) / len(values) if values else float("nan")
 
     out = {"warmup_test_acc": first["test_acc"], "final_test_acc": last["test_acc"],
@@ -496,6 +511,9 @@ def summarize(records: List[Dict]) -> Dict:
     for key in ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative",
                 "confidence_negative_hard", "reward", "tokens_per_s"):
         out[f"mean_{key}"] = mean(key)
+    # the paper's regime is the start of RL: before the policy unlearns its confident mistakes
+    for key in ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative"):
+        out[f"early_{key}"] = mean(key, EARLY_STEPS)
     return out
 
 
