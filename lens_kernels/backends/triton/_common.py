@@ -77,22 +77,27 @@ def row_offset(row, rows_per_batch, stride_b, stride_t):
 
 
 @triton.jit
-def softmax_stats_update(x, m_i, l_i, s_i):
-    """Folds one block of scaled logits x into the running (max, sum, entropy) state of a row.
+def softmax_stats_update(x, m_i, l_i, s_i, AXIS: tl.constexpr):
+    """Folds scaled logits x into running (max, sum, entropy) states, reducing over AXIS: a 1-D block
+    into a row's scalar state (AXIS = 0), or a [R, W] tile into [R] states (AXIS = 1: the lanes of a
+    peeled sweep, ``row_partials``, or the token rows of the lean hidden forward).
 
     m_i: running max; l_i = sum exp(x - m_i); s_i = sum exp(x - m_i) (x - m_i). Keeping s_i relative
     to the running max (instead of sum p x) avoids the cancellation of lse - E[x] when |x| ~ 1e4.
-    Lanes holding -inf (out of range, or a banned token) contribute nothing.
+    Entries holding -inf (out of range, or a banned token) contribute nothing; a NaN makes l NaN.
+    With one lane per thread (AXIS = 1 in ``row_partials``) every reduction stays in registers: no
+    shuffle and no barrier in the sweep; ``merge_stats`` joins the lanes once, after it.
     """
-    m_new = tl.maximum(m_i, tl.max(x, 0))
-    # A prefix of -inf lanes leaves m at -inf: shift by 0 then, so that no inf - inf appears.
+    m_new = tl.maximum(m_i, tl.max(x, AXIS))
+    # A prefix of -inf entries leaves m at -inf: shift by 0 then, so that no inf - inf appears.
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
-    prev_shift = tl.where(l_i > 0, m_i - m_safe, 0.0)
-    e = tl.exp(x - m_safe)
-    shifted = tl.where(e > 0, x - m_safe, 0.0)
-    s_i = alpha * (s_i + prev_shift * l_i) + tl.sum(e * shifted, 0)
-    l_i = alpha * l_i + tl.sum(e, 0)
+    prev_shift = tl.where(l_i > 0, m_i - m_safe, 0.0)  # no -inf * 0 on the first block
+    shifted = x - tl.expand_dims(m_safe, AXIS)
+    e = tl.exp(shifted)
+    shifted = tl.where(e > 0, shifted, 0.0)  # e == 0 adds 0, not 0 * -inf
+    s_i = alpha * (s_i + prev_shift * l_i) + tl.sum(e * shifted, AXIS)
+    l_i = alpha * l_i + tl.sum(e, AXIS)
     return m_new, l_i, s_i
 
 
@@ -125,41 +130,23 @@ def logit_grad_block(x, offs, target, m_i, log_l, entropy, g_logp, g_entropy, g_
 
 
 @triton.jit
-def merge_stats(m_p, l_p, s_p):
-    """(m_i, l_i, s_i) of a row from partial states (vectors: the blocks of a row in ``split``).
+def merge_stats(m_p, l_p, s_p, AXIS: tl.constexpr):
+    """(m_i, l_i, s_i) from partial states, reducing over AXIS: the blocks of a row in ``split``, the
+    lanes of a peeled sweep (AXIS = 0), or the vocabulary slices of [rows, slices] partials in the
+    lean hidden forward (AXIS = 1).
 
     Partials with l == 0 (only -inf seen) add nothing; a NaN partial makes the row NaN (the test is
     l == 0, not l > 0, which would drop it).
     """
-    m_i = tl.max(m_p, 0)
+    m_i = tl.max(m_p, AXIS)
     m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
     empty = l_p == 0
-    shift = tl.where(empty, 0.0, m_p - m_safe)  # an empty partial's m is -inf: keep it out of the products
+    # an empty partial's m is -inf: keep it out of the products
+    shift = tl.where(empty, 0.0, m_p - tl.expand_dims(m_safe, AXIS))
     scale = tl.where(empty, 0.0, tl.exp(shift))
-    l_i = tl.sum(l_p * scale, 0)
-    s_i = tl.sum(scale * (s_p + shift * l_p), 0)
+    l_i = tl.sum(l_p * scale, AXIS)
+    s_i = tl.sum(scale * (s_p + shift * l_p), AXIS)
     return m_i, l_i, s_i
-
-
-@triton.jit
-def lane_stats_update(x, m_i, l_i, s_i):
-    """``softmax_stats_update`` lane by lane: folds a [LANES, W] tile into [LANES] running states.
-
-    With one lane per thread (``tile_lanes``) every reduction stays in registers: no shuffle and no
-    barrier in the sweep. The same semantics as the block-wide update, per lane: -inf adds nothing,
-    s is relative to the lane's running max, NaN makes the lane's l NaN. ``merge_stats`` joins the
-    lanes once, after the sweep.
-    """
-    m_new = tl.maximum(m_i, tl.max(x, 1))
-    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    prev_shift = tl.where(l_i > 0, m_i - m_safe, 0.0)
-    shifted = x - m_safe[:, None]
-    e = tl.exp(shifted)
-    shifted = tl.where(e > 0, shifted, 0.0)
-    s_i = alpha * (s_i + prev_shift * l_i) + tl.sum(e * shifted, 1)
-    l_i = alpha * l_i + tl.sum(e, 1)
-    return m_new, l_i, s_i
 
 
 @triton.jit
@@ -190,7 +177,7 @@ def row_partials(row_ptr, V, inv_tau, BLOCK_V: tl.constexpr):
 
     Peeled (module doc): the edge tile seeds the lanes, one element per lane (m = x, l = 1 unless
     x = -inf, s = 0; a NaN or +inf element makes the row NaN in the merge, as the block-wide update
-    does); the aligned body is folded per lane (``lane_stats_update``); the lanes merge once. The
+    does); the aligned body is folded per lane (``softmax_stats_update`` over axis 1); the lanes merge once. The
     edge needs LANES >= 2 VEC - 2 lanes, or LANES >= V: ``tile_vec`` sees to it.
     """
     ELEM_BITS: tl.constexpr = row_ptr.dtype.element_ty.primitive_bitwidth
@@ -206,8 +193,8 @@ def row_partials(row_ptr, V, inv_tau, BLOCK_V: tl.constexpr):
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(body_ptr + offs, mask=offs < body_len, other=-float("inf")).to(tl.float32) * inv_tau
         x = tl.reshape(tl.permute(tl.reshape(x, [ROWS, LANES, TILE_VEC]), (1, 0, 2)), [LANES, ROWS * TILE_VEC])
-        m_i, l_i, s_i = lane_stats_update(x, m_i, l_i, s_i)
-    return merge_stats(m_i, l_i, s_i)
+        m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i, 1)
+    return merge_stats(m_i, l_i, s_i, 0)
 
 
 @triton.jit

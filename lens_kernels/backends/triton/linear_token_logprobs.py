@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import torch as torch_backend
+from ._common import merge_stats, softmax_stats_update
 
 # fp32 rows of dW accumulated at once in backward: 16384 x H=4096 x 4 B = 256 MiB
 DW_SLAB_ROWS = 16384
@@ -126,16 +127,9 @@ def _linear_logprobs_fwd_kernel(
                              stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION) * inv_tau[:, None]
             x = tl.where(v_in[None, :], x, -float("inf"))
             x_target += tl.sum(tl.where(offs_v[None, :] == target[:, None], x, 0.0), 1)
-            # a -inf bias (banned tokens) can make a whole tile of a row -inf: shift by 0 then, so that
-            # no -inf - (-inf) appears, and let lanes with e == 0 add 0, not 0 * -inf, to s_i
-            m_new = tl.maximum(m_i, tl.max(x, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            shift = tl.where(l_i > 0, m_i - m_safe, 0.0)  # no -inf * 0 on the first tile
-            e = tl.exp(x - m_safe[:, None])
-            s_i = alpha * (s_i + shift * l_i) + tl.sum(tl.where(e > 0, e * (x - m_safe[:, None]), 0.0), 1)
-            l_i = alpha * l_i + tl.sum(e, 1)
-            m_i = m_new
+            # a -inf bias (banned tokens) can make a whole tile of a row -inf: the shared update shifts
+            # by 0 then (no -inf - (-inf)) and lets e == 0 add 0, not 0 * -inf, to s_i
+            m_i, l_i, s_i = softmax_stats_update(x, m_i, l_i, s_i, 1)
         if SPLIT:
             # an empty slice, or one whose logits are all -inf, publishes (-inf, 0, 0, 0 or -inf): the
             # merge drops it by l == 0; a target outside the slice adds its x_target of 0
@@ -164,7 +158,7 @@ def _linear_logprobs_merge_kernel(
     SEQ_SUM: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     """One pass: each program loads the [BLOCK_R, splits] partials of its rows once (no loop) and merges
-    them as ``_common.merge_stats`` does, row-wise: partials with l == 0 (an empty slice, or only -inf
+    them row-wise (``_common.merge_stats`` over axis 1): partials with l == 0 (an empty slice, or only -inf
     logits) add nothing, a NaN partial makes its row NaN."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_in = offs_n < N
@@ -178,13 +172,7 @@ def _linear_logprobs_merge_kernel(
     l_p = tl.load(slot + plane, mask=live, other=0.0)
     s_p = tl.load(slot + 2 * plane, mask=live, other=0.0)
     x_target = tl.sum(tl.load(slot + 3 * plane, mask=live, other=0.0), 1)
-    m_i = tl.max(m_p, 1)
-    m_safe = tl.where(m_i == -float("inf"), 0.0, m_i)
-    empty = l_p == 0
-    shift = tl.where(empty, 0.0, m_p - m_safe[:, None])  # an empty partial's m is -inf: keep it out
-    scale = tl.where(empty, 0.0, tl.exp(shift))
-    l_i = tl.sum(l_p * scale, 1)
-    s_i = tl.sum(scale * (s_p + shift * l_p), 1)
+    m_i, l_i, s_i = merge_stats(m_p, l_p, s_p, 1)
     _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
                  logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
 

@@ -306,8 +306,8 @@ def _policy_loss_split_kernel(
         # block that owns the target may write its gradient over it as soon as the row is complete.
         target = tl.load(targets_ptr + row)
         x_target = target_logit(row_ptr, target, V) * inv_tau
-        m_b, l_b, s_b = softmax_stats_update(x_edge, -float("inf"), 0.0, 0.0)
-        m_b, l_b, s_b = softmax_stats_update(x, m_b, l_b, s_b)
+        m_b, l_b, s_b = softmax_stats_update(x_edge, -float("inf"), 0.0, 0.0, 0)
+        m_b, l_b, s_b = softmax_stats_update(x, m_b, l_b, s_b, 0)
         part_ptr = partials_ptr + (row * NUM_BLOCKS + block) * 3
         tl.store(part_ptr, m_b)
         tl.store(part_ptr + 1, l_b)
@@ -327,7 +327,7 @@ def _policy_loss_split_kernel(
         m_p = tl.load(all_ptr, mask=present, other=-float("inf"), cache_modifier=".cg")
         l_p = tl.load(all_ptr + 1, mask=present, other=0.0, cache_modifier=".cg")
         s_p = tl.load(all_ptr + 2, mask=present, other=0.0, cache_modifier=".cg")
-        m_i, l_i, s_i = merge_stats(m_p, l_p, s_p)
+        m_i, l_i, s_i = merge_stats(m_p, l_p, s_p, 0)
         log_l, entropy = finish_stats(l_i, s_i)
         logp = (x_target - m_i) - log_l
         g_logp, g_entropy, loss, policy, kl, rho = _token_loss_terms(
