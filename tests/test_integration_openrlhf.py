@@ -171,9 +171,9 @@ def test_group_norm_parity(patched, binary, overlong, gamma):
             torch.testing.assert_close(a.info[key], b.info[key], rtol=1e-6, atol=1e-6)
 
 
-def test_lens_advantages_match_group_advantages(patched):
-    maker = maker_module.RemoteExperienceMaker
-    experiences = make_experiences(21, binary=True)
+def flat_batch(experiences):
+    """(rewards [N], old log-probs [N, width], action mask [N, width]) of the experiences, in sample
+    order and right-padded: the inputs lk.group_advantages sees for the same batch."""
     rewards = torch.empty(N_SAMPLES * PROMPTS)
     width = max(EXPERIENCE_WIDTHS)
     old_logps, mask = torch.zeros(len(rewards), width), torch.zeros(len(rewards), width)
@@ -181,6 +181,13 @@ def test_lens_advantages_match_group_advantages(patched):
         rewards[e.index] = e.rewards
         old_logps[e.index, :e.action_mask.size(1)] = e.action_log_probs
         mask[e.index, :e.action_mask.size(1)] = e.action_mask.float()
+    return rewards, old_logps, mask
+
+
+def test_lens_advantages_match_group_advantages(patched):
+    maker = maker_module.RemoteExperienceMaker
+    experiences = make_experiences(21, binary=True)
+    rewards, old_logps, mask = flat_batch(experiences)
     want, _ = lk.group_advantages(rewards, group_size=N_SAMPLES, estimator="lens", old_logps=old_logps, mask=mask,
                                   eps=lk.TRAINER_EPS["openrlhf"], lens_alpha=0.25)
     assert want[:N_SAMPLES].abs().min() > 0  # the negative group is not silent under LENS
@@ -214,13 +221,7 @@ def test_lens_graded_rewards_use_the_threshold_before_length_penalties(patched):
         e.kl = torch.zeros_like(e.kl)
     with pytest.raises(ValueError, match="lens_correct_threshold"):
         compute(maker.compute_advantages_and_returns, "lens", make_experiences(22, binary=False))
-    rewards = torch.empty(N_SAMPLES * PROMPTS)
-    width = max(EXPERIENCE_WIDTHS)
-    old_logps, mask = torch.zeros(len(rewards), width), torch.zeros(len(rewards), width)
-    for e in experiences:
-        rewards[e.index] = e.rewards
-        old_logps[e.index, :e.action_mask.size(1)] = e.action_log_probs
-        mask[e.index, :e.action_mask.size(1)] = e.action_mask.float()
+    rewards, old_logps, mask = flat_batch(experiences)
     want, stats = lk.group_advantages(rewards, group_size=N_SAMPLES, estimator="lens", old_logps=old_logps, mask=mask,
                                       correct=rewards >= 1.0, eps=lk.TRAINER_EPS["openrlhf"], lens_alpha=0.25)
     assert stats["frac_negative_groups"] > 0
