@@ -192,3 +192,32 @@ def _self_overlapping(t: torch.Tensor) -> bool:
 def check_backend_name(backend) -> None:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+
+
+def refuse_create_graph(op: str) -> None:
+    """Raise in a backward run with ``create_graph=True`` (grad mode is on exactly then), except while
+    torch.compile traces the backward graph."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"lens_kernels.{op} does not support higher-order gradients: its backward is a kernel, not a "
+            "differentiable expression, and a backward with create_graph=True would return a wrong "
+            "second derivative. Call backward without create_graph=True, or compute the log-probs with "
+            "torch.log_softmax for a Hessian-vector product (lens_kernels.policy_loss on those log-probs "
+            "supports create_graph=True).")
+
+
+def renamed_arguments(given: dict, renames: dict, op: str) -> dict:
+    """Keyword arguments under the names of an earlier release, mapped to today's (with one
+    DeprecationWarning each); any other unexpected keyword is a TypeError, as Python would raise."""
+    import warnings
+
+    unknown = set(given) - set(renames)
+    if unknown:
+        raise TypeError(f"{op}() got unexpected keyword argument(s) {sorted(unknown)}")
+    out = {}
+    for old, value in given.items():
+        new = renames[old]
+        warnings.warn(f"lens_kernels.{op}: {old}= is deprecated and will be removed in the next release; "
+                      f"use {new}=", DeprecationWarning, stacklevel=3)
+        out[new] = value
+    return out

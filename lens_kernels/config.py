@@ -288,3 +288,45 @@ def _check_number(name, value, low=None, high=None, low_open=False, high_open=Fa
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """The options of ``group_advantages`` as one value, for the one-call LENS steps (and anything
+    that passes them along): ``lens_policy_loss_from_logits(..., advantage_config=AdvantageConfig(...))``.
+
+    Fields as in ``group_advantages``: ``estimator`` (default "lens" here), ``scale`` (None: the
+    estimator's default), ``eps`` (TRL 1e-4, verl 1e-6, OpenRLHF 1e-9: ``TRAINER_EPS``),
+    ``std_unbiased``, ``lens_alpha``, ``lens_d_estimate``, ``lens_groups``, ``nan_rewards``.
+    Choices are checked when the config is made.
+    """
+
+    estimator: str = "lens"
+    scale: Optional[str] = None
+    eps: float = 1e-4
+    std_unbiased: bool = True
+    lens_alpha: float = 0.25
+    lens_d_estimate: str = "mean"
+    lens_groups: str = "all"
+    nan_rewards: str = "raise"
+
+    def __post_init__(self):
+        from . import advantages as adv
+
+        _check_choice("estimator", self.estimator, adv.ESTIMATORS)
+        if self.scale is not None:
+            _check_choice("scale", self.scale, adv.SCALES)
+        _check_choice("lens_d_estimate", self.lens_d_estimate, adv.LENS_D_ESTIMATES)
+        _check_choice("lens_groups", self.lens_groups, adv.LENS_GROUPS)
+        _check_choice("nan_rewards", self.nan_rewards, adv.NAN_REWARDS)
+        _check_number("eps", self.eps, low=0.0)
+        _check_number("lens_alpha", self.lens_alpha, low=0.0)
+        if not isinstance(self.std_unbiased, bool):
+            raise TypeError(f"std_unbiased must be a bool, got {type(self.std_unbiased).__name__}")
+
+    def replace(self, **changes) -> "AdvantageConfig":
+        return dataclasses.replace(self, **changes)
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of ``group_advantages``."""
+        return dataclasses.asdict(self)

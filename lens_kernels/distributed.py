@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._validation import value_checks_enabled
+from ._validation import refuse_create_graph, value_checks_enabled
 from .backends.torch._common import finish_partials, grad_coefficients
 
 
@@ -232,11 +232,16 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        refuse_create_graph("token_logprobs")
         if g_logp is None and g_entropy is None:
             return (None,) * 8
         (logits, local), lse, entropy, g_l, g_h, g_target = _shard_coefficients(ctx, g_logp, g_entropy)
         grad = backends.get("vocab_shard_grad", logits, ctx.backend)(
             logits, local, ctx.temperature, lse, entropy, g_l, g_h, g_target, ctx.inplace_grad)
+        if ctx.inplace_grad:
+            # the logits buffer now holds the gradient: an op that saved it must raise, not read it
+            torch.autograd.graph.increment_version(logits)
+            grad = grad.detach()
         return (grad,) + (None,) * 7
 
 
@@ -251,6 +256,7 @@ class LinearVocabParallelLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        refuse_create_graph("linear_token_logprobs")
         needs = tuple(ctx.needs_input_grad[:3])
         if (g_logp is None and g_entropy is None) or not any(needs):
             return (None,) * 9
@@ -336,7 +342,7 @@ class ParallelLayout:
         """Keywords of ``token_logprobs`` / ``linear_token_logprobs``."""
         if self.tp_group is None:
             return {}
-        return {"process_group": self.tp_group, "vocab_start": self.vocab_start}
+        return {"vocab_group": self.tp_group, "vocab_start": self.vocab_start}
 
     def loss_kwargs(self) -> Dict[str, Any]:
         """Keywords of ``policy_loss_from_logits`` / ``policy_loss_from_hidden`` (``policy_loss``

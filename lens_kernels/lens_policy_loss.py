@@ -14,15 +14,40 @@ fused loss-head path.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import backends
 from ._validation import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor, value_checks_enabled
 from .advantages import group_advantages
-from .config import LossConfig
-from .logprobs import linear_token_logprobs, token_logprobs
-from .loss import _check_grad_scale, policy_loss, policy_loss_from_hidden, policy_loss_from_logits
+from .config import AdvantageConfig, LossConfig
+from .logprobs import (linear_token_logprobs_op, token_logprobs_op, validate_hidden_inputs,
+                       validate_logits_inputs)
+from .loss import (HIDDEN_MODES, _check_grad_scale, policy_loss_from_hidden_op, policy_loss_from_logits_op,
+                   policy_loss_op, validate_loss_inputs)
+
+
+_OLD_ADVANTAGE_OPTIONS = frozenset(AdvantageConfig.__dataclass_fields__)
+
+
+def advantage_options(config: Optional[AdvantageConfig], old: dict) -> dict:
+    """``group_advantages``' keyword arguments from ``advantage_config``, or from the per-option keywords
+    of earlier releases (``estimator=``, ``lens_alpha=``, ...: still taken, with a DeprecationWarning)."""
+    unknown = set(old) - _OLD_ADVANTAGE_OPTIONS
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    if config is not None and not isinstance(config, AdvantageConfig):
+        raise TypeError(f"advantage_config must be a lens_kernels.AdvantageConfig, got {type(config).__name__}")
+    if old:
+        if config is not None:
+            raise TypeError(f"give advantage_config or the options {sorted(old)}, not both")
+        warnings.warn(f"lens_kernels: passing {sorted(old)} as keywords of the LENS step is deprecated and will be "
+                      "removed in the next release; pass advantage_config=lk.AdvantageConfig(...)",
+                      DeprecationWarning, stacklevel=3)
+        config = AdvantageConfig(**old)
+    return (config or AdvantageConfig()).kwargs()
 
 
 def _check_whole_groups(batch: int, group_size: Optional[int], group_ids: Optional[torch.Tensor]) -> None:
@@ -74,7 +99,8 @@ def _advantages(rewards, logps_for_confidence, mask, group_size, group_ids, esti
 
 def _lens_step(device, rewards, mask, old_logps, group_size, group_ids, estimator, correct, adv_kwargs,
                logprobs_fn, two_stage_loss_fn, loss_kwargs):
-    """The two paths shared by the logits and hidden variants."""
+    """The two paths shared by the logits and hidden variants (inputs validated by the caller, once;
+    the internal ops below do not check them again)."""
     if old_logps is not None:  # advantages from the sampling policy, then the backend's fused loss head
         adv, adv_metrics = _advantages(rewards, old_logps, mask, group_size, group_ids, estimator, correct,
                                        adv_kwargs)
@@ -84,7 +110,9 @@ def _lens_step(device, rewards, mask, old_logps, group_size, group_ids, estimato
         logps, entropy = logprobs_fn()
         adv, adv_metrics = _advantages(rewards, logps, mask, group_size, group_ids, estimator, correct,
                                        adv_kwargs)
-        loss, loss_metrics = policy_loss(logps, adv, mask, entropy=entropy, **loss_kwargs)
+        loss, loss_metrics = policy_loss_op(logps, adv, mask, None, loss_kwargs["ref_logps"], entropy,
+                                            loss_kwargs["is_weights"], loss_kwargs["config"], loss_kwargs["num_tokens"],
+                                            loss_kwargs["num_sequences"])
     metrics: Dict[str, torch.Tensor] = dict(loss_metrics)
     metrics.update(adv_metrics)
     metrics["advantages"] = adv
@@ -100,7 +128,7 @@ def lens_policy_loss_from_logits(
     *,
     group_size: Optional[int] = None,
     group_ids: Optional[torch.Tensor] = None,
-    estimator: str = "lens",
+    advantage_config: Optional[AdvantageConfig] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     is_weights: Optional[torch.Tensor] = None,
@@ -112,13 +140,7 @@ def lens_policy_loss_from_logits(
     grad_scale: float = 1.0,
     inplace: bool = False,
     backend: str = "auto",
-    scale: Optional[str] = None,
-    eps: float = 1e-4,
-    std_unbiased: bool = True,
-    lens_alpha: float = 0.25,
-    lens_d_estimate: str = "mean",
-    lens_groups: str = "all",
-    nan_rewards: str = "raise",
+    **deprecated_advantage_options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """From logits and rewards to the loss, with the group advantages computed inside.
 
@@ -128,13 +150,14 @@ def lens_policy_loss_from_logits(
             ``policy_loss_from_logits`` and ``group_advantages`` (B = 0 gives a zero loss).
         group_size: completions per group (contiguous groups), or with ``group_ids`` the expected
             count of every group, which is then checked; group_ids: [B] group of each completion.
-        estimator: any estimator of ``group_advantages`` ("lens", "grpo", "dr_grpo", "rloo").
+        advantage_config: a ``lens_kernels.AdvantageConfig`` (the estimator, default "lens", and the
+            other options of ``group_advantages``). The separate keywords of earlier releases
+            (``estimator=``, ``eps=``, ``lens_alpha=``, ...) still work, with a DeprecationWarning.
         old_logps: [B, T] sampling-policy log-probs. None means on-policy: the confidence and the
             ratio's reference are the current log-probs (rho = 1, with its gradient).
-        The advantage options (scale, eps, std_unbiased, lens_alpha, lens_d_estimate, lens_groups,
-        nan_rewards, correct) are those of ``group_advantages``; the loss options (ref_logps,
-        is_weights, config, temperature, num_tokens, num_sequences, grad_scale, inplace, backend)
-        those of ``policy_loss_from_logits``.
+        correct: as in ``group_advantages``; the loss options (ref_logps, is_weights, config,
+        temperature, num_tokens, num_sequences, grad_scale, inplace, backend) those of
+        ``policy_loss_from_logits``.
 
     Returns:
         (loss, metrics): the loss metrics, the advantage metrics (group kinds, mean |A| per kind,
@@ -145,17 +168,33 @@ def lens_policy_loss_from_logits(
     _check_rewards(logits.shape[0], rewards, correct)
     _check_grad_scale(grad_scale)
     _check_whole_groups(logits.shape[0], group_size, group_ids)
-    adv_kwargs = dict(scale=scale, eps=eps, std_unbiased=std_unbiased, lens_alpha=lens_alpha,
-                      lens_d_estimate=lens_d_estimate, lens_groups=lens_groups, nan_rewards=nan_rewards)
-    loss_kwargs = dict(ref_logps=ref_logps, is_weights=is_weights, config=config, num_tokens=num_tokens,
-                       num_sequences=num_sequences)
+    check_tensor("mask", mask, expected="[B, T]")
+    temperature = validate_logits_inputs(logits, targets, mask, temperature)
+    loss_kwargs = _loss_kwargs(targets, logits.device, mask, old_logps, ref_logps, is_weights, config, num_tokens,
+                               num_sequences)
+    if inplace:
+        from ._validation import check_inplace_buffer
+        check_inplace_buffer("logits", logits)
+    adv_kwargs = advantage_options(advantage_config, deprecated_advantage_options)
+    estimator = adv_kwargs.pop("estimator")
+    name = backends.choose("policy_loss_from_logits", logits, backend)
     return _lens_step(
         logits.device, rewards, mask, old_logps, group_size, group_ids, estimator, correct, adv_kwargs,
-        lambda: token_logprobs(logits, targets, temperature=temperature, mask=mask, return_entropy=True,
-                               inplace_backward=inplace, backend=backend),
-        lambda adv: policy_loss_from_logits(logits, targets, mask, adv, old_logps=old_logps, temperature=temperature,
-                                            grad_scale=grad_scale, inplace=inplace, backend=backend, **loss_kwargs),
+        lambda: token_logprobs_op(logits, targets, mask, temperature, name, inplace),
+        lambda adv: policy_loss_from_logits_op(logits, targets, mask, adv, old_logps, loss_kwargs["ref_logps"],
+                                               loss_kwargs["is_weights"], temperature, loss_kwargs["config"],
+                                               loss_kwargs["num_tokens"], loss_kwargs["num_sequences"], grad_scale,
+                                               inplace, name),
         loss_kwargs)
+
+
+def _loss_kwargs(targets, device, mask, old_logps, ref_logps, is_weights, config, num_tokens, num_sequences):
+    """The loss options, checked once (the advantages come later, from the group statistics)."""
+    config, num_tokens, num_sequences = validate_loss_inputs(
+        tuple(targets.shape), device, None, mask, old_logps, ref_logps, is_weights, config, num_tokens,
+        num_sequences, mask_checked=True)
+    return dict(ref_logps=ref_logps, is_weights=is_weights, config=config, num_tokens=num_tokens,
+                num_sequences=num_sequences)
 
 
 def lens_policy_loss_from_hidden(
@@ -168,7 +207,7 @@ def lens_policy_loss_from_hidden(
     bias: Optional[torch.Tensor] = None,
     group_size: Optional[int] = None,
     group_ids: Optional[torch.Tensor] = None,
-    estimator: str = "lens",
+    advantage_config: Optional[AdvantageConfig] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     is_weights: Optional[torch.Tensor] = None,
@@ -180,13 +219,7 @@ def lens_policy_loss_from_hidden(
     grad_scale: float = 1.0,
     mode: str = "fast",
     backend: str = "auto",
-    scale: Optional[str] = None,
-    eps: float = 1e-4,
-    std_unbiased: bool = True,
-    lens_alpha: float = 0.25,
-    lens_d_estimate: str = "mean",
-    lens_groups: str = "all",
-    nan_rewards: str = "raise",
+    **deprecated_advantage_options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``lens_policy_loss_from_logits`` from hidden states [B, T, H] and the lm_head weight [V, H].
 
@@ -197,15 +230,20 @@ def lens_policy_loss_from_hidden(
     _check_rewards(hidden.shape[0], rewards, correct)
     _check_grad_scale(grad_scale)
     _check_whole_groups(hidden.shape[0], group_size, group_ids)
-    adv_kwargs = dict(scale=scale, eps=eps, std_unbiased=std_unbiased, lens_alpha=lens_alpha,
-                      lens_d_estimate=lens_d_estimate, lens_groups=lens_groups, nan_rewards=nan_rewards)
-    loss_kwargs = dict(ref_logps=ref_logps, is_weights=is_weights, config=config, num_tokens=num_tokens,
-                       num_sequences=num_sequences)
+    check_tensor("mask", mask, expected="[B, T]")
+    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
+    if mode not in HIDDEN_MODES:
+        raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
+    loss_kwargs = _loss_kwargs(targets, hidden.device, mask, old_logps, ref_logps, is_weights, config, num_tokens,
+                               num_sequences)
+    adv_kwargs = advantage_options(advantage_config, deprecated_advantage_options)
+    estimator = adv_kwargs.pop("estimator")
     return _lens_step(
         hidden.device, rewards, mask, old_logps, group_size, group_ids, estimator, correct, adv_kwargs,
-        lambda: linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, mask=mask,
-                                      return_entropy=True, backend=backend),
-        lambda adv: policy_loss_from_hidden(hidden, weight, targets, mask, adv, bias=bias, old_logps=old_logps,
-                                            temperature=temperature, grad_scale=grad_scale, mode=mode,
-                                            backend=backend, **loss_kwargs),
+        lambda: linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature,
+                                         backends.choose("linear_token_logprobs", hidden, backend)),
+        lambda adv: policy_loss_from_hidden_op(hidden, weight, bias, targets, mask, adv, old_logps,
+                                               loss_kwargs["ref_logps"], loss_kwargs["is_weights"], temperature,
+                                               loss_kwargs["config"], loss_kwargs["num_tokens"],
+                                               loss_kwargs["num_sequences"], grad_scale, mode, backend),
         loss_kwargs)

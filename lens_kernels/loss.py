@@ -1,6 +1,27 @@
-"""Public policy-loss ops: from log-probs, from logits, from hidden states (SPEC 2.2 and 3)."""
+"""The policy-loss ops: from log-probs, from logits (fused), from hidden states (fused), each with its
+one autograd here and its launchers per backend (``backends/_launchers.py``).
+
+- ``policy_loss`` (from log-probs): ``PolicyLoss``; the closed-form coefficients dL/dl and dL/dH are
+  computed in forward (``backends/torch/policy_loss.loss_terms``, the formulas every kernel ports).
+  With ``create_graph=True`` backward recomputes them as a differentiable expression of the saved
+  log-probs, so a Hessian-vector product through it is exact.
+- ``policy_loss_from_logits``: token-level ratios with a gradient wanted take ``FusedLogitsLoss``:
+  the backend writes dL/dlogits in forward (2 passes over the logits on a GPU), for a declared
+  upstream gradient ``grad_scale``; backward only rescales, through the grad-scale contract below.
+  Sequence-level ratios (GSPO: a token's coefficient needs its whole sequence), no gradient, or
+  torch.compile take ``token_logprobs`` then ``policy_loss`` (3 passes).
+- ``policy_loss_from_hidden``: ``FastHiddenLoss`` (mode "fast", token-level ratios: 3 GEMMs, the
+  gradient in forward) or ``linear_token_logprobs`` then ``policy_loss`` (mode "lean", GSPO).
+
+Grad-scale contract (once, for every backend): the gradient written in forward assumes the upstream
+gradient ``grad_scale``. Backward multiplies it by grad_output / grad_scale on the device (the
+backend's ``rescale_``, whose rows leave at once when the ratio is 1) and warns once when the ratio
+is not 1 (on a GPU the comparison reaches the host through a non-blocking copy read at a later call:
+no call waits on the device). A fused op's gradient is computed once: a second backward raises.
+"""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -11,11 +32,13 @@ from ._validation import (
     check_inplace_buffer,
     check_mask,
     check_positive_scalar,
+    refuse_create_graph,
     check_same_device,
     check_shape,
     check_tensor,
 )
 from .backends import torch as torch_backend
+from .backends.torch.policy_loss import METRIC_NAMES, loss_terms
 from .config import LossConfig
 from .distributed import (
     check_vocab_parallel,
@@ -23,7 +46,7 @@ from .distributed import (
     vocab_parallel_linear_token_logprobs,
     vocab_parallel_token_logprobs,
 )
-from .logprobs import validate_hidden_inputs, validate_logits_inputs
+from .logprobs import linear_token_logprobs_op, token_logprobs_op, validate_hidden_inputs, validate_logits_inputs
 
 HIDDEN_MODES = ("fast", "lean")
 
@@ -43,18 +66,21 @@ def _check_normalizer(name, value):
 
 
 def validate_loss_inputs(shape, device, advantages, mask, old_logps, ref_logps, is_weights, config,
-                         num_tokens, num_sequences, entropy=None):
-    """Shared checks of the per-token loss inputs; ``shape`` is [B, T]. Returns the checked config and
-    normalizers."""
+                         num_tokens, num_sequences, entropy=None, mask_checked=False):
+    """Shared checks of the per-token loss inputs; ``shape`` is [B, T]. ``advantages`` None: computed
+    by the caller later (the LENS step); ``mask_checked``: the log-prob checks already saw the mask.
+    Returns the checked config and normalizers."""
     B, T = shape
     config = _check_config(config)
-    check_tensor("mask", mask, expected="[B, T]")
-    check_mask(mask, (B, T))
-    check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, ndim=(1, 2), expected="[B] or [B, T]")
-    if advantages.dim() == 1:
-        check_shape("advantages", advantages, (B,), "[B]")
-    else:
-        check_shape("advantages", advantages, (B, T), "[B, T]")
+    if not mask_checked:
+        check_tensor("mask", mask, expected="[B, T]")
+        check_mask(mask, (B, T))
+    if advantages is not None:
+        check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, ndim=(1, 2), expected="[B] or [B, T]")
+        if advantages.dim() == 1:
+            check_shape("advantages", advantages, (B,), "[B]")
+        else:
+            check_shape("advantages", advantages, (B, T), "[B, T]")
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("entropy", entropy)):
         if t is not None:
             check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=(2,), expected="[B, T]")
@@ -71,6 +97,221 @@ def validate_loss_inputs(shape, device, advantages, mask, old_logps, ref_logps, 
     return config, _check_normalizer("num_tokens", num_tokens), _check_normalizer("num_sequences", num_sequences)
 
 
+# ---------------------------------------------------------------------------------------------
+# policy_loss: from log-probs
+# ---------------------------------------------------------------------------------------------
+class PolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, cfg, num_tokens,
+                num_sequences):
+        loss, metrics, g_l, g_h = loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, cfg,
+                                             num_tokens, num_sequences)
+        ctx.save_for_backward(logps, entropy, g_l, g_h, advantages, mask, old_logps, ref_logps, is_weights)
+        ctx.cfg, ctx.num_tokens, ctx.num_sequences = cfg, num_tokens, num_sequences
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        logps, entropy, g_l, g_h, advantages, mask, old_logps, ref_logps, is_weights = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the coefficients again, as a differentiable expression of the saved
+            # log-probs and entropy (exact second derivatives, e.g. a Hessian-vector product)
+            _, _, g_l, g_h = loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, ctx.cfg,
+                                        ctx.num_tokens, ctx.num_sequences)
+        d_logps = g_l * grad_loss
+        d_entropy = None if g_h is None else g_h * grad_loss
+        return (d_logps, d_entropy) + (None,) * 8
+
+
+def policy_loss_op(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config, num_tokens,
+                   num_sequences):
+    """``policy_loss`` on validated inputs: (loss, metrics dict)."""
+    loss, metrics = PolicyLoss.apply(logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, config,
+                                     num_tokens, num_sequences)
+    return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The grad-scale contract of the fused ops
+# ---------------------------------------------------------------------------------------------
+class _GradScaleWatch:
+    """Brings the device-side "grad_output != grad_scale" flag to the host without a sync: on a GPU it is
+    copied non-blocking into pinned memory with an event on the current stream, and the event is
+    polled (``query()`` never blocks) at later calls; the warning fires once, after the fact. On CPU
+    the flag is read at once."""
+
+    def __init__(self):
+        self.pending = []
+        self.warned = False
+
+    def note(self, mismatch: torch.Tensor):
+        if self.warned:
+            return
+        if mismatch.device.type != "cuda":
+            if bool(mismatch):
+                self._warn()
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(mismatch, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(mismatch.device))
+        self.pending.append((host, event))
+        self.poll()
+
+    def poll(self):
+        if not self.pending:
+            return
+        still = []
+        for host, event in self.pending:
+            if not event.query():
+                still.append((host, event))
+            elif bool(host) and not self.warned:
+                self._warn()
+        self.pending = [] if self.warned else still
+
+    def _warn(self):
+        self.warned = True
+        warnings.warn(
+            "lens_kernels: backward received a grad_output different from the declared grad_scale; the gradient "
+            "computed in forward was rescaled (one extra read and write of it). Pass grad_scale= equal to the "
+            "upstream gradient (e.g. 1 / gradient_accumulation_steps) to save that pass.",
+            RuntimeWarning, stacklevel=4)
+
+
+GRAD_SCALE_WATCH = _GradScaleWatch()
+
+
+def _stored_grads(ctx, grad_loss, op: str):
+    """The gradients a fused forward computed for the upstream ``ctx.grad_scale``, scaled to the
+    ``grad_loss`` backward received (``rescale`` per gradient); handed out once."""
+    refuse_create_graph(op)
+    if ctx.used:
+        raise RuntimeError(f"lens_kernels.{op} computes its gradient once, in forward: backward can run only once "
+                           "(retain_graph=True cannot reuse it); recompute the loss instead")
+    ctx.used = True
+    grads = ctx.saved_tensors
+    ratio = (grad_loss.detach().to(torch.float32) / ctx.grad_scale).reshape(1)
+    GRAD_SCALE_WATCH.note(ratio[0] != 1.0)
+    return grads, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# policy_loss_from_logits: the fused loss head
+# ---------------------------------------------------------------------------------------------
+class FusedLogitsLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+                num_tokens, num_sequences, grad_scale, inplace, backend):
+        GRAD_SCALE_WATCH.poll()
+        ops = backends.launchers("policy_loss_from_logits", backend)
+        with backends.device_guard(logits):
+            logp, entropy, grad = ops.forward(logits, logits if inplace else ops.empty_grad(logits), targets, mask,
+                                              advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+                                              num_tokens, num_sequences, grad_scale)
+        if inplace:
+            # the logits now hold the gradient: an op that saved them for its backward must raise
+            # ("modified by an inplace operation"), not compute a wrong gradient
+            torch.autograd.graph.increment_version(logits)
+        loss, metrics, _, _ = loss_terms(logp.view(targets.shape), entropy.view(targets.shape), advantages, mask,
+                                         old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences)
+        ctx.save_for_backward(grad)
+        ctx.grad_scale, ctx.inplace, ctx.backend, ctx.used = float(grad_scale), bool(inplace), backend, False
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        nothing = (None,) * 13
+        if grad_loss is None:
+            return (None,) + nothing
+        (grad,), ratio = _stored_grads(ctx, grad_loss, "policy_loss_from_logits")
+        with backends.device_guard(grad):
+            backends.launchers("policy_loss_from_logits", ctx.backend).rescale_(grad, ratio.to(grad.device))
+        if ctx.inplace:
+            torch.autograd.graph.increment_version(grad)  # the logits buffer, written once more
+            grad = grad.detach()  # not the input itself: autograd may keep it as .grad
+        return (grad,) + nothing
+
+
+def fused_logits_applies(config: LossConfig, logits: torch.Tensor) -> bool:
+    """Token-level ratios and a gradient wanted (else writing dL/dz would be wasted); not while
+    torch.compile traces (there the loss is token_logprobs' custom ops and the traced policy loss)."""
+    return (config.ratio_level == "token" and torch.is_grad_enabled() and logits.requires_grad
+            and not torch.compiler.is_compiling())
+
+
+def policy_loss_from_logits_op(logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature,
+                               config, num_tokens, num_sequences, grad_scale, inplace, backend: str):
+    """``policy_loss_from_logits`` on validated inputs and a chosen backend: (loss, metrics dict)."""
+    if fused_logits_applies(config, logits):
+        loss, metrics = FusedLogitsLoss.apply(logits, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                                              temperature, config, num_tokens, num_sequences, float(grad_scale),
+                                              inplace, backend)
+        return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+    logps, entropy = token_logprobs_op(logits, targets, mask, temperature, backend, inplace)
+    return policy_loss_op(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config, num_tokens,
+                          num_sequences)
+
+
+# ---------------------------------------------------------------------------------------------
+# policy_loss_from_hidden: the fused loss head from hidden states
+# ---------------------------------------------------------------------------------------------
+class FastHiddenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature,
+                cfg, num_tokens, num_sequences, grad_scale, backend):
+        GRAD_SCALE_WATCH.poll()
+        needs = tuple(ctx.needs_input_grad[:3])
+        with backends.device_guard(hidden):
+            logp, entropy, grads = backends.launchers("policy_loss_from_hidden", backend).forward(
+                hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+                num_tokens, num_sequences, grad_scale, needs)
+        loss, metrics, _, _ = loss_terms(logp.view(targets.shape), entropy.view(targets.shape), advantages, mask,
+                                         old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences)
+        ctx.save_for_backward(*grads)
+        ctx.grad_scale, ctx.used = float(grad_scale), False
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        nothing = (None,) * 12
+        if grad_loss is None:
+            return (None, None, None) + nothing
+        grads, ratio = _stored_grads(ctx, grad_loss, "policy_loss_from_hidden")
+        for g in grads:
+            if g is not None:
+                torch_backend.rescale_grad_(g, ratio.to(g.device))
+        return tuple(grads) + nothing
+
+
+def fast_hidden_applies(config: LossConfig, hidden, weight, bias) -> bool:
+    """Token-level ratios, and a gradient wanted (else the 2 gradient GEMMs would be wasted); not
+    while torch.compile traces (the lean path's custom ops run there)."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return config.ratio_level == "token" and wants_grad and not torch.compiler.is_compiling()
+
+
+def policy_loss_from_hidden_op(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                               temperature, config, num_tokens, num_sequences, grad_scale, mode, backend: str):
+    """``policy_loss_from_hidden`` on validated inputs: (loss, metrics dict). ``backend`` is the
+    caller's request (the fast and lean paths are two ops, each with its dispatch)."""
+    if mode == "fast" and fast_hidden_applies(config, hidden, weight, bias):
+        name = backends.choose("policy_loss_from_hidden", hidden, backend)
+        loss, metrics = FastHiddenLoss.apply(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps,
+                                             is_weights, temperature, config, num_tokens, num_sequences,
+                                             float(grad_scale), name)
+        return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+    name = backends.choose("linear_token_logprobs", hidden, backend)
+    logps, entropy = linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature, name)
+    return policy_loss_op(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config, num_tokens,
+                          num_sequences)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
 def policy_loss(
     logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -130,8 +371,8 @@ def policy_loss(
     if process_group is not None:
         config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
                                                                       num_sequences)
-    return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                                 num_tokens, num_sequences)
+    return policy_loss_op(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config, num_tokens,
+                          num_sequences)
 
 
 def policy_loss_from_logits(
@@ -182,10 +423,11 @@ def policy_loss_from_logits(
     """
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, V] for the policy loss")
     check_vocab_parallel("vocab_group", vocab_group, vocab_start)
+    check_tensor("mask", mask, expected="[B, T]")
     temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=vocab_group is not None)
     config, num_tokens, num_sequences = validate_loss_inputs(
         tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
-        num_tokens, num_sequences)
+        num_tokens, num_sequences, mask_checked=True)
     _check_grad_scale(grad_scale)
     if inplace:
         check_inplace_buffer("logits", logits)
@@ -196,12 +438,11 @@ def policy_loss_from_logits(
         logps, entropy = vocab_parallel_token_logprobs(logits, targets, group=vocab_group, vocab_start=vocab_start,
                                                        temperature=temperature, mask=mask, return_entropy=True,
                                                        inplace_backward=inplace, backend=backend)
-        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                                     num_tokens, num_sequences)
-    impl = backends.get("policy_loss_from_logits", logits, backend)
-    return impl(logits, targets, mask, advantages, old_logps=old_logps, ref_logps=ref_logps,
-                is_weights=is_weights, temperature=temperature, config=config, num_tokens=num_tokens,
-                num_sequences=num_sequences, grad_scale=grad_scale, inplace=inplace)
+        return policy_loss_op(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config, num_tokens,
+                              num_sequences)
+    name = backends.choose("policy_loss_from_logits", logits, backend)
+    return policy_loss_from_logits_op(logits, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                                      temperature, config, num_tokens, num_sequences, grad_scale, inplace, name)
 
 
 def policy_loss_from_hidden(
@@ -244,6 +485,7 @@ def policy_loss_from_hidden(
         (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias.
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H] for the policy loss")
+    check_tensor("mask", mask, expected="[B, T]")
     check_vocab_parallel("vocab_group", vocab_group, vocab_start)
     temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature,
                                          vocab_sharded=vocab_group is not None)
@@ -251,7 +493,7 @@ def policy_loss_from_hidden(
         raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
     config, num_tokens, num_sequences = validate_loss_inputs(
         tuple(targets.shape), hidden.device, advantages, mask, old_logps, ref_logps, is_weights, config,
-        num_tokens, num_sequences)
+        num_tokens, num_sequences, mask_checked=True)
     _check_grad_scale(grad_scale)
     if process_group is not None:
         config, num_tokens, num_sequences = data_parallel_normalizers(process_group, config, mask, num_tokens,
@@ -261,12 +503,11 @@ def policy_loss_from_hidden(
                                                               vocab_start=vocab_start, bias=bias,
                                                               temperature=temperature, mask=mask,
                                                               return_entropy=True, backend=backend)
-        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                                     num_tokens, num_sequences)
-    impl = backends.get("policy_loss_from_hidden", hidden, backend)
-    return impl(hidden, weight, targets, mask, advantages, bias=bias, old_logps=old_logps, ref_logps=ref_logps,
-                is_weights=is_weights, temperature=temperature, config=config, num_tokens=num_tokens,
-                num_sequences=num_sequences, grad_scale=grad_scale, mode=mode)
+        return policy_loss_op(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config, num_tokens,
+                              num_sequences)
+    return policy_loss_from_hidden_op(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps,
+                                      is_weights, temperature, config, num_tokens, num_sequences, grad_scale, mode,
+                                      backend)
 
 
 def _check_grad_scale(grad_scale):

@@ -135,15 +135,16 @@ def test_loss_path_has_no_graph_break(case):
 
 
 def test_custom_ops_pass_opcheck():
-    """Schema, fake implementation and autograd registration of the torch backend's custom ops."""
-    from lens_kernels.backends.torch.linear_token_logprobs import linear_token_logprobs_fwd
-    from lens_kernels.backends.torch.token_logprobs import token_logprobs_fwd
+    """Schema, fake implementation and autograd registration of the ops (one definition each, the
+    backend a schema argument), on the torch backend's launchers."""
+    from lens_kernels.logprobs import linear_token_logprobs_fwd, token_logprobs_fwd
     d = batch()
     logits = d["logits"][:, :-1].clone().requires_grad_()
-    torch.library.opcheck(token_logprobs_fwd, (logits, d["targets"], d["mask"], 0.7, None))
-    torch.library.opcheck(token_logprobs_fwd, (logits, d["targets"].clamp(min=0), None, 1.0, torch.rand(B, T) + 0.5))
+    torch.library.opcheck(token_logprobs_fwd, (logits, d["targets"], d["mask"], 0.7, None, "torch", False))
+    torch.library.opcheck(token_logprobs_fwd,
+                          (logits, d["targets"].clamp(min=0), None, 1.0, torch.rand(B, T) + 0.5, "torch", False))
     h, w, b = (d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    torch.library.opcheck(linear_token_logprobs_fwd, (h, w, b, d["targets"], d["mask"], 0.9, None))
+    torch.library.opcheck(linear_token_logprobs_fwd, (h, w, b, d["targets"], d["mask"], 0.9, None, "torch", ""))
 
 
 def test_inductor_compiles_the_loss():

@@ -25,6 +25,7 @@ from lens_kernels.backends import AUTO_PREFERENCE, BACKENDS, OPS
 from lens_kernels.backends import torch as torch_backend
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.config import LossConfig
+import backend_calls as calls  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +232,7 @@ def test_cuda_backend_names_what_is_missing():
     reason = cuda_backend.unavailable_reason()
     assert "lens_kernels._C" in reason and "LENS_KERNELS_BUILD_CUDA=1" in reason and "CUDA build of torch" in reason
     with pytest.raises(RuntimeError, match="lens_kernels._C"):
-        cuda_backend.token_logprobs_with_sequence_sums(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long))
+        cuda_backend.token_logprobs_forward(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), None, 1.0)
 
 
 def test_auto_preference_is_one_table_over_known_backends():
@@ -318,8 +319,8 @@ def test_cuda_glue_inplace_backward_writes_the_buffer_and_bumps_its_version(stan
     logits, targets, mask, gen = _glue_batch()
     x = logits.clone().requires_grad_(True)
     ref = logits.clone().requires_grad_(True)
-    cuda_backend.token_logprobs(ref, targets, mask)[0].sum().backward()
-    logp, _ = cuda_backend.token_logprobs(x, targets, mask, inplace_grad=True)
+    calls.token_logprobs("cuda", ref, targets, mask)[0].sum().backward()
+    logp, _ = calls.token_logprobs("cuda", x, targets, mask, inplace_grad=True)
     version = x._version
     logp.sum().backward()
     assert x._version > version, "the in-place backward must bump the buffer's version"
@@ -329,7 +330,7 @@ def test_cuda_glue_inplace_backward_writes_the_buffer_and_bumps_its_version(stan
     # gradient from the overwritten values
     h = logits.clone().requires_grad_(True)
     y = torch.tanh(h)
-    logp, _ = cuda_backend.token_logprobs(y, targets, mask, inplace_grad=True)
+    logp, _ = calls.token_logprobs("cuda", y, targets, mask, inplace_grad=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         logp.sum().backward()
 
@@ -340,17 +341,17 @@ def test_cuda_glue_fused_inplace_bumps_the_version_and_rescales(stand_in_ops):
     cfg = LossConfig()
     x = logits.clone().requires_grad_(True)
     version = x._version
-    loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg, grad_scale=0.5, inplace=True)
+    loss, _ = calls.policy_loss_from_logits("cuda", x, targets, mask, adv, config=cfg, grad_scale=0.5, inplace=True)
     assert x._version > version, "the in-place forward must bump the logits' version"
     (0.25 * loss).backward()
     assert x.grad.data_ptr() == x.data_ptr()
     y = logits.clone().requires_grad_(True)
-    loss_y, _ = cuda_backend.policy_loss_from_logits(y, targets, mask, adv, config=cfg)
+    loss_y, _ = calls.policy_loss_from_logits("cuda", y, targets, mask, adv, config=cfg)
     (0.25 * loss_y).backward()  # declared scale 1: rescaled by 0.25 on the "device"
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=0)
     assert (y.grad[~mask] == 0).all() and (y.grad != 0).any()
     h = logits.clone().requires_grad_(True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z = torch.tanh(h)
-        loss, _ = cuda_backend.policy_loss_from_logits(z, targets, mask, adv, config=cfg, inplace=True)
+        loss, _ = calls.policy_loss_from_logits("cuda", z, targets, mask, adv, config=cfg, inplace=True)
         loss.backward()

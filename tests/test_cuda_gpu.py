@@ -17,6 +17,7 @@ import lens_kernels as lk
 from lens_kernels import reference
 from lens_kernels.backends import cuda as cuda_backend
 from lens_kernels.config import LossConfig
+import backend_calls as calls  # noqa: E402
 
 
 pytestmark = [
@@ -80,7 +81,7 @@ def test_token_logprobs_inplace_backward(dtype):
     ref_logp.sum().backward()
     x = logits.clone().requires_grad_(True)
     buf = x.detach()
-    logp, _ = lk.token_logprobs(x, targets, mask=mask, inplace_backward=True, backend="cuda")
+    logp, _ = lk.token_logprobs(x, targets, mask=mask, inplace=True, backend="cuda")
     logp.sum().backward()
     _grad_close(x.grad, x64.grad, dtype)
     assert x.grad.data_ptr() == buf.data_ptr(), "inplace_backward must write dL/dlogits into the logits buffer"
@@ -122,7 +123,7 @@ def test_fused_policy_loss_matches_reference(name, dtype, path):
     isw = 0.5 + torch.rand(B, T, device="cuda", generator=gen)
     kwargs = dict(old_logps=old, ref_logps=ref, is_weights=isw, config=cfg)
     x = logits.detach().requires_grad_(True)
-    loss, metrics = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, path=path, **kwargs)
+    loss, metrics = calls.policy_loss_from_logits("cuda", x, targets, mask, adv, path=path, **kwargs)
     loss.backward()
     x64 = logits.detach().double().requires_grad_(True)
     ref_loss, ref_metrics = reference.policy_loss_from_logits(x64, targets, mask, adv, **kwargs)
@@ -145,7 +146,7 @@ def test_fused_policy_loss_in_place_and_grad_scale(dtype):
     # the declared scale: dL/dz written once in forward, into the logits buffer
     x = logits.clone().requires_grad_(True)
     buf = x.detach()
-    loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg, grad_scale=0.25, inplace=True)
+    loss, _ = calls.policy_loss_from_logits("cuda", x, targets, mask, adv, config=cfg, grad_scale=0.25, inplace=True)
     (0.25 * loss).backward(retain_graph=True)
     assert x.grad.data_ptr() == buf.data_ptr()
     _grad_close(x.grad, x64.grad, dtype)
@@ -153,7 +154,7 @@ def test_fused_policy_loss_in_place_and_grad_scale(dtype):
         loss.backward()
     # an undeclared scale: rescaled exactly on the device
     y = logits.clone().requires_grad_(True)
-    loss, _ = cuda_backend.policy_loss_from_logits(y, targets, mask, adv, config=cfg)
+    loss, _ = calls.policy_loss_from_logits("cuda", y, targets, mask, adv, config=cfg)
     (0.25 * loss).backward()
     _grad_close(y.grad, x64.grad, dtype)
 
@@ -227,7 +228,7 @@ def test_fused_loss_auto_at_production_shapes(dtype, V, cluster, fallback):
         planned = cuda_backend._plan(ops.fused_loss_plan(B * T, V, cuda_backend._DTYPE_CODES[dtype], -1,
                                                          1 if fallback else 0))
         x = logits.detach().requires_grad_(True)
-        loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg)
+        loss, _ = calls.policy_loss_from_logits("cuda", x, targets, mask, adv, config=cfg)
         ran = cuda_backend.last_fused_loss_launch()
         loss.backward()
     finally:
@@ -266,7 +267,7 @@ def test_minus_inf_logits_are_exact(dtype, path):
     adv = torch.randn(B, device="cuda", generator=gen)
     cfg = LossConfig(entropy_coef=0.01)
     x = logits.detach().requires_grad_(True)
-    loss, metrics = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, config=cfg, path=path)
+    loss, metrics = calls.policy_loss_from_logits("cuda", x, targets, mask, adv, config=cfg, path=path)
     loss.backward()
     x64 = logits.detach().double().requires_grad_(True)
     ref_loss, ref_metrics = reference.policy_loss_from_logits(x64, targets, mask, adv, config=cfg)
@@ -290,13 +291,13 @@ def test_kept_target_outside_vocab_is_nan_never_probability_one(path):
     logits, targets, mask, gen = _batch(2, 3, V, torch.bfloat16, False, seed=stable_seed("bad target", path))
     mask[:] = True
     targets[0, 1], targets[1, 2] = V, -100  # kept, outside [0, V)
-    logp, _ = cuda_backend.token_logprobs(logits, targets, mask)
+    logp, _ = calls.token_logprobs("cuda", logits, targets, mask)
     bad = torch.zeros_like(mask)
     bad[0, 1] = bad[1, 2] = True
     assert torch.isnan(logp[bad]).all() and not torch.isnan(logp[~bad]).any()
     x = logits.detach().requires_grad_(True)
     adv = torch.randn(2, device="cuda", generator=gen)
-    loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv, path=path)
+    loss, _ = calls.policy_loss_from_logits("cuda", x, targets, mask, adv, path=path)
     loss.backward()
     assert torch.isnan(loss)
     assert torch.isnan(x.grad[bad]).all(), "a kept bad target gives a NaN gradient row"
@@ -310,7 +311,7 @@ def test_masked_positions_influence_nothing():
     out = []
     for z in (logits, poisoned):
         x = z.detach().requires_grad_(True)
-        loss, _ = cuda_backend.policy_loss_from_logits(x, targets, mask, adv)
+        loss, _ = calls.policy_loss_from_logits("cuda", x, targets, mask, adv)
         loss.backward()
         out.append((loss, x.grad))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
@@ -325,7 +326,7 @@ def test_empty_work_launches_nothing(shape):
     mask = torch.ones(shape[:2], dtype=torch.bool, device="cuda")
     logp, entropy = lk.token_logprobs(logits, targets, mask=mask, return_entropy=True, backend="cuda")
     assert logp.shape == shape[:2] and entropy.shape == shape[:2]
-    loss, _ = cuda_backend.policy_loss_from_logits(logits, targets, mask, torch.zeros(shape[0], device="cuda"))
+    loss, _ = calls.policy_loss_from_logits("cuda", logits, targets, mask, torch.zeros(shape[0], device="cuda"))
     loss.backward()
     assert float(loss) == 0.0 and logits.grad.shape == logits.shape
     adv, _ = cuda_backend.group_advantages(torch.zeros(0, device="cuda"), group_size=4)
@@ -337,6 +338,6 @@ def test_in_place_write_bumps_the_version_of_a_saved_buffer():
     h = logits.detach().requires_grad_(True)
     y = torch.tanh(h)  # saves its output for backward
     adv = torch.randn(2, device="cuda", generator=gen)
-    loss, _ = cuda_backend.policy_loss_from_logits(y, targets, mask, adv, inplace=True)
+    loss, _ = calls.policy_loss_from_logits("cuda", y, targets, mask, adv, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

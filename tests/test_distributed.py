@@ -190,7 +190,7 @@ def scenario_tp_logprobs(rank, world, dtype, backend="auto"):
     v0, v1 = _shard(rank, world, V)
     shard = d["logits_full"][..., v0:v1].clone().requires_grad_()
     l_r, h_r = lk.token_logprobs(shard[:, :-1], d["targets"], mask=d["mask"], temperature=d["temperature"],
-                                 return_entropy=True, process_group=dist.group.WORLD, vocab_start=v0,
+                                 return_entropy=True, vocab_group=dist.group.WORLD, vocab_start=v0,
                                  backend=backend)
     ((l_r * g_l).sum() + (h_r * g_h).sum()).backward()
     assert (l_r <= 0).all()
@@ -214,7 +214,7 @@ def scenario_tp_linear(rank, world):
     h_r = d["hidden"].clone().requires_grad_()
     w_r, b_r = d["weight"][v0:v1].clone().requires_grad_(), d["bias"][v0:v1].clone().requires_grad_()
     l_r, e_r = lk.linear_token_logprobs(h_r, w_r, d["targets"], bias=b_r, mask=d["mask"], temperature=0.8,
-                                        return_entropy=True, process_group=dist.group.WORLD, vocab_start=v0)
+                                        return_entropy=True, vocab_group=dist.group.WORLD, vocab_start=v0)
     ((l_r * g_l).sum() + (e_r * g_h).sum()).backward()
     close(l_r, l_s.detach(), what="logps")
     close(e_r, e_s.detach(), what="entropy")
@@ -359,7 +359,7 @@ def scenario_vocab_overlap_error(rank, world):
     V = d["logits_full"].shape[-1]
     width = -(-V // world)
     try:
-        lk.token_logprobs(d["logits_full"][:, :-1, :width], d["targets"], mask=d["mask"], process_group=dist.group.WORLD,
+        lk.token_logprobs(d["logits_full"][:, :-1, :width], d["targets"], mask=d["mask"], vocab_group=dist.group.WORLD,
                           vocab_start=0)
     except ValueError as exc:
         assert "exactly one shard" in str(exc), exc

@@ -32,7 +32,7 @@ def test_process_group_without_init_is_a_clear_error():
         pytest.skip("a default process group already exists in this process")
     d = batch()
     with pytest.raises(ValueError, match="not initialized"):
-        lk.token_logprobs(d["logits"], d["targets"], process_group=object(), vocab_start=0)
+        lk.token_logprobs(d["logits"], d["targets"], vocab_group=object(), vocab_start=0)
     with pytest.raises(ValueError, match="not initialized"):
         lk.policy_loss_from_logits(d["logits"], d["targets"], d["mask"], d["adv"], process_group=object())
 
@@ -49,12 +49,12 @@ def group(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(vocab_start=0), ValueError, "process_group"),
-    (dict(process_group="pg"), TypeError, "ProcessGroup"),
-    (dict(process_group="WORLD"), ValueError, "vocab_start"),
-    (dict(process_group="WORLD", vocab_start=-1), ValueError, "vocab_start must be an int >= 0"),
-    (dict(process_group="WORLD", vocab_start=True), ValueError, "vocab_start must be an int >= 0"),
-    (dict(process_group="WORLD", vocab_start=1.0), ValueError, "vocab_start must be an int >= 0"),
+    (dict(vocab_start=0), ValueError, "vocab_group"),
+    (dict(vocab_group="pg"), TypeError, "ProcessGroup"),
+    (dict(vocab_group="WORLD"), ValueError, "vocab_start"),
+    (dict(vocab_group="WORLD", vocab_start=-1), ValueError, "vocab_start must be an int >= 0"),
+    (dict(vocab_group="WORLD", vocab_start=True), ValueError, "vocab_start must be an int >= 0"),
+    (dict(vocab_group="WORLD", vocab_start=1.0), ValueError, "vocab_start must be an int >= 0"),
 ])
 @pytest.mark.parametrize("op", ["token_logprobs", "linear_token_logprobs"])
 def test_logprob_keywords_are_validated(group, op, kwargs, error, match):
@@ -92,10 +92,10 @@ def test_targets_outside_every_shard_raise(group):
     targets = d["targets"].clone()
     targets[0, 0] = 2
     with pytest.raises(ValueError, match="exactly one shard"):
-        lk.token_logprobs(d["logits"], targets, process_group=group, vocab_start=5)
+        lk.token_logprobs(d["logits"], targets, vocab_group=group, vocab_start=5)
     # masked padding ids need no owner
     targets = torch.where(d["mask"], d["targets"], torch.full_like(d["targets"], -100))
-    lk.token_logprobs(d["logits"], targets, mask=d["mask"], process_group=group, vocab_start=0)
+    lk.token_logprobs(d["logits"], targets, mask=d["mask"], vocab_group=group, vocab_start=0)
 
 
 def test_one_rank_group_equals_plain_ops(group):
@@ -148,7 +148,7 @@ def test_vocab_shard_range_rejects_bad_input(args, match):
 
 def test_parallel_layout_keywords(group):
     layout = ParallelLayout.even_vocab(V, dp_group=group, tp_group=group)
-    assert layout.logprob_kwargs() == {"process_group": group, "vocab_start": 0}
+    assert layout.logprob_kwargs() == {"vocab_group": group, "vocab_start": 0}
     assert layout.loss_kwargs() == {"process_group": group, "vocab_group": group, "vocab_start": 0}
     assert layout.advantage_kwargs() == {"process_group": group}
     assert ParallelLayout().loss_kwargs() == {"process_group": None} and ParallelLayout().logprob_kwargs() == {}
@@ -156,3 +156,15 @@ def test_parallel_layout_keywords(group):
         ParallelLayout(tp_group=group)
     with pytest.raises(TypeError, match="ProcessGroup"):
         ParallelLayout(dp_group="dp")
+
+
+def test_earlier_argument_names_still_work_with_a_warning(group):
+    d = batch()
+    with pytest.warns(DeprecationWarning, match="process_group= is deprecated"):
+        old, _ = lk.token_logprobs(d["logits"], d["targets"], process_group=group, vocab_start=0)
+    new, _ = lk.token_logprobs(d["logits"], d["targets"], vocab_group=group, vocab_start=0)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="inplace_backward= is deprecated"):
+        lk.token_logprobs(d["logits"].clone(), d["targets"], inplace_backward=True)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        lk.token_logprobs(d["logits"], d["targets"], inplace_grad=True)

@@ -489,7 +489,7 @@ def test_inplace_into_an_aliased_buffer_is_an_error(op, backend, buf):
     args = (logits.to(DEVICE), kw["targets"].to(DEVICE), kw["mask"].to(DEVICE))
     with pytest.raises(ValueError, match="logits"):
         if op == "token_logprobs":
-            lk.token_logprobs(*args[:2], mask=args[2], inplace_backward=True, backend=backend)
+            lk.token_logprobs(*args[:2], mask=args[2], inplace=True, backend=backend)
         elif op == "policy_loss_from_logits":
             lk.policy_loss_from_logits(*args, kw["advantages"].to(DEVICE), inplace=True, backend=backend)
         else:
@@ -506,7 +506,7 @@ def test_inplace_into_a_buffer_saved_by_another_op(op, backend):
     logits = torch.tanh(x)
     targets, mask = kw["targets"].to(DEVICE), kw["mask"].to(DEVICE)
     if op == "token_logprobs":
-        lp, h = lk.token_logprobs(logits, targets, mask=mask, return_entropy=True, inplace_backward=True,
+        lp, h = lk.token_logprobs(logits, targets, mask=mask, return_entropy=True, inplace=True,
                                   backend=backend)
         loss = lp.sum() + h.sum()
     elif op == "policy_loss_from_logits":

@@ -96,7 +96,7 @@ def test_token_logprobs_gradient(dtype, strided, inplace, small_chunks):
     leaf = x if not inplace else x.requires_grad_()
     inp = leaf * 1 if inplace else leaf  # inplace needs a non-leaf buffer the op may overwrite
     logps, entropy = lk.token_logprobs(inp, targets, mask=mask, temperature=0.9, return_entropy=True,
-                                       inplace_backward=inplace)
+                                       inplace=inplace)
     ((logps.double() * w_l).sum() + (entropy.double() * w_h).sum()).backward()
     assert_grad_close(leaf.grad, ref_logits.grad, dtype, "dL/dlogits")
     assert torch.all(leaf.grad[~mask] == 0)  # masked tokens: exact-zero gradient rows

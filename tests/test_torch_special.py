@@ -21,6 +21,7 @@ import torch
 import lens_kernels as lk
 from lens_kernels.backends import torch as torch_backend
 from lens_kernels.backends.torch import _common
+import backend_calls as calls  # noqa: E402
 
 SEED = 1234
 V = 37
@@ -366,7 +367,7 @@ def test_bad_target_gives_nan_row_not_oob(bad_id):
     b, s = 0, 0  # kept
     t[b, s] = bad_id
     logits = clean["logits"].clone().requires_grad_()
-    logp, ent = torch_backend.token_logprobs(logits, t, mask=mask, return_entropy=True)
+    logp, ent = calls.token_logprobs("torch", logits, t, mask=mask, return_entropy=True)
     (logp.nan_to_num(0.0).sum() * 0 + logp.sum() + ent.sum()).backward()
     assert torch.isnan(logp[b, s]) and torch.isfinite(ent[b, s])
     assert torch.isnan(logits.grad[b, s]).all()
@@ -375,12 +376,12 @@ def test_bad_target_gives_nan_row_not_oob(bad_id):
     assert torch.isfinite(logp[other]).all() and torch.isfinite(logits.grad[other]).all()
     # the rows that do not hold the bad target equal the clean call
     logits2 = clean["logits"].clone().requires_grad_()
-    logp2, ent2 = torch_backend.token_logprobs(logits2, clean["targets"], mask=mask, return_entropy=True)
+    logp2, ent2 = calls.token_logprobs("torch", logits2, clean["targets"], mask=mask, return_entropy=True)
     (logp2.sum() + ent2.sum()).backward()
     assert torch.equal(logp[other], logp2[other]) and torch.equal(logits.grad[other], logits2.grad[other])
 
     logits3 = clean["logits"].clone().requires_grad_()
-    loss, _ = torch_backend.policy_loss_from_logits(logits3, t, mask, clean["advantages"],
+    loss, _ = calls.policy_loss_from_logits("torch", logits3, t, mask, clean["advantages"],
                                                     old_logps=clean["old_logps"])
     loss.backward()
     assert torch.isnan(loss) and torch.isnan(logits3.grad[b, s]).all()
@@ -394,11 +395,11 @@ def test_bad_target_hidden_paths_give_nan():
     g = gen(7)
     hidden = torch.randn(*mask.shape, 5, generator=g, dtype=torch.float64)
     weight = torch.randn(V, 5, generator=g, dtype=torch.float64)
-    logp, _ = torch_backend.linear_token_logprobs(hidden, weight, t, mask=mask)
+    logp, _ = calls.linear_token_logprobs("torch", hidden, weight, t, mask=mask)
     assert torch.isnan(logp[0, 0]) and torch.isfinite(logp.flatten()[1:]).all()
     for mode in ("fast", "lean"):
         h = hidden.clone().requires_grad_()
-        loss, _ = torch_backend.policy_loss_from_hidden(h, weight, t, mask, clean["advantages"], mode=mode,
+        loss, _ = calls.policy_loss_from_hidden("torch", h, weight, t, mask, clean["advantages"], mode=mode,
                                                         old_logps=clean["old_logps"])
         loss.backward()
         assert torch.isnan(loss) and torch.isnan(h.grad[0, 0]).all(), mode
@@ -418,7 +419,7 @@ def test_inplace_write_bumps_version_so_a_saved_buffer_raises():
 
     x = clean["logits"].clone().requires_grad_()
     logits = torch.tanh(x)
-    logp, _ = lk.token_logprobs(logits, clean["targets"], mask=mask, inplace_backward=True, backend="torch")
+    logp, _ = lk.token_logprobs(logits, clean["targets"], mask=mask, inplace=True, backend="torch")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         logp.sum().backward()
 
@@ -439,7 +440,7 @@ def test_inplace_refuses_expanded_buffer():
         lk.policy_loss_from_logits(logits, clean["targets"], mask, clean["advantages"], inplace=True,
                                    backend="torch")
     with pytest.raises(ValueError, match="logits"):
-        lk.token_logprobs(logits, clean["targets"], mask=mask, inplace_backward=True, backend="torch")
+        lk.token_logprobs(logits, clean["targets"], mask=mask, inplace=True, backend="torch")
 
 
 def test_module_layout_is_importable():
@@ -451,8 +452,9 @@ def test_module_layout_is_importable():
 
 @pytest.mark.parametrize("rows", [slice(None), slice(0, 3)])
 def test_row_slice_view_gradient_reaches_its_base(rows):
-    """logits = base[:, :-1] (the usual shift): the fused loss computes on the base and returns the
-    base's gradient (zero rows past the view) instead of autograd's zero-fill + copy: same values."""
+    """logits = base[:, :-1] (the usual shift) of a leaf and of a non-leaf base: the gradient reaches
+    the base with zero rows past the view, and ``torch.autograd.grad(loss, view)`` gets the view's own
+    gradient (the op's input is the view itself, so both questions have their answer)."""
     mask, clean, _ = poisoned_batch()
     B, T = mask.shape
     g = gen(SEED + 30)
@@ -462,15 +464,21 @@ def test_row_slice_view_gradient_reaches_its_base(rows):
     n = len(b_rows)
     args = (clean["targets"][:n], mask[:n], clean["advantages"][:n])
     kw = dict(old_logps=clean["old_logps"][:n], ref_logps=clean["ref_logps"][:n], config=cfg, backend="torch")
-    base = base_vals.clone().requires_grad_()
-    loss, _ = lk.policy_loss_from_logits(base[rows, :-1], *args, **kw)
-    # the op's first input is the base itself, not autograd's SliceBackward of the view
-    assert type(loss.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
-    loss.backward()
     ref = base_vals[rows, :-1].clone().requires_grad_()  # a leaf of its own: no view involved
     loss_ref, _ = lk.policy_loss_from_logits(ref, *args, **kw)
     loss_ref.backward()
-    assert torch.equal(loss, loss_ref)
     want = torch.zeros_like(base_vals)
     want[rows, :-1] = ref.grad
+
+    base = base_vals.clone().requires_grad_()
+    loss, _ = lk.policy_loss_from_logits(base[rows, :-1], *args, **kw)
+    loss.backward()
+    assert torch.equal(loss, loss_ref)
     assert torch.equal(base.grad, want)
+
+    leaf = base_vals.clone().requires_grad_()
+    non_leaf = leaf * 1.0
+    view = non_leaf[rows, :-1]
+    loss, _ = lk.policy_loss_from_logits(view, *args, **kw)
+    (d_view,) = torch.autograd.grad(loss, view)
+    assert torch.equal(d_view, ref.grad)

@@ -108,6 +108,7 @@ def _record_launches():
     import triton  # noqa: F401
 
     from lens_kernels import LossConfig
+    from lens_kernels.loss import policy_loss_from_logits_op
 
     # the package re-exports functions under the modules' names: fetch the modules themselves
     lin, pl, plh, tlp, vs, common = (importlib.import_module("lens_kernels.backends.triton." + name) for name in (
@@ -169,8 +170,8 @@ def _record_launches():
                     pl.fused_policy_loss_forward(view, grad, targets, mask, adv, old, old, None, 1.0, cfg,
                                                  None, None, 1.0, variant=variant)
             z = base.clone().requires_grad_(True)
-            loss, _ = pl.FusedPolicyLossFunction.apply(z[:, :-1], targets, mask, adv, old, None, None, 1.0,
-                                                       LossConfig(), None, None, 1.0, True, True)
+            loss, _ = policy_loss_from_logits_op(z[:, :-1], targets, mask, adv, old, None, None, 1.0, LossConfig(),
+                                                 None, None, 1.0, True, "triton")
             loss.backward(torch.tensor(0.5))  # a grad_output != grad_scale: the rescale kernel
             n = B * T
             vs.vocab_shard_partials(view, targets)

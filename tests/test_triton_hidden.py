@@ -25,6 +25,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 from hidden_cases import CONFIGS, TOL, assert_close_scaled, check, make_batch, run_both  # noqa: E402
 from seeds import stable_seed  # noqa: E402
 from lens_kernels import reference as ref  # noqa: E402
+import backend_calls as calls  # noqa: E402
 linear_op = importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs")
 loss_op = importlib.import_module("lens_kernels.backends.triton.policy_loss_from_hidden")
 
@@ -60,7 +61,7 @@ def test_linear_token_logprobs_matches_reference(dtype, temperature, entropy_gra
     _poisoned_empty(monkeypatch)
     inputs = {k: batch[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
     expected_in = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    logp, entropy = linear_op.linear_token_logprobs(inputs["hidden"], inputs["weight"], batch["targets"],
+    logp, entropy = calls.linear_token_logprobs("triton", inputs["hidden"], inputs["weight"], batch["targets"],
                                                     inputs["bias"], batch["mask"], tau, True)
     exp_logp, exp_entropy = ref.linear_token_logprobs(
         expected_in["hidden"], expected_in["weight"], batch["targets"], expected_in["bias"],
@@ -88,7 +89,7 @@ def test_linear_token_logprobs_frozen_weight_and_sequence_sums(monkeypatch):
     _poisoned_empty(monkeypatch)
     hidden = batch["hidden"].clone().requires_grad_()
     weight = batch["weight"].clone()  # frozen
-    logp, _ = linear_op.linear_token_logprobs(hidden, weight, batch["targets"], None, batch["mask"], 1.0)
+    logp, _ = calls.linear_token_logprobs("triton", hidden, weight, batch["targets"], None, batch["mask"], 1.0)
     logp.sum().backward()
     assert weight.grad is None and torch.isfinite(hidden.grad).all()
     logp2, entropy2, sums = linear_op.linear_token_logprobs_with_sequence_sums(
@@ -105,7 +106,7 @@ def test_linear_token_logprobs_large_logits_and_vocab_slabs(monkeypatch):
     batch = _to_device(make_batch(2, 5, 16, V, torch.float32, seed=29))
     weight = (batch["weight"] * 300).requires_grad_()
     hidden = batch["hidden"].clone().requires_grad_()
-    logp, entropy = linear_op.linear_token_logprobs(hidden, weight, batch["targets"], None, batch["mask"], 1.0, True)
+    logp, entropy = calls.linear_token_logprobs("triton", hidden, weight, batch["targets"], None, batch["mask"], 1.0, True)
     (logp.sum() + entropy.sum()).backward()
     w64 = weight.detach().double().requires_grad_()
     h64 = hidden.detach().double().requires_grad_()
@@ -121,7 +122,7 @@ def test_linear_token_logprobs_large_logits_and_vocab_slabs(monkeypatch):
 # policy_loss_from_hidden, both modes
 # ---------------------------------------------------------------------------------------------
 def _loss_op(chunk_rows=5):
-    return functools.partial(loss_op.policy_loss_from_hidden, chunk_rows=chunk_rows)
+    return functools.partial(calls.policy_loss_from_hidden, "triton", chunk_rows=chunk_rows)
 
 
 @pytest.mark.parametrize("mode", ["fast", "lean"])
@@ -222,7 +223,7 @@ def test_vocab_split_values_and_gradients_match_reference(splits, monkeypatch):
     real_fwd = linear_op._linear_logprobs_fwd_kernel
     monkeypatch.setattr(linear_op, "_linear_logprobs_fwd_kernel", _GridSpy(real_fwd, launches))
     inputs = {k: case[k].clone().to(DEVICE).requires_grad_() for k in ("hidden", "weight", "bias")}
-    logp, entropy = linear_op.linear_token_logprobs(
+    logp, entropy = calls.linear_token_logprobs("triton",
         inputs["hidden"], inputs["weight"], case["targets"].to(DEVICE), inputs["bias"], case["mask"].to(DEVICE),
         case["tau"].to(DEVICE), True, vocab_splits=splits)
     assert [grid[1] for grid in launches] == [splits], "the forward did not run the vocabulary slices asked for"
@@ -258,7 +259,7 @@ def test_vocab_split_bad_kept_target_and_sequence_sums(splits):
     targets[bad[0]], targets[bad[1]] = -100, SPLIT_V
     args = [case[k].to(DEVICE) for k in ("hidden", "weight")] + [targets.to(DEVICE), case["bias"].to(DEVICE),
                                                                 mask.to(DEVICE), case["tau"].to(DEVICE)]
-    logp, entropy = linear_op.linear_token_logprobs(*args, return_entropy=True, vocab_splits=splits)
+    logp, entropy = calls.linear_token_logprobs("triton", *args, return_entropy=True, vocab_splits=splits)
     nan = torch.zeros_like(mask)
     for b in bad:
         nan[b] = True
@@ -287,7 +288,7 @@ def test_backward_grouped_tile_order_with_a_short_last_group(group_n, monkeypatc
     g_entropy = torch.randn(case["targets"].shape, generator=g, dtype=torch.float64)
     want = _reference(case, g_logp, g_entropy)
     inputs = {k: case[k].clone().to(DEVICE).requires_grad_() for k in ("hidden", "weight", "bias")}
-    logp, entropy = linear_op.linear_token_logprobs(
+    logp, entropy = calls.linear_token_logprobs("triton",
         inputs["hidden"], inputs["weight"], case["targets"].to(DEVICE), inputs["bias"], case["mask"].to(DEVICE),
         case["tau"].to(DEVICE), True, vocab_splits=3)
     ((logp * g_logp.float().to(DEVICE)).sum() + (entropy * g_entropy.float().to(DEVICE)).sum()).backward()
@@ -328,7 +329,7 @@ def triton_cdiv(a, b):
 def test_vocab_splits_argument_is_checked(bad):
     batch = make_batch(2, 2, 8, 10, torch.float32, seed=3)
     with pytest.raises(ValueError, match="vocab_splits"):
-        linear_op.linear_token_logprobs(batch["hidden"].to(DEVICE), batch["weight"].to(DEVICE),
+        calls.linear_token_logprobs("triton", batch["hidden"].to(DEVICE), batch["weight"].to(DEVICE),
                                         batch["targets"].clamp(min=0).to(DEVICE), vocab_splits=bad)
 
 
@@ -370,7 +371,7 @@ def test_fp32_dot_precision_follows_torch(setting, fp32_matmul_setting, monkeypa
         monkeypatch.setattr(linear_op, name, spy(getattr(linear_op, name)))
     batch = _to_device(make_batch(B, T, H, V, torch.float32, seed=stable_seed("fp32-precision", setting)))
     h, w = batch["hidden"].clone().requires_grad_(), batch["weight"].clone().requires_grad_()
-    logp, _ = linear_op.linear_token_logprobs(h, w, batch["targets"], batch["bias"], batch["mask"])
+    logp, _ = calls.linear_token_logprobs("triton", h, w, batch["targets"], batch["bias"], batch["mask"])
     fp32_matmul_setting.fp32_precision = "ieee" if setting == "tf32" else "tf32"  # flipped before backward
     logp.sum().backward()
     assert seen == [("_linear_logprobs_fwd_kernel", setting), ("_linear_logprobs_bwd_kernel", setting)]

@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 
 from lens_kernels import LossConfig, reference
+from lens_kernels.backends.torch import loss_terms
 from seeds import stable_seed
+import backend_calls as calls  # noqa: E402
 
 common = importlib.import_module("lens_kernels.backends.triton._common")
 tlp = importlib.import_module("lens_kernels.backends.triton.token_logprobs")
@@ -136,7 +138,7 @@ def test_token_logprobs_on_rows_of_every_phase(V, phase, dtype, inplace):
     want_logp, want_entropy, want_grad = _reference(logits, targets, mask, g_logp, g_entropy)
 
     x = logits.detach().requires_grad_(True)  # shares the storage: in place writes the rows themselves
-    logp, entropy = tlp.token_logprobs(x, targets, mask, 1.0, True, inplace)
+    logp, entropy = calls.token_logprobs("triton", x, targets, mask, 1.0, True, inplace)
     assert_close_scaled(logp, want_logp, VALUE_REL / 10, "logp")
     assert_close_scaled(entropy, want_entropy, VALUE_REL, "entropy")
     ((logp * g_logp).sum() + (entropy * g_entropy).sum()).backward()
@@ -167,7 +169,7 @@ def test_a_nan_or_inf_anywhere_in_a_kept_row_makes_it_nan(V):
     assert set(bad.values()) == {"head", "body", "tail"}
     logits[1, 0, 0] = float("inf")
     logits[1, 1, V - 1] = float("inf")
-    logp, entropy = tlp.token_logprobs(logits, targets, mask, 1.0, True)
+    logp, entropy = calls.token_logprobs("triton", logits, targets, mask, 1.0, True)
     want_logp, want_entropy = reference.token_logprobs(logits, targets, 1.0, mask)
     for row in [(0, t) for t in range(T)] + [(1, 0), (1, 1)]:
         where = bad.get(row, "edge")
@@ -200,7 +202,9 @@ def test_policy_loss_on_rows_of_every_phase(V, phase, dtype, variant, inplace):
     grad = logits if inplace else common.empty_grad_like(logits)
     outputs = pl.fused_policy_loss_forward(logits, grad, targets, mask, adv, old, old, None, 1.0, cfg,
                                            None, None, 1.0, variant=variant)
-    loss, metrics = pl.reduce_metrics(outputs, adv, mask, cfg)
+    # the loss and metrics from the kernel's per-row log-probs and entropy, as the op takes them
+    loss, metrics, _, _ = loss_terms(outputs[5].view(mask.shape), outputs[4].view(mask.shape), adv, mask, old, old,
+                                     None, cfg, None, None)
     assert_close_scaled(loss, want_loss, VALUE_REL, "loss")
     assert_close_scaled(metrics[2], want_metrics["entropy"], VALUE_REL, "entropy metric")
     assert_close_scaled(grad, z64.grad, GRAD_REL[dtype], "dL/dz")
@@ -298,4 +302,4 @@ def test_a_pointer_not_aligned_to_its_element_size_is_refused():
         pytest.skip("this torch cannot make a bf16 tensor at an odd address")
     assert x.data_ptr() % 2 == 1
     with pytest.raises(ValueError, match="logits: data pointer"):
-        tlp.token_logprobs(x.view(2, 32), torch.zeros(2, dtype=torch.long))
+        calls.token_logprobs("triton", x.view(2, 32), torch.zeros(2, dtype=torch.long))

@@ -1,4 +1,4 @@
-"""Backend dispatch (SPEC section 4).
+"""Backend dispatch: one decision per op call.
 
 A backend is a module that implements some of the ops named in ``OPS``. ``backend="auto"`` (or the
 ``LENS_KERNELS_BACKEND`` environment variable) picks, for each op, the first available backend in
@@ -8,6 +8,7 @@ that says why.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -116,12 +117,32 @@ def backend_for(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
 
 
 def get(op: str, tensor: torch.Tensor, backend: str = "auto"):
-    """The implementation of ``op`` chosen for ``tensor``."""
+    """The implementation of ``op`` chosen for ``tensor``: for the public ops, the launchers the backend
+    gathers under the op's name (see ``_launchers``); for the vocab-shard ops, a function."""
+    return launchers(op, choose(op, tensor, backend))
+
+
+def choose(op: str, tensor: torch.Tensor, backend: str = "auto") -> str:
+    """The one dispatch decision of an op call: the backend's name (logged at DEBUG level)."""
     name = backend_for(op, tensor, backend)
     # a logging call breaks a torch.compile graph; the choice is fixed at trace time anyway
     if not _torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug("lens_kernels: %s -> %s backend", op, name)
-    return getattr(_load(name), op)
+    return name
+
+
+def launchers(op: str, name: str):
+    """What backend ``name`` (already chosen by ``choose``, so known to run here) supplies for ``op``."""
+    return getattr(_load(name) or importlib.import_module(_MODULES[name]), op)
+
+
+def device_guard(tensor: torch.Tensor):
+    """Makes the tensor's GPU the current device for a launch (Triton launches on the current device
+    and stream; with ``lm_head`` on cuda:1 under ``device_map="auto"`` that must be cuda:1). A no-op
+    context on CPU or when the device is already current."""
+    if tensor.device.type == "cuda" and tensor.device.index is not None:
+        return _torch.cuda.device(tensor.device.index)
+    return contextlib.nullcontext()
 
 
 # The CPU path is always there: load it now, so that a torch.compile'd first call finds it loaded.

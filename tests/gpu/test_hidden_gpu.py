@@ -22,6 +22,7 @@ import torch
 
 import lens_kernels as lk
 from lens_kernels import reference as ref
+import backend_calls as calls  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -134,7 +135,7 @@ def test_lean_kernels_special_inputs_on_gpu():
     results = []
     for x in (hidden, dirty):
         hx, w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        logp, entropy = lin.linear_token_logprobs(hx, w, targets, bias=bias, mask=mask, return_entropy=True)
+        logp, entropy = calls.linear_token_logprobs("triton", hx, w, targets, bias=bias, mask=mask, return_entropy=True)
         (logp.sum() + 0.1 * entropy.sum()).backward()
         results.append((logp, entropy, hx.grad[mask], w.grad))
     for a, b in zip(results[0], results[1]):
@@ -147,7 +148,7 @@ def test_lean_kernels_special_inputs_on_gpu():
     bad = targets.clone()
     bad[0] = -100
     hx = hidden.clone().requires_grad_(True)
-    logp, _ = lin.linear_token_logprobs(hx, weight, bad)
+    logp, _ = calls.linear_token_logprobs("triton", hx, weight, bad)
     logp[1:].sum().backward()
     assert torch.isnan(logp[0]) and torch.isfinite(logp[1:]).all()
     assert torch.isnan(hx.grad[0].float()).all() and torch.isfinite(hx.grad[1:].float()).all()
@@ -176,9 +177,9 @@ def test_lean_forward_vocabulary_slices_match_one_pass(dtype):
     results = []
     for splits in (1, None, 7):
         hx = hidden[:1024].clone().requires_grad_(True)  # backward on a quarter: the forward is the point
-        logp, entropy = lin.linear_token_logprobs(hidden, weight, targets, bias=bias, mask=mask,
+        logp, entropy = calls.linear_token_logprobs("triton", hidden, weight, targets, bias=bias, mask=mask,
                                                   return_entropy=True, vocab_splits=splits)
-        lp_small, _ = lin.linear_token_logprobs(hx, weight, targets[:1024], bias=bias, mask=mask[:1024],
+        lp_small, _ = calls.linear_token_logprobs("triton", hx, weight, targets[:1024], bias=bias, mask=mask[:1024],
                                                 vocab_splits=splits)
         lp_small.sum().backward()
         results.append((logp, entropy, hx.grad.float()))

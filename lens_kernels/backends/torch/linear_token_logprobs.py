@@ -1,8 +1,6 @@
 """linear_token_logprobs on the torch backend: the logits of one row chunk at a time, never [N, V]."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -96,108 +94,22 @@ def linear_vocab_shard_grad(hidden, weight, bias, targets, temperature, lse, ent
     return d_hidden, d_weight, d_bias
 
 
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, temperature):
-        lead = hidden.shape[:-1]
-        t, keep, bad = flat_keep(targets, mask, weight.shape[0])
-        logp, lse, entropy = finish_partials(*linear_vocab_shard_partials(hidden, weight, bias, t, temperature, keep))
-        if keep is not None:
-            zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-            logp = torch.where(keep, logp, zero)
-            entropy = torch.where(keep, entropy, zero)
-        logp = mark_bad(logp, bad)
-        ctx.save_for_backward(hidden, weight, bias, t, lse, entropy, keep if keep is not None else torch.empty(0), bad)
-        ctx.has_keep = keep is not None
-        ctx.temperature = temperature
-        ctx.set_materialize_grads(False)
-        return logp.view(lead), entropy.view(lead)
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, t, lse, entropy, keep, bad = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_entropy is None) or not any(needs):
-            return None, None, None, None, None, None
-        g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep if ctx.has_keep else None, bad)
-        d_hidden, d_weight, d_bias = linear_vocab_shard_grad(hidden, weight, bias, t, ctx.temperature, lse, entropy,
-                                                             g_l, g_h, needs=needs)
-        return d_hidden, d_weight, d_bias, None, None, None
-
-
-def linear_token_logprobs(hidden, weight, targets, bias=None, mask=None, temperature=1.0, return_entropy=False):
-    """Eager: ``LinearTokenLogprobsFunction``; under torch.compile the custom ops below."""
-    if torch.compiler.is_compiling():
-        tau, tau_t = (1.0, temperature) if torch.is_tensor(temperature) else (float(temperature), None)
-        logp, entropy, _ = linear_token_logprobs_fwd(hidden, weight, bias, targets, mask, tau, tau_t)
-    else:
-        logp, entropy = LinearTokenLogprobsFunction.apply(hidden, weight, bias, targets, mask, temperature)
-    return logp, (entropy if return_entropy else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# The same op as torch.library custom ops, for torch.compile (see token_logprobs.py).
-# ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("lens_kernels::linear_token_logprobs_fwd", mutates_args=())
-def linear_token_logprobs_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              targets: torch.Tensor, mask: Optional[torch.Tensor], tau: float,
-                              tau_t: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp [...], entropy [...], lse [N]) of ``linear_token_logprobs``."""
+def linear_token_logprobs_forward(hidden, weight, bias, targets, mask, temperature, variant=""):
+    """(logp [N], entropy [N], lse [N]) in the compute dtype; masked tokens 0, a kept out-of-range
+    target NaN. ``variant`` is the backend's option string (none here)."""
     t, keep, bad = flat_keep(targets, mask, weight.shape[0])
-    temperature = tau if tau_t is None else tau_t
     logp, lse, entropy = finish_partials(*linear_vocab_shard_partials(hidden, weight, bias, t, temperature, keep))
     if keep is not None:
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         logp, entropy = torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
-    lead = hidden.shape[:-1]
-    return mark_bad(logp, bad).view(lead).clone(), entropy.view(lead).clone(), lse
+    return mark_bad(logp, bad), entropy, lse
 
 
-@linear_token_logprobs_fwd.register_fake
-def _(hidden, weight, bias, targets, mask, tau, tau_t):
-    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    lead = hidden.shape[:-1]
-    return (hidden.new_empty(lead, dtype=cdt), hidden.new_empty(lead, dtype=cdt),
-            hidden.new_empty((targets.numel(),), dtype=cdt))
-
-
-@torch.library.custom_op("lens_kernels::linear_token_logprobs_bwd", mutates_args=())
-def linear_token_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              targets: torch.Tensor, mask: Optional[torch.Tensor], tau: float,
-                              tau_t: Optional[torch.Tensor], lse: torch.Tensor, entropy: torch.Tensor,
-                              g_logp: torch.Tensor, g_entropy: torch.Tensor, need_h: bool, need_w: bool,
-                              need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_hidden, d_weight, d_bias); a gradient that is not needed is an empty [0] tensor."""
+def linear_token_logprobs_backward(hidden, weight, bias, targets, mask, temperature, lse, entropy, g_logp,
+                                   g_entropy, needs, variant=""):
+    """(d_hidden, d_weight, d_bias) for flat upstream gradients (either may be None); ``needs`` says
+    which to compute (None for the others)."""
     t, keep, bad = flat_keep(targets, mask, weight.shape[0])
     g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep, bad)
-    grads = linear_vocab_shard_grad(hidden, weight, bias, t, tau if tau_t is None else tau_t, lse,
-                                    entropy.reshape(-1).to(lse.dtype), g_l, g_h, needs=(need_h, need_w, need_b))
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
-
-
-@linear_token_logprobs_bwd.register_fake
-def _(hidden, weight, bias, targets, mask, tau, tau_t, lse, entropy, g_logp, g_entropy, need_h, need_w, need_b):
-    empty = hidden.new_empty(0)
-    return (hidden.new_empty(hidden.shape) if need_h else empty, weight.new_empty(weight.shape) if need_w else empty,
-            bias.new_empty(bias.shape) if (need_b and bias is not None) else empty)
-
-
-def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, mask, tau, tau_t = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, mask, tau_t, lse, entropy)
-    ctx.tau = tau
-
-
-def _linear_backward(ctx, g_logp, g_entropy, _g_lse):
-    hidden, weight, bias, targets, mask, tau_t, lse, entropy = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    g_logp = torch.zeros_like(entropy) if g_logp is None else g_logp
-    g_entropy = torch.zeros_like(entropy) if g_entropy is None else g_entropy
-    d_h, d_w, d_b = linear_token_logprobs_bwd(hidden, weight, bias, targets, mask, ctx.tau, tau_t, lse, entropy,
-                                              g_logp, g_entropy, need_h, need_w, need_b and bias is not None)
-    return (d_h if need_h else None, d_w if need_w else None, d_b if (need_b and bias is not None) else None,
-            None, None, None, None)
-
-
-linear_token_logprobs_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
+    return linear_vocab_shard_grad(hidden, weight, bias, t, temperature, lse, entropy.reshape(-1).to(lse.dtype),
+                                   g_l, g_h, needs=needs)

@@ -3,14 +3,11 @@ and dL/dH, computed in forward. The fused GPU kernels port the same coefficients
 module against the autograd of ``reference.py`` tests the formulas they implement."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ...config import LossConfig
-from ._common import (WorkBuffers, check_inplace_target, chunk_entropy, chunk_log_softmax, compute_dtype, flat_keep, mark_bad, per_token,
-                      row_chunk_pairs, row_slice_base, slice_tau, tau_rows, write_grad)
-from .token_logprobs import token_logprobs
+from ._common import (WorkBuffers, chunk_entropy, chunk_log_softmax, compute_dtype, flat_keep, mark_bad, per_token,
+                      row_chunk_pairs, slice_tau, tau_rows, write_grad)
 from .vocab_shard import chunk_rows
 
 
@@ -173,32 +170,6 @@ def loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weight
     return loss, metrics, g_l, g_h
 
 
-class PolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logps, entropy, advantages, mask, old_logps, ref_logps, is_weights, cfg,
-                num_tokens, num_sequences):
-        loss, metrics, g_l, g_h = loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weights,
-                                             cfg, num_tokens, num_sequences)
-        ctx.save_for_backward(g_l, g_h if g_h is not None else torch.empty(0))
-        ctx.has_g_h = g_h is not None
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
-        g_l, g_h = ctx.saved_tensors
-        d_logps = g_l * grad_loss
-        d_entropy = g_h * grad_loss if ctx.has_g_h else None
-        return d_logps, d_entropy, None, None, None, None, None, None, None, None
-
-
-def policy_loss(logps, advantages, mask, old_logps=None, ref_logps=None, entropy=None, is_weights=None,
-                config: LossConfig = LossConfig(), num_tokens=None, num_sequences=None):
-    loss, metrics = PolicyLossFunction.apply(logps, entropy, advantages, mask, old_logps, ref_logps,
-                                             is_weights, config, num_tokens, num_sequences)
-    return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Token-level ratios: the loss gradient in forward (SPEC 5), on the torch backend too.
 # ---------------------------------------------------------------------------------------------
@@ -253,134 +224,47 @@ def chunk_coefficients(tok, start, stop, logp, entropy, cfg):
     return g_l.view(-1), None if g_h is None else g_h.view(-1)
 
 
-_grad_scale_warned = False
+def fused_logits_loss_forward(logits, out, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                              temperature, cfg: LossConfig, num_tokens, num_sequences, grad_scale):
+    """Token-level ratios: per row chunk, log p (one log_softmax pass), p = exp(log p), the entropy, the
+    per-token loss coefficients and dL/dz = g_t onehot - p (g_l + g_h (log p + H)) written into ``out``
+    at once (``out`` shaped as ``logits``, any layout; ``logits`` itself overwrites them), for the
+    upstream gradient ``grad_scale``: one exponentiation per logit for forward and backward together,
+    two [rows, V] work buffers. Returns (logp [N], entropy [N]) in the compute dtype and ``out``."""
+    B, T, V = logits.shape
+    n = B * T
+    cdt = compute_dtype(logits.dtype)
+    device = logits.device
+    t, keep, bad = flat_keep(targets, mask, V)
+    tok = token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences,
+                       grad_scale, cdt)
+    tau = tau_rows(temperature, (B, T), tok["w"])
+    logp = torch.empty(n, dtype=cdt, device=device)
+    entropy = torch.empty(n, dtype=cdt, device=device)
+    work = WorkBuffers(min(chunk_rows(logits), n), V, cdt, device) if n else None
+    zero = torch.zeros((), dtype=cdt, device=device)
+    # the entropy gradient needs log p after the entropy sum (a dot); without it, y is consumed
+    bonus = cfg.entropy_coef != 0.0
+    for chunk, dst, start in row_chunk_pairs(logits, out, chunk_rows(logits)):
+        stop = start + chunk.shape[0]
+        y, e = work.get(stop - start)
+        t_c, keep_c, bad_c, tau_c = t[start:stop], keep[start:stop], bad[start:stop], slice_tau(tau, start, stop)
+        logp_t, l_i = chunk_log_softmax(chunk, t_c, tau_c, keep_c, y, e)  # y = log p + c, e = p l_i
+        log_l = torch.log(l_i)
+        logp_t = logp_t - log_l
+        lp = mark_bad(torch.where(keep_c, logp_t, zero), bad_c)
+        logp[start:stop] = lp
+        # -sum (e / l)(y - log l) = -sum e y / l + log l
+        ent = torch.where(keep_c, chunk_entropy(logp_t, y, e, keep_a=bonus) / l_i + log_l, zero)
+        entropy[start:stop] = ent
+        g_l, g_h = chunk_coefficients(tok, start, stop, lp, ent, cfg)
+        write_grad(y, e, t_c, tau_c, l_i, log_l, ent, mark_bad(g_l, bad_c), g_h, mark_bad(g_l, bad_c), dst)
+    return logp, entropy, out
 
 
-def upstream_correction(grad_output: torch.Tensor, grad_scale: float):
-    """grad_output / grad_scale for a gradient computed in forward for upstream ``grad_scale``
-    (SPEC 5, grad-scale contract), or None when nothing is to be done. On CPU the check is free: a
-    factor != 1 warns once. On a GPU it would sync, so the factor is always applied (exact when it is
-    1: one elementwise pass over the gradients) and no warning is given."""
-    global _grad_scale_warned
-    ratio = grad_output.detach() / grad_scale
-    if grad_output.device.type != "cpu":
-        return ratio
-    if bool(ratio == 1.0):
-        return None
-    if not _grad_scale_warned:
-        _grad_scale_warned = True
-        warnings.warn(f"lens_kernels: backward got grad_output {float(grad_output)} != grad_scale {grad_scale}; "
-                      "the gradient computed in forward is rescaled (pass grad_scale= to avoid the extra pass)")
-    return ratio
-
-
-def take_stored_grads(ctx, grad_loss, once_message: str):
-    """The gradients a fused forward stored in ``ctx.grads`` (computed for the upstream
-    ``ctx.grad_scale``), scaled to the ``grad_loss`` backward received; they are handed out once, and a
-    second backward raises ``once_message``."""
-    if ctx.grads is None:
-        raise RuntimeError(once_message)
-    grads, ctx.grads = ctx.grads, None
-    ratio = upstream_correction(grad_loss, ctx.grad_scale)
-    if ratio is not None:
-        for g in grads:
-            if g is not None:
-                g.mul_(ratio)
-    return grads
-
-
-class FusedLogitsLossFunction(torch.autograd.Function):
-    """Token-level ratios from logits: per row chunk, log p (one log_softmax pass), p = exp(log p),
-    the entropy, the per-token loss coefficients and dL/dz = g_t onehot - p (g_l + g_h (log p + H))
-    written at once: one exponentiation per logit for forward and backward together, and two
-    [rows, V] work buffers. Backward only scales the stored gradient by grad_output / grad_scale
-    (the grad-scale contract of the fused kernels). With ``inplace`` the gradient overwrites the
-    logits in forward. The first input may be the base of a ``logits[:, :T]`` view (see
-    ``row_slice_base``): its gradient is then returned whole, with zero rows past T."""
-
-    @staticmethod
-    def forward(ctx, logits_or_base, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
-                num_tokens, num_sequences, grad_scale, inplace):
-        # the first input is the logits, or the base of a logits[:, :T] view (see row_slice_base):
-        # the gradient is then the base's, with zero rows past T
-        B, T = targets.shape
-        logits = logits_or_base[:B, :T]
-        V = logits.shape[-1]
-        n = B * T
-        cdt = compute_dtype(logits.dtype)
-        device = logits.device
-        if inplace:
-            check_inplace_target(logits)
-        t, keep, bad = flat_keep(targets, mask, V)
-        tok = token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences,
-                           grad_scale, cdt)
-        tau = tau_rows(temperature, (B, T), tok["w"])
-        logp = torch.empty(n, dtype=cdt, device=device)
-        entropy = torch.empty(n, dtype=cdt, device=device)
-        if inplace:
-            grad = out_rows = logits
-        else:
-            grad = torch.empty(logits_or_base.shape, dtype=logits.dtype, device=device)
-            out_rows = grad[:B, :T]
-            if out_rows.shape != grad.shape:
-                grad[B:].zero_()
-                grad[:B, T:].zero_()
-        rows = chunk_rows(logits)
-        work = WorkBuffers(min(rows, n), V, cdt, device) if n else None
-        zero = torch.zeros((), dtype=cdt, device=device)
-        for chunk, out, start in row_chunk_pairs(logits, out_rows, rows):
-            stop = start + chunk.shape[0]
-            y, e = work.get(stop - start)
-            t_c, keep_c, bad_c, tau_c = t[start:stop], keep[start:stop], bad[start:stop], slice_tau(tau, start, stop)
-            logp_t, l_i = chunk_log_softmax(chunk, t_c, tau_c, keep_c, y, e)  # y = log p + c, e = p l_i
-            log_l = torch.log(l_i)
-            logp_t = logp_t - log_l
-            lp = mark_bad(torch.where(keep_c, logp_t, zero), bad_c)
-            logp[start:stop] = lp
-            # the entropy gradient needs log p after the entropy sum (a dot); without it, y is consumed
-            bonus = cfg.entropy_coef != 0.0
-            # -sum (e / l)(y - log l) = -sum e y / l + log l
-            ent = torch.where(keep_c, chunk_entropy(logp_t, y, e, keep_a=bonus) / l_i + log_l, zero)
-            entropy[start:stop] = ent
-            g_l, g_h = chunk_coefficients(tok, start, stop, lp, ent, cfg)
-            g_l = mark_bad(g_l, bad_c)
-            write_grad(y, e, t_c, tau_c, l_i, log_l, ent, g_l, g_h, g_l, out)
-        del work
-        if inplace:
-            torch.autograd.graph.increment_version(logits)
-        loss, metrics, _, _ = loss_terms(logp.view(B, T), entropy.view(B, T), advantages, mask, old_logps,
-                                         ref_logps, is_weights, cfg, num_tokens, num_sequences)
-        ctx.grads = (grad,)
-        ctx.grad_scale = grad_scale
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
-        grads = take_stored_grads(ctx, grad_loss, "policy_loss_from_logits (token-level ratios, torch backend) "
-                                  "computes its gradient in forward: backward can run only once")
-        return grads + (None,) * 12
-
-
-def fused_applies(cfg: LossConfig, logits) -> bool:
-    """Token-level ratios, and a gradient wanted (else writing dL/dz would be wasted). Not under
-    torch.compile: there the loss is token_logprobs' custom ops + the traced policy loss."""
-    return (cfg.ratio_level == "token" and torch.is_grad_enabled() and logits.requires_grad
-            and not torch.compiler.is_compiling())
-
-
-def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
-                            temperature=1.0, config: LossConfig = LossConfig(), num_tokens=None,
-                            num_sequences=None, grad_scale=1.0, inplace=False):
-    """Token-level ratios with a gradient wanted: ``FusedLogitsLossFunction`` (dL/dz in forward, for
-    upstream ``grad_scale``; a different grad_output is rescaled exactly, with one warning).
-    Otherwise (GSPO, no grad) ``token_logprobs`` then ``policy_loss``."""
-    if fused_applies(config, logits):
-        base = None if inplace else row_slice_base(logits)
-        loss, metrics = FusedLogitsLossFunction.apply(logits if base is None else base, targets, mask, advantages, old_logps, ref_logps,
-                                                      is_weights, temperature, config, num_tokens, num_sequences,
-                                                      float(grad_scale), inplace)
-        return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
-    logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
-    return policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                       num_tokens, num_sequences)
+def rescale_grad_(grad, ratio) -> None:
+    """grad *= ratio (a [1] tensor on grad's device): the grad-scale correction of a gradient computed
+    in forward. On CPU a ratio of exactly 1 costs nothing."""
+    if grad.device.type == "cpu" and bool(ratio == 1.0):
+        return
+    grad.mul_(ratio.to(grad.dtype))

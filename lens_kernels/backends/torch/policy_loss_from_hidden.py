@@ -1,5 +1,6 @@
-"""policy_loss_from_hidden on the torch backend. mode="fast": the gradient in forward, 3 GEMMs, no
-logits recompute; otherwise the lean path (``linear_token_logprobs`` then ``policy_loss``)."""
+"""The fast mode of policy_loss_from_hidden on the torch backend (a plain launcher: the autograd is in
+``lens_kernels.loss``): the gradient in forward, 3 GEMMs, no logits recompute. The lean mode is
+``linear_token_logprobs`` then the policy loss, chosen by the op."""
 from __future__ import annotations
 
 import torch
@@ -7,36 +8,7 @@ import torch.nn.functional as F
 
 from ...config import LossConfig
 from ._common import chunk_ey, chunk_stats, compute_dtype, flat_keep, mark_bad, rows_per_chunk, slice_tau, tau_rows, write_grad
-from .linear_token_logprobs import linear_token_logprobs
-from .policy_loss import (METRIC_NAMES, chunk_coefficients, policy_loss, token_inputs,  # noqa: F401
-                          take_stored_grads, token_loss_grads)
-
-
-def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None,
-                            ref_logps=None, is_weights=None, temperature=1.0,
-                            config: LossConfig = LossConfig(), num_tokens=None, num_sequences=None,
-                            grad_scale=1.0, mode="fast"):
-    """mode="fast" with token-level ratios computes the gradient in forward (3 GEMMs, see
-    ``FastHiddenLossFunction``). Sequence-level ratios (GSPO) need every token of a sequence before any
-    token's gradient is known, so they take the lean path (forward, a per-sequence reduction, then
-    backward recomputing the logits), as does a call that needs no gradient at all."""
-    if mode == "fast" and fast_mode_applies(config, hidden, weight, bias):
-        rows = rows_per_chunk(weight.shape[0], 2 * (torch.finfo(compute_dtype(hidden.dtype)).bits // 8)
-                              + hidden.element_size())
-        return fast_policy_loss_from_hidden(
-            hidden, weight, targets, mask, advantages, bias, old_logps, ref_logps, is_weights, temperature,
-            config, num_tokens, num_sequences, grad_scale, chunk_step=torch_chunk_step, rows=rows)
-    logps, entropy = linear_token_logprobs(hidden, weight, targets, bias, mask, temperature, True)
-    return policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                       num_tokens, num_sequences)
-
-
-def fast_mode_applies(cfg: LossConfig, hidden, weight, bias) -> bool:
-    """Token-level ratios, and a gradient wanted (else the 2 gradient GEMMs would be wasted)."""
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    # under torch.compile the lean path runs (linear_token_logprobs' custom ops + the traced loss)
-    return cfg.ratio_level == "token" and wants_grad and not torch.compiler.is_compiling()
+from .policy_loss import chunk_coefficients, token_inputs
 
 
 def torch_chunk_step(z, targets, tau, coef_fn):
@@ -79,79 +51,59 @@ def accumulate_t_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
     acc.addmm_(a.t().to(acc.dtype), b.to(acc.dtype))
 
 
-class FastHiddenLossFunction(torch.autograd.Function):
-    """Forward: per row chunk, logits = h W^T + b (GEMM 1), the per-row step (log-probs, entropy, the
-    per-token loss coefficients, dL/dz over the chunk buffer), dX = dz W (GEMM 2) and dW += dz^T h
-    (GEMM 3, fp32 accumulator). Backward only scales the stored gradients by grad_output / grad_scale.
-    A frozen weight skips GEMM 3. Token-level ratios only."""
+def fast_hidden_loss_forward(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                             temperature, cfg: LossConfig, num_tokens, num_sequences, grad_scale, needs,
+                             chunk_step=None, rows=None):
+    """The fast mode of the hidden-state loss head, token-level ratios: per row chunk, logits = h W^T + b
+    (GEMM 1), the per-row step (log-probs, entropy, the per-token loss coefficients, dL/dz over the
+    chunk buffer), dX = dz W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulator), all for the
+    upstream gradient ``grad_scale``. ``needs`` = which of (hidden, weight, bias) get a gradient (a
+    frozen weight skips GEMM 3). ``chunk_step`` is the per-row step (``torch_chunk_step`` here; the
+    Triton backend passes its kernels), ``rows`` the rows per chunk.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights,
-                temperature, cfg, num_tokens, num_sequences, grad_scale, chunk_step, rows):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        B, T = targets.shape
-        vocab, width = weight.shape
-        h = hidden.reshape(-1, width)
-        n = h.shape[0]
-        cdt = compute_dtype(hidden.dtype)
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        t, keep, bad = flat_keep(targets, mask, vocab)
-        tok = token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences,
-                           grad_scale, cdt)
-        tau = tau_rows(temperature, targets.shape, tok["w"])
+    Returns (logp [N], entropy [N], (d_hidden, d_weight, d_bias)), each gradient None if not wanted."""
+    need_h, need_w, need_b = needs
+    chunk_step = chunk_step or torch_chunk_step
+    B, T = targets.shape
+    vocab, width = weight.shape
+    h = hidden.reshape(-1, width)
+    n = h.shape[0]
+    cdt = compute_dtype(hidden.dtype)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    rows = rows or rows_per_chunk(vocab, 2 * (torch.finfo(cdt).bits // 8) + hidden.element_size())
+    t, keep, bad = flat_keep(targets, mask, vocab)
+    tok = token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences,
+                       grad_scale, cdt)
+    tau = tau_rows(temperature, targets.shape, tok["w"])
 
-        logp = torch.empty(n, dtype=cdt, device=h.device)
-        entropy = torch.empty_like(logp)
-        d_hidden = torch.empty_like(h) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        d_bias = torch.zeros(vocab, dtype=acc, device=h.device) if (need_b and bias is not None) else None
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
+    logp = torch.empty(n, dtype=cdt, device=h.device)
+    entropy = torch.empty_like(logp)
+    d_hidden = torch.empty_like(h) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    d_bias = torch.zeros(vocab, dtype=acc, device=h.device) if (need_b and bias is not None) else None
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
 
-            def coef_fn(logp_c, entropy_c):
-                g_l, g_h = chunk_coefficients(tok, start, stop, mark_bad(logp_c, bad[start:stop]), entropy_c, cfg)
-                return mark_bad(g_l, bad[start:stop]), g_h
+        def coef_fn(logp_c, entropy_c):
+            g_l, g_h = chunk_coefficients(tok, start, stop, mark_bad(logp_c, bad[start:stop]), entropy_c, cfg)
+            return mark_bad(g_l, bad[start:stop]), g_h
 
-            # masked rows are read as zeros: NaN there must not reach dW through 0 * NaN
-            hs = kept_rows(h[start:stop], None if keep is None else keep[start:stop])
-            dz, logp[start:stop], entropy[start:stop] = chunk_step(
-                F.linear(hs, weight, bias), t[start:stop], slice_tau(tau, start, stop), coef_fn)
-            dz_in = dz.to(h.dtype)
-            if need_h:
-                torch.matmul(dz_in, weight, out=d_hidden[start:stop])
-            if need_w:
-                accumulate_t_mm(d_weight, dz_in, hs)
-            if d_bias is not None:
-                d_bias.add_(dz.sum(0, dtype=acc))
-            del dz, dz_in  # free this chunk's buffers before the next GEMM allocates
-        zero = torch.zeros((), dtype=cdt, device=h.device)
-        logp = mark_bad(torch.where(keep, logp, zero), bad)
-        entropy = torch.where(keep, entropy, zero)
-        # the loss value and metrics from the same per-token values, by the same code as policy_loss
-        loss, named = policy_loss(logp.view(B, T), advantages, mask, old_logps, ref_logps, entropy.view(B, T),
-                                  is_weights, cfg, num_tokens, num_sequences)
-        metrics = torch.stack([named[name] for name in METRIC_NAMES])
-        ctx.grads = (None if d_hidden is None else d_hidden.view(hidden.shape),
-                     None if d_weight is None else d_weight.to(weight.dtype),
-                     None if d_bias is None else d_bias.to(bias.dtype))
-        del d_weight  # the fp32 accumulator, before the caller's backward allocates anything
-        ctx.grad_scale = grad_scale
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
-        grads = take_stored_grads(ctx, grad_loss, "policy_loss_from_hidden(mode='fast') stores its gradient once: "
-                                  "backward can run only once (use mode='lean' to backward twice through the graph)")
-        return grads + (None,) * 13
-
-
-def fast_policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias, old_logps, ref_logps,
-                                 is_weights, temperature, config, num_tokens, num_sequences, grad_scale,
-                                 chunk_step, rows):
-    """``FastHiddenLossFunction`` with the per-row step ``chunk_step`` (see ``torch_chunk_step``) on
-    chunks of ``rows`` rows. Returns (loss, metrics) as ``policy_loss``."""
-    loss, metrics = FastHiddenLossFunction.apply(
-        hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, config,
-        num_tokens, num_sequences, float(grad_scale), chunk_step, rows)
-    return loss, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+        # masked rows are read as zeros: NaN there must not reach dW through 0 * NaN
+        hs = kept_rows(h[start:stop], None if keep is None else keep[start:stop])
+        dz, logp[start:stop], entropy[start:stop] = chunk_step(
+            F.linear(hs, weight, bias), t[start:stop], slice_tau(tau, start, stop), coef_fn)
+        dz_in = dz.to(h.dtype)
+        if need_h:
+            torch.matmul(dz_in, weight, out=d_hidden[start:stop])
+        if need_w:
+            accumulate_t_mm(d_weight, dz_in, hs)
+        if d_bias is not None:
+            d_bias.add_(dz.sum(0, dtype=acc))
+        del dz, dz_in  # free this chunk's buffers before the next GEMM allocates
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    logp = mark_bad(torch.where(keep, logp, zero), bad)
+    entropy = torch.where(keep, entropy, zero)
+    grads = (None if d_hidden is None else d_hidden.view(hidden.shape),
+             None if d_weight is None else d_weight.to(weight.dtype),
+             None if d_bias is None else d_bias.to(bias.dtype))
+    return logp, entropy, grads

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (WorkBuffers, active_rows, chunk_partials, compute_dtype, grad_rows, new_partials, row_chunks,
-                      rows_per_chunk, slice_tau, tau_rows)
+from ._common import (WorkBuffers, active_rows, chunk_partials, compute_dtype, grad_rows, new_partials, row_chunk_pairs,
+                      row_chunks, rows_per_chunk, slice_tau, tau_rows)
 
 
 def chunk_rows(logits: torch.Tensor) -> int:
@@ -49,13 +49,14 @@ def vocab_shard_partials(logits, targets, temperature=1.0, keep=None):
 
 
 def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entropy=None, g_target=None,
-                     inplace=False):
+                     inplace=False, out=None):
     """dL/dlogits of a [..., V] logits tensor (or shard) from the global lse and entropy.
 
     lse, entropy, g_logp, g_entropy, g_target: flat [N] in the compute dtype (g_entropy may be None;
     g_target defaults to g_logp). A row whose coefficients are all 0 gets an exact-zero gradient,
-    whatever its logits hold. ``inplace`` writes the gradient into ``logits`` (and bumps its autograd
-    version). Returns the gradient, shaped and typed as ``logits``.
+    whatever its logits hold. The gradient goes into ``out`` (any layout shaped as logits; ``logits``
+    itself, or ``inplace``, overwrites them; the caller's autograd records that), else into a fresh
+    buffer. Returns the gradient, shaped and typed as ``logits``.
     """
     vocab = logits.shape[-1]
     n = lse.numel()
@@ -63,20 +64,17 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
     t = targets.reshape(-1)
     tau = tau_rows(temperature, logits.shape[:-1], lse)
     g_t = g_logp if g_target is None else g_target
-    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out is None:
+        out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     rows = chunk_rows(logits)
     work = WorkBuffers(min(rows, n), vocab, cdt, logits.device) if n else None
-    flat_grad = None if inplace else grad.view(-1, vocab)
     sl = lambda x, a, b: None if x is None else x[a:b]  # noqa: E731
-    for chunk, start in row_chunks(logits, rows):
+    for chunk, dst, start in row_chunk_pairs(logits, out, rows):
         stop = start + chunk.shape[0]
         y, e = work.get(stop - start)
         grad_rows(chunk, t[start:stop], slice_tau(tau, start, stop), lse[start:stop], entropy[start:stop],
-                  g_logp[start:stop], sl(g_entropy, start, stop), g_t[start:stop], y, e,
-                  chunk if inplace else flat_grad[start:stop])
-    if inplace:
-        torch.autograd.graph.increment_version(logits)
-    return grad
+                  g_logp[start:stop], sl(g_entropy, start, stop), g_t[start:stop], y, e, dst)
+    return out
 
 
 __all__ = ["active_rows", "chunk_rows", "vocab_shard_grad", "vocab_shard_partials"]

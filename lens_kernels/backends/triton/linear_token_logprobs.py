@@ -476,53 +476,41 @@ def linear_logprobs_backward(h, weight, bias, t, tau, tau_rows, m_i, log_l, entr
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd
+# The op's launchers
 # ---------------------------------------------------------------------------------------------
-class TritonLinearTokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mask, temperature, vocab_splits=None):
-        h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
-        precision = dot_precision(h.dtype)  # backward recomputes the logits as forward computed them
-        logp, entropy, m_i, log_l, _ = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
-                                                               vocab_splits=vocab_splits, precision=precision)
-        ctx.save_for_backward(h, w, b, t, keep8, tau_rows, m_i, log_l, entropy)
-        ctx.tau = tau
-        ctx.precision = precision
-        ctx.hidden_shape = hidden.shape
-        ctx.set_materialize_grads(False)
-        lead = targets.shape
-        return logp.view(lead), entropy.view(lead)
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        h, w, b, t, keep8, tau_rows, m_i, log_l, entropy = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_logp is None and g_entropy is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None
-        keep = keep8 != 0
-        zero = torch.zeros((), dtype=torch.float32, device=keep.device)
-        # where, not * keep: a NaN upstream gradient at a masked token must not become NaN * 0
-        g_l = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device) if g_logp is None else \
-            torch.where(keep, g_logp.reshape(-1).float(), zero)
-        g_h = None if g_entropy is None else torch.where(keep, g_entropy.reshape(-1).float(), zero).contiguous()
-        d_hidden, d_weight, d_bias = linear_logprobs_backward(
-            h, w, b, t, ctx.tau, tau_rows, m_i, log_l, entropy, g_l.contiguous(), g_h, need_h, need_w, need_b,
-            ctx.precision)
-        d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
-        return d_hidden, d_weight, d_bias, None, None, None, None
+def launch_variant(hidden) -> str:
+    """The dot precision, decided on the host when forward runs and kept for backward, which
+    recomputes the logits as forward computed them."""
+    return dot_precision(hidden.dtype)
 
 
-def linear_token_logprobs(hidden, weight, targets, bias=None, mask=None, temperature=1.0, return_entropy=False,
-                          vocab_splits=None):
-    """log p(target) [B, T] (or [N]) fp32 and the entropy from hidden states and the lm_head, never
-    writing [N, V]; differentiable w.r.t. hidden, weight and bias (the torch backend's signature, plus
-    ``vocab_splits``: the forward's vocabulary slices per row block, None for ``vocab_splits_for``)."""
+def launch_forward(hidden, weight, bias, targets, mask, temperature, variant, vocab_splits=None):
+    """(logp [N] fp32, entropy [N] fp32, stats [2, N] fp32: m_i and log l_i for backward)."""
     check_dtype(hidden, "hidden", "linear_token_logprobs")
     if vocab_splits is not None:
         check_vocab_splits(vocab_splits)
-    logp, entropy = TritonLinearTokenLogprobsFunction.apply(hidden, weight, bias, targets, mask, temperature,
-                                                            vocab_splits)
-    return logp, (entropy if return_entropy else None)
+    h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
+    logp, entropy, m_i, log_l, _ = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
+                                                           vocab_splits=vocab_splits, precision=variant or None)
+    return logp, entropy, torch.stack((m_i, log_l))
+
+
+def launch_backward(hidden, weight, bias, targets, mask, temperature, stats, entropy, g_logp, g_entropy, needs,
+                    variant):
+    """(d_hidden, d_weight, d_bias), each None if not in ``needs``, for flat upstream gradients."""
+    h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
+    keep = keep8 != 0
+    zero = torch.zeros((), dtype=torch.float32, device=keep.device)
+    # where, not * keep: a NaN upstream gradient at a masked token must not become NaN * 0
+    g_l = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device) if g_logp is None else \
+        torch.where(keep, g_logp.reshape(-1).float(), zero)
+    g_h = None if g_entropy is None else torch.where(keep, g_entropy.reshape(-1).float(), zero).contiguous()
+    m_i, log_l = stats.unbind(0)
+    need_h, need_w, need_b = needs
+    d_hidden, d_weight, d_bias = linear_logprobs_backward(
+        h, w, b, t, tau, tau_rows, m_i, log_l, entropy, g_l.contiguous(), g_h, need_h, need_w, need_b,
+        variant or None)
+    return (None if d_hidden is None else d_hidden.view(hidden.shape)), d_weight, d_bias
 
 
 def linear_token_logprobs_with_sequence_sums(hidden, weight, targets, bias=None, mask=None, temperature=1.0,

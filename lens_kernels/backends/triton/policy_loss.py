@@ -24,22 +24,17 @@ Sequence-level ratios (GSPO, ``ratio_level`` "sequence" / "sequence_token") need
 before any coefficient is known: they take the 3-pass path (the forward log-prob kernel, the per-token
 loss in torch, then the backward kernel).
 
-Grad-scale contract: the gradient written in forward assumes the upstream gradient ``grad_scale``.
-Backward compares grad_output with it on the device; when they differ, a rescale kernel multiplies the
-gradient by grad_output / grad_scale (one more read and write) and a warning is issued once. The
-comparison result reaches the host through a non-blocking copy that is read at the next call, so no
-call ever waits on the GPU.
+The grad-scale contract (the gradient assumes an upstream ``grad_scale``; backward rescales) is
+the op's, in ``lens_kernels.loss``; ``rescale_grad_`` is this backend's kernel for it.
 """
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ...config import LossConfig
 from .. import torch as torch_backend
 from ._common import (
     INTERPRETING,
@@ -48,7 +43,6 @@ from ._common import (
     block_v,
     check_element_aligned,
     check_kernel_dtype,
-    empty_grad_like,
     finish_stats,
     flat_rows,
     keep_rows,
@@ -66,7 +60,6 @@ from ._common import (
     write_row_grad,
     write_zero_row,
 )
-from .token_logprobs import token_logprobs
 
 _POLICY_LOSS_IDS = {"ppo": 0, "cispo": 1, "sapo": 2}
 _KL_IDS = {"k1": 1, "k2": 2, "k3": 3}
@@ -538,145 +531,22 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
     return outputs
 
 
-def reduce_metrics(outputs, advantages, mask, cfg):
-    """The scalar loss and the metrics of ``torch_backend.METRIC_NAMES`` from the per-row outputs, on device."""
-    loss_part, policy_part, kl, rho, entropy, _ = outputs.unbind(0)
-    n = loss_part.numel()
-    keep = mask.reshape(n).to(torch.bool)
-    mask_f = keep.to(torch.float32)
-    adv = flat_rows(advantages, n, tuple(mask.shape), mask.device)
-    n_tok = mask_f.sum().clamp(min=1.0)
-    low = (rho < 1.0 - cfg.epsilon_low) & (adv < 0) & keep
-    high = (rho > 1.0 + cfg.eps_high) & (adv > 0) & keep
-    inf = torch.full((), float("inf"), dtype=torch.float32, device=rho.device)
-    one = torch.ones((), dtype=torch.float32, device=rho.device)
-    r_min = torch.where(keep, rho, inf).amin() if n else inf
-    r_max = torch.where(keep, rho, -inf).amax() if n else -inf
-    metrics = torch.stack([
-        policy_part.sum(), kl.sum() / n_tok, entropy.sum() / n_tok,
-        low.sum() / n_tok, high.sum() / n_tok, (low | high).sum() / n_tok,
-        (rho * mask_f).sum() / n_tok,
-        torch.where(torch.isinf(r_min), one, r_min), torch.where(torch.isinf(r_max), one, r_max),
-    ])
-    return loss_part.sum(), metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# Grad-scale watch: warn once when backward's grad_output differs from the declared grad_scale
-# ---------------------------------------------------------------------------------------------
-class _GradScaleWatch:
-    """Brings the device-side "grad_output != grad_scale" flag to the host without a sync.
-
-    On a GPU the flag is copied non-blocking into pinned memory with an event; the event is polled
-    (``query()`` never blocks) at later calls, and the warning fires once, after the fact. On CPU the
-    flag is read at once.
-    """
-
-    def __init__(self):
-        self.pending = []
-        self.warned = False
-
-    def note(self, mismatch: torch.Tensor):
-        if self.warned:
-            return
-        if mismatch.device.type != "cuda":
-            if bool(mismatch):
-                self._warn()
-            return
-        host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host.copy_(mismatch, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((host, event))
-        self.poll()
-
-    def poll(self):
-        still = []
-        for host, event in self.pending:
-            if not event.query():
-                still.append((host, event))
-            elif bool(host) and not self.warned:
-                self._warn()
-        self.pending = [] if self.warned else still
-
-    def _warn(self):
-        self.warned = True
-        warnings.warn(
-            "lens_kernels (triton): backward received a grad_output different from the declared grad_scale; "
-            "the logits gradient was rescaled (one extra read and write of it). Pass grad_scale= equal to the "
-            "upstream gradient (e.g. 1 / gradient_accumulation_steps) to save that pass.",
-            RuntimeWarning, stacklevel=3)
-
-
-GRAD_SCALE_WATCH = _GradScaleWatch()
-
-
-# ---------------------------------------------------------------------------------------------
-# autograd.Function and the public function
-# ---------------------------------------------------------------------------------------------
-class FusedPolicyLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
-                num_tokens, num_sequences, grad_scale, inplace, write_grad):
-        GRAD_SCALE_WATCH.poll()
-        grad = None
-        if write_grad:
-            grad = logits if inplace else empty_grad_like(logits)
-        outputs = fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps, ref_logps,
-                                            is_weights, temperature, cfg, num_tokens, num_sequences, grad_scale)
-        if inplace and grad is not None:
-            # the logits now hold the gradient: an op that saved them for its backward must raise
-            # ("modified by an inplace operation"), not compute a wrong gradient
-            torch.autograd.graph.increment_version(logits)
-        loss, metrics = reduce_metrics(outputs, advantages, mask, cfg)
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.grad_scale = float(grad_scale)
-        ctx.has_grad = grad is not None
-        ctx.inplace = bool(inplace)
-        ctx.used = False
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics):
-        nones = (None,) * 13
-        if grad_loss is None or not ctx.has_grad:
-            return (None,) + nones
-        if ctx.used:
-            raise RuntimeError("the fused triton policy loss computes its gradient once, in forward; it cannot be "
-                               "backpropagated twice (retain_graph); recompute the loss instead")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        ratio = (grad_loss.detach().float() / ctx.grad_scale).reshape(1)
-        GRAD_SCALE_WATCH.note(ratio[0] != 1.0)
-        rows_per_batch, grad_stride_b, grad_stride_t = row_layout(grad)
-        n = grad.numel() // grad.shape[-1]
-        block = block_v(grad.shape[-1])
-        if n:
-            _rescale_grad_kernel[(n,)](grad, ratio, rows_per_batch, grad.shape[-1], grad_stride_b, grad_stride_t,
-                                       BLOCK_V=block, num_warps=num_warps_for(block))
-            if ctx.inplace:
-                torch.autograd.graph.increment_version(grad)
-        return (grad,) + nones
-
-
-def policy_loss_from_logits(logits, targets, mask, advantages, old_logps=None, ref_logps=None, is_weights=None,
-                            temperature=1.0, config=LossConfig(), num_tokens=None,
-                            num_sequences=None, grad_scale=1.0, inplace=False):
-    """Same contract as ``backends.torch.policy_loss_from_logits``; returns (loss, metrics)."""
+def launch_fused_forward(logits, out, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature,
+                         cfg, num_tokens, num_sequences, grad_scale):
+    """The op's forward launcher (token-level ratios): writes dL/dz for the upstream gradient
+    ``grad_scale`` into ``out`` (``logits`` itself for in place) and returns (logp [N], entropy [N], out)."""
     check_kernel_dtype(logits, "policy_loss_from_logits")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V] for the policy loss, got shape {list(logits.shape)}")
-    if config.beta != 0.0 and ref_logps is None:
-        raise ValueError("ref_logps [B, T] is required when config.beta != 0 (the KL term)")
-    if config.needs_sequence_stats:
-        # GSPO: 3 passes (forward kernel, per-sequence loss in torch, backward kernel)
-        logps, entropy = token_logprobs(logits, targets, mask, temperature, True, inplace)
-        return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                                     num_tokens, num_sequences)
-    write_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, metrics = FusedPolicyLossFunction.apply(
-        logits, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, config,
-        num_tokens, num_sequences, grad_scale, inplace, write_grad)
-    return loss, dict(zip(torch_backend.METRIC_NAMES, metrics.unbind(0)))
+    outputs = fused_policy_loss_forward(logits, out, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                                        temperature, cfg, num_tokens, num_sequences, grad_scale)
+    return outputs[5], outputs[4], out
+
+
+def rescale_grad_(grad, ratio) -> None:
+    """grad *= ratio ([1] fp32 on the device), row by row; rows leave at once when the ratio is exactly
+    1, so the usual case costs a scalar load per row and no host sync."""
+    rows_per_batch, grad_stride_b, grad_stride_t = row_layout(grad)
+    n = grad.numel() // grad.shape[-1] if grad.shape[-1] else 0
+    block = block_v(grad.shape[-1])
+    if n:
+        _rescale_grad_kernel[(n,)](grad, ratio, rows_per_batch, grad.shape[-1], grad_stride_b, grad_stride_t,
+                                   BLOCK_V=block, num_warps=num_warps_for(block))

@@ -6,10 +6,10 @@
   then dX = dz W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulator). The gradient is computed in
   forward for the declared upstream ``grad_scale``; backward only rescales (SPEC 5). The chunk loop and
   the coefficients are ``torch_backend.fast_policy_loss_from_hidden``: only the row step is Triton here.
-- ``lean``: no chunk-sized buffer. ``linear_token_logprobs`` computes log-probs and entropy with the
-  logits on chip, the loss is taken on those [B, T] values, and backward recomputes the logits tile by
-  tile (CCE-style, 4 GEMMs, exact gradients). Sequence-level ratios (GSPO) always take this path: a
-  token's coefficient needs its whole sequence first.
+- ``lean``: no chunk-sized buffer: the op runs ``linear_token_logprobs`` (log-probs and entropy with
+  the logits on chip; backward recomputes them tile by tile, CCE-style, 4 GEMMs, exact gradients) and
+  the loss on those [B, T] values. Sequence-level ratios (GSPO) always take this path: a token's
+  coefficient needs its whole sequence first.
 """
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...config import LossConfig
 from .. import torch as torch_backend
 from ..torch import _common as torch_common
 from ._common import bad_target_nan, row_partials, target_logit, write_row_grad, write_zero_row
-from .linear_token_logprobs import check_dtype, linear_token_logprobs
+from .linear_token_logprobs import check_dtype
 
 # vocabulary lanes one program holds per step of a row sweep
 ROW_BLOCK_V = 4096
@@ -134,18 +133,13 @@ def fast_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
     return max(128, torch_common.CHUNK_BYTES // max(1, vocab * torch.finfo(dtype).bits // 8))
 
 
-def policy_loss_from_hidden(hidden, weight, targets, mask, advantages, bias=None, old_logps=None, ref_logps=None,
-                            is_weights=None, temperature=1.0, config=None, num_tokens=None, num_sequences=None,
-                            grad_scale=1.0, mode="fast", chunk_rows=None):
-    """(loss, metrics) as ``torch_backend.policy_loss_from_hidden`` (same signature). ``chunk_rows``
-    overrides the fast mode's rows per chunk (tests put chunk boundaries inside sequences)."""
+def launch_fast_forward(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights,
+                        temperature, cfg, num_tokens, num_sequences, grad_scale, needs, chunk_rows=None):
+    """The op's fast-mode launcher: ``torch_backend.fast_hidden_loss_forward`` with this backend's
+    per-row step. ``chunk_rows`` overrides the rows per chunk (tests put chunk boundaries inside
+    sequences)."""
     check_dtype(hidden, "hidden", "policy_loss_from_hidden")
-    config = config if config is not None else LossConfig()
-    if mode == "fast" and torch_backend.fast_mode_applies(config, hidden, weight, bias):
-        rows = chunk_rows or fast_chunk_rows(weight.shape[0], weight.dtype)
-        return torch_backend.fast_policy_loss_from_hidden(
-            hidden, weight, targets, mask, advantages, bias, old_logps, ref_logps, is_weights, temperature,
-            config, num_tokens, num_sequences, grad_scale, chunk_step=triton_chunk_step, rows=rows)
-    logps, entropy = linear_token_logprobs(hidden, weight, targets, bias, mask, temperature, True)
-    return torch_backend.policy_loss(logps, advantages, mask, old_logps, ref_logps, entropy, is_weights, config,
-                                 num_tokens, num_sequences)
+    rows = chunk_rows or fast_chunk_rows(weight.shape[0], weight.dtype)
+    return torch_backend.fast_hidden_loss_forward(
+        hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
+        num_tokens, num_sequences, grad_scale, needs, chunk_step=triton_chunk_step, rows=rows)

@@ -17,7 +17,6 @@ from ._common import (
     block_v,
     check_element_aligned,
     check_kernel_dtype,
-    empty_grad_like,
     keep_rows,
     num_warps_for,
     row_layout,
@@ -176,39 +175,25 @@ def token_logprobs_backward(logits, grad, row_inputs, stats, entropy, g_logp, g_
     return grad
 
 
-class TritonTokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, mask, temperature, inplace_grad):
-        lead = logits.shape[:-1]
-        logp, entropy, stats, row_inputs, _ = token_logprobs_forward(logits, targets, mask, temperature)
-        ctx.save_for_backward(logits, stats, entropy)
-        ctx.row_inputs = row_inputs
-        ctx.inplace_grad = inplace_grad
-        ctx.set_materialize_grads(False)
-        return logp.view(lead), entropy.view(lead)
-
-    @staticmethod
-    def backward(ctx, g_logp, g_entropy):
-        if g_logp is None and g_entropy is None:
-            return None, None, None, None, None
-        logits, stats, entropy = ctx.saved_tensors
-        n = entropy.numel()
-        g_l = torch.zeros(n, dtype=torch.float32, device=entropy.device) if g_logp is None else \
-            g_logp.reshape(n).float().contiguous()
-        g_h = None if g_entropy is None else g_entropy.reshape(n).float().contiguous()
-        grad = logits if ctx.inplace_grad else empty_grad_like(logits)
-        token_logprobs_backward(logits, grad, ctx.row_inputs, stats, entropy, g_l, g_h)
-        if ctx.inplace_grad:
-            # the logits now hold the gradient: an op that saved them must raise, not read a gradient
-            torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None
-
-
-def token_logprobs(logits, targets, mask=None, temperature=1.0, return_entropy=False, inplace_grad=False):
-    """Same contract as ``backends.torch.token_logprobs``: (logps fp32, entropy fp32 or None)."""
+def launch_forward(logits, targets, mask, temperature):
+    """The op's forward launcher: (logp [N] fp32, entropy [N] fp32, stats [2, N] fp32 for backward)."""
     check_kernel_dtype(logits, "token_logprobs")
-    logp, entropy = TritonTokenLogprobsFunction.apply(logits, targets, mask, temperature, inplace_grad)
-    return logp, (entropy if return_entropy else None)
+    logp, entropy, stats, _, _ = token_logprobs_forward(logits, targets, mask, temperature)
+    return logp, entropy, stats
+
+
+def launch_backward(logits, targets, mask, temperature, stats, entropy, g_logp, g_entropy, out):
+    """The op's backward launcher: dL/dz into ``out`` (``logits`` itself for in place) for the flat
+    upstream gradients g_logp, g_entropy (either may be None; masked rows are never read)."""
+    n = entropy.numel()
+    device = entropy.device
+    t = targets.reshape(n).to(torch.int32).contiguous()
+    keep = keep_rows(mask, n, device)
+    tau, tau_rows = temperature_args(temperature, n, tuple(logits.shape[:-1]), device)
+    g_l = torch.zeros(n, dtype=torch.float32, device=device) if g_logp is None else \
+        g_logp.reshape(n).float().contiguous()
+    g_h = None if g_entropy is None else g_entropy.reshape(n).float().contiguous()
+    return token_logprobs_backward(logits, out, (t, keep, tau_rows, tau), stats, entropy, g_l, g_h)
 
 
 def token_logprobs_with_sequence_sums(logits, targets, mask=None, temperature=1.0):

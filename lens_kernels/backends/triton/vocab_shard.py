@@ -155,10 +155,7 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
     g_target = g_logp if g_target is None else flat_rows(g_target, n, lead, logits.device)
     g_entropy = None if g_entropy is None else flat_rows(g_entropy, n, lead, logits.device)
     vocab = logits.shape[-1]
-    grad = logits if inplace else empty_grad_like(logits)
-    if inplace:
-        # the write below replaces the logits: an op that saved them for its backward must raise
-        torch.autograd.graph.increment_version(logits)
+    grad = logits if inplace else empty_grad_like(logits)  # in place: the caller's autograd records it
     rows_per_batch, stride_b, stride_t = row_layout(logits)
     _, grad_stride_b, grad_stride_t = row_layout(grad)
     block = block_v(vocab)
