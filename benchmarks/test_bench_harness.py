@@ -335,7 +335,7 @@ def test_lens_step_check_catches_wrong_advantages():
 
     def step(estimator):
         loss = lk.lens_policy_loss_from_logits(inputs["logits_kept"], inputs["targets"], inputs["mask"],
-                                               inputs["rewards"], group_size=2, estimator=estimator,
+                                               inputs["rewards"], group_size=2, advantage_config=lk.AdvantageConfig(estimator=estimator),
                                                temperature=case.temperature, config=LOSS_CONFIG)[0]
         return loss, torch.autograd.grad(loss, [inputs["logits_kept"]])
 

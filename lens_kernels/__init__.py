@@ -9,7 +9,7 @@ The public API lives here and nowhere else::
 from .advantages import TRAINER_EPS, group_advantages
 from .backends import available_backends, backend_for
 from .backends.cuda import HAS_CUDA_EXT
-from .config import LossConfig
+from .config import AdvantageConfig, LossConfig
 from .distributed import ParallelLayout
 from .lens_policy_loss import lens_policy_loss_from_hidden, lens_policy_loss_from_logits
 from .logprobs import linear_token_logprobs, token_logprobs
@@ -18,6 +18,7 @@ from .loss import policy_loss, policy_loss_from_hidden, policy_loss_from_logits
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdvantageConfig",
     "HAS_CUDA_EXT",
     "LossConfig",
     "ParallelLayout",

@@ -46,7 +46,8 @@ def test_matches_reference_composition(dtype, tol, estimator, on_policy):
         old = old.to(torch.float32 if dtype == torch.float32 else dtype)
     cfg = lk.LossConfig(epsilon_high=0.28, entropy_coef=0.01, loss_agg_mode="seq-mean-token-mean")
     x = logits.detach().clone().requires_grad_()
-    loss, metrics = lk.lens_policy_loss_from_logits(x, targets, mask, rewards, group_size=G, estimator=estimator,
+    loss, metrics = lk.lens_policy_loss_from_logits(x, targets, mask, rewards, group_size=G,
+                                                    advantage_config=lk.AdvantageConfig(estimator=estimator),
                                                     old_logps=old, config=cfg)
     loss.backward()
     exp_loss, exp_adv, exp_grad = _reference(logits, targets, mask, rewards, cfg, estimator,
@@ -125,7 +126,8 @@ def test_triton_backend_matches_reference_composition(estimator, dtype):
     cfg = lk.LossConfig(entropy_coef=0.01, beta=0.0, dual_clip=3.0)
     x = logits.detach().clone().to(device).requires_grad_()
     loss, metrics = lk.lens_policy_loss_from_logits(x, targets.to(device), mask.to(device), rewards.to(device),
-                                                    group_size=G, estimator=estimator, config=cfg, backend="triton")
+                                                    group_size=G, advantage_config=lk.AdvantageConfig(estimator=estimator),
+                                                    config=cfg, backend="triton")
     loss.backward()
     exp_loss, exp_adv, exp_grad = _reference(logits, targets, mask, rewards, cfg, estimator)
     torch.testing.assert_close(metrics["advantages"].double().cpu(), exp_adv, atol=1e-4, rtol=1e-4)

@@ -41,6 +41,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from .. import (
+    AdvantageConfig,
     LossConfig,
     available_backends,
     backend_for,
@@ -54,6 +55,7 @@ from .. import (
 from .cases import CLIP_EPS, Case
 
 LOSS_CONFIG = LossConfig(policy_loss="ppo", epsilon_low=CLIP_EPS, loss_agg_mode="token-mean")
+LENS_ADVANTAGES = AdvantageConfig(estimator="lens")
 
 OPS_OF_PATH = {
     "logits": "policy_loss_from_logits",
@@ -158,7 +160,7 @@ def _ours(backend: str, name: Optional[str] = None, env: Optional[Dict[str, str]
         if case.path == "lens-step":
             return _with_grads(case, inp, lambda: lens_policy_loss_from_logits(
                 inp["logits_kept"], inp["targets"], inp["mask"], inp["rewards"], group_size=case.group_size,
-                estimator="lens", temperature=tau, config=LOSS_CONFIG, backend=backend)[0])
+                advantage_config=LENS_ADVANTAGES, temperature=tau, config=LOSS_CONFIG, backend=backend)[0])
         common = dict(old_logps=inp.get("old_logps"), temperature=tau, config=LOSS_CONFIG, backend=backend)
         if case.path == "logits":
             return _with_grads(case, inp, lambda: policy_loss_from_logits(

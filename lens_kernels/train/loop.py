@@ -278,8 +278,9 @@ def policy_update(setup: Setup, optimizer, batch, advantages, old_logps, ref_log
                           temperature=config.temperature, config=lcfg, grad_scale=1.0 / accum, **head_kwargs)
             if fused_step:
                 loss, metrics = lens_step(*inputs, targets, mask, batch.rewards[idx], group_size=G,
-                                          estimator=config.estimator, lens_alpha=config.lens_alpha,
-                                          lens_groups=config.lens_groups, **common)
+                                          advantage_config=lk.AdvantageConfig(
+                                              estimator=config.estimator, lens_alpha=config.lens_alpha,
+                                              lens_groups=config.lens_groups), **common)
                 _add_group_metrics(group_sums, metrics)
             else:
                 loss, metrics = two_stage_loss(*inputs, targets, mask, advantages[idx], old_logps=old_logps[idx],
