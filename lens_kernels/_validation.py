@@ -14,7 +14,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES
 
@@ -187,11 +186,6 @@ def _self_overlapping(t: torch.Tensor) -> bool:
             return True
         reach += st * (sz - 1)
     return False
-
-
-def check_backend_name(backend) -> None:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
 
 
 def refuse_create_graph(op: str) -> None:

@@ -42,12 +42,18 @@ def _as_tokens(x, like):
 
 def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
     """Per-token policy term f, its derivative through the ratio df/drho, its direct derivative df/dl,
-    the ratio rho and d rho / d(log-ratio) (0 where the log-ratio clamp is active)."""
+    the ratio rho and d rho / d(log-ratio) (0 where the log-ratio clamp is active). Written so that
+    autograd through these expressions also gives the exact second derivatives (``PolicyLoss`` with
+    ``create_graph=True``): the stop-gradients of GSPO-token and CISPO are ``detach()``."""
     if cfg.ratio_level == "token":
         log_r = l - l_old
     else:
         seq = ((l - l_old) * mask_f).sum(-1, keepdim=True) / mask_f.sum(-1, keepdim=True).clamp(min=1.0)
         log_r = seq.expand_as(l)
+        if cfg.ratio_level == "sequence_token":
+            # GSPO-token: the sequence's value, a token's own gradient (sg(s_i) + l_t - sg(l_t)); the same
+            # numbers here, and the exact second derivative when autograd differentiates this expression
+            log_r = log_r.detach() + (l - l.detach())
     inside = None
     if cfg.log_ratio_clamp is not None:
         c = cfg.log_ratio_clamp
@@ -72,7 +78,7 @@ def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
             df = torch.where(neg & (f > bound), zero, torch.where(neg & (f == bound), 0.5 * df, df))
             f = torch.where(neg, torch.minimum(f, bound), f)
     elif cfg.policy_loss == "cispo":
-        capped = rho.clamp(max=cfg.cispo_ratio_cap)
+        capped = rho.detach().clamp(max=cfg.cispo_ratio_cap)  # sg(): CISPO's weight takes no gradient
         f = -capped * A * l
         df = torch.zeros_like(l)
         direct = -capped * A
