@@ -50,7 +50,10 @@ class LossConfig:
     Ratio: ``ratio_level="token"``: rho_t = exp(l_t - l_old_t). ``"sequence"`` (GSPO): rho_i =
     exp(s_i - s_old_i), s the masked mean log-prob, the gradient flowing through the mean.
     ``"sequence_token"`` (GSPO-token): the same value, with gradient rho_i dl_t per token.
-    ``log_ratio_clamp`` clamps the log-ratio to +-c before exp (verl and OpenRLHF use 20).
+    ``log_ratio_clamp`` clamps the log-ratio to +-c before exp (verl and OpenRLHF use 20). Without it a
+    log-ratio above ~88.7 nats (stale old log-probs) overflows the ratio to +inf in fp32: gated tokens
+    (clipped, capped, saturated) still get an exact 0 gradient, an unbounded term becomes +inf.
+    Numbers may be Python or numpy scalars; they are stored as floats.
 
     KL: ``beta * k(l, l_ref)`` per token with ``kl_estimator`` k1 = l - l_ref, k2 = (l - l_ref)^2 / 2,
     k3 = exp(l_ref - l) - (l_ref - l) - 1; ``kl_clamp`` clamps the estimate to +-c (verl's
