@@ -135,7 +135,9 @@ struct SoftmaxState {
     // the empty state (m_i = -inf, l_i = s_i = 0) gives shift -FLT_MAX, a = 0: it stays empty
     const float shift = fmaxf(m_i - m_use, -FLT_MAX);
     const float a = fast_exp2(shift);
-    s_i = a * fmaf(shift, l_i, s_i);
+    // a = 0 drops the old state; selected, because fmaf(-FLT_MAX, l_i, s_i) is -inf for l_i > 1 (finite
+    // logits of both signs near the fp32 maximum) and 0 * -inf is NaN
+    s_i = a == 0.f ? 0.f : a * fmaf(shift, l_i, s_i);
     l_i = a * l_i;
     m_i = m_new;
     return m_use;
@@ -178,7 +180,8 @@ struct SoftmaxState {
     const float m = fmaxf(m_i, o.m_i);
     const float sa = m_i - m, sb = o.m_i - m;  // NaN only with a +inf logit: the row is NaN anyway
     const float a = fast_exp2(sa), b = fast_exp2(sb);
-    s_i = a * fmaf(sa, l_i, s_i) + b * fmaf(sb, o.l_i, o.s_i);
+    // a side whose shift overflowed to -inf (maxima of both signs near the fp32 maximum) adds 0
+    s_i = (a == 0.f ? 0.f : a * fmaf(sa, l_i, s_i)) + (b == 0.f ? 0.f : b * fmaf(sb, o.l_i, o.s_i));
     l_i = a * l_i + b * o.l_i;
     m_i = m;
   }

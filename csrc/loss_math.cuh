@@ -40,13 +40,13 @@ LENS_HD TokenTerms token_terms(float l, float l_old, bool has_old, float l_ref, 
     inside = log_r >= -p.log_ratio_clamp && log_r <= p.log_ratio_clamp;
     log_r = clampf(log_r, -p.log_ratio_clamp, p.log_ratio_clamp);
   }
+  // rho is +inf above ~88.7 nats: every gate below selects, never multiplies (0 * inf = NaN)
   const float rho = expf(log_r);
-  const float drho = inside ? rho : 0.f;  // d rho / d log-ratio, 0 where the clamp is active
   float f, df, direct = 0.f;
   if (p.policy_loss == PolicyLoss::kPPO) {
     const float lo = 1.f - p.epsilon_low, hi = 1.f + p.epsilon_high;
     const bool has_delta = p.delta > 0.f;
-    const float t1 = (has_delta ? nan_min(rho, p.delta) : rho) * A;
+    const float t1 = has_delta ? nan_min(rho, p.delta) * A : (A == 0.f ? 0.f : rho * A);
     const float d1 = has_delta ? (rho <= p.delta ? A : 0.f) : A;
     const float t2 = clampf(rho, lo, hi) * A;
     const float d2 = (rho >= lo && rho <= hi) ? A : 0.f;
@@ -68,13 +68,14 @@ LENS_HD TokenTerms token_terms(float l, float l_old, bool has_old, float l_ref, 
     f = -(4.f / tau) * s * A;
     df = -4.f * s * (1.f - s) * A;
   }
-  f *= isw;
+  f = isw == 0.f ? 0.f : f * isw;
   df *= isw;
   direct *= isw;
   TokenTerms out;
   out.rho = rho;
   out.loss = w * f;
-  out.g_l = w * direct + w * df * drho;
+  // d rho / d log-ratio is rho, 0 where the clamp is active
+  out.g_l = w * direct + ((df == 0.f || !inside) ? 0.f : w * df * rho);
   if (p.beta != 0.f) {
     const float d = l_ref - l;
     float kl, dkl;
@@ -85,9 +86,12 @@ LENS_HD TokenTerms token_terms(float l, float l_old, bool has_old, float l_ref, 
       kl = 0.5f * d * d;
       dkl = -d;
     } else {
-      const float ed = expf(d);
-      kl = ed - d - 1.f;
-      dkl = 1.f - ed;
+      // at an infinite difference: the limit +inf with derivative 0 (IEEE: inf - inf = NaN)
+      const bool infinite = isinf(d);
+      const float ds = infinite ? 0.f : d;
+      const float ed = expf(ds);
+      kl = infinite ? INFINITY : ed - ds - 1.f;
+      dkl = infinite ? 0.f : 1.f - ed;
     }
     if (p.kl_clamp > 0.f) {
       dkl = (kl >= -p.kl_clamp && kl <= p.kl_clamp) ? dkl : 0.f;

@@ -8,7 +8,10 @@ tensors only with ``LENS_KERNELS_CHECK=1``, and never while ``torch.compile`` tr
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import sys
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -16,6 +19,13 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES + INDEX_DTYPES
+
+
+def is_real_number(value) -> bool:
+    """A plain real number: a Python int or float, or any ``numbers.Real`` such as a numpy scalar
+    (np.float32, np.int64), but not a bool and not a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)) and not (
+        type(value).__module__ == "numpy" and type(value).__name__ == "bool_")
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
@@ -51,6 +61,8 @@ def check_tensor(name: str, t, *, dtypes: Sequence[torch.dtype] = None, ndim: Se
     if ndim is not None and t.dim() not in ndim:
         want = expected or " or ".join(f"{d}-D" for d in ndim)
         raise ValueError(f"{name} must be {want}, got shape {_shape(t)}")
+    if name in NO_GRAD_INPUTS:
+        warn_no_grad(name, t)
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], expected: str) -> None:
@@ -109,14 +121,16 @@ def check_temperature(temperature, targets: torch.Tensor):
             bad = ~(torch.isfinite(temperature) & (temperature > 0))
             if bool(bad.any()):
                 raise ValueError(f"temperature must be finite and > 0 everywhere, got {temperature[bad][0].item()}")
+        warn_no_grad("temperature", temperature)
         if targets.dim() == 2 and shape == (targets.shape[0],):
             temperature = temperature.unsqueeze(-1)
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if not is_real_number(temperature):
         raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return float(temperature)
+    return temperature
 
 
 def check_mask(mask, shape, name: str = "mask", expected: str = "[B, T]") -> None:
@@ -147,19 +161,18 @@ def check_positive_scalar(name: str, value, allow_tensor: bool = True):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got tensor({v})")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if not is_real_number(value) or not (math.isfinite(float(value)) and float(value) > 0):
         what = "a finite number > 0" + (" or a 1-element tensor" if allow_tensor else "")
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return float(value)
 
 
 def check_finite_number(name: str, value, low: float = None) -> float:
-    """A finite Python number (>= low when given)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            low is not None and value < low):
+    """A finite real number (a Python or numpy scalar; >= low when given), as a float."""
+    if not is_real_number(value) or not math.isfinite(float(value)) or (low is not None and float(value) < low):
         bound = "" if low is None else f" >= {low:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-    return value
+    return float(value)
 
 
 def check_inplace_buffer(name: str, t: torch.Tensor) -> None:
@@ -186,6 +199,32 @@ def _self_overlapping(t: torch.Tensor) -> bool:
             return True
         reach += st * (sz - 1)
     return False
+
+
+# Inputs the ops treat as constants: a tensor passed with requires_grad=True gets no gradient.
+NO_GRAD_INPUTS = ("old_logps", "ref_logps", "is_weights", "temperature")
+_NO_GRAD_WARNED = set()
+
+
+def warn_no_grad(name: str, value) -> None:
+    """Warn once per process and argument name when an input the ops treat as a constant (one of
+    ``NO_GRAD_INPUTS``) has requires_grad=True: nothing flows back to it, which a caller who set
+    requires_grad on purpose would otherwise not learn. Reads metadata only (no sync)."""
+    if name in _NO_GRAD_WARNED or not torch.is_tensor(value) or not value.requires_grad:
+        return
+    _NO_GRAD_WARNED.add(name)
+    warnings.warn(f"lens_kernels: {name} has requires_grad=True but receives no gradient (the ops treat it as a "
+                  "constant); detach it to silence this warning", UserWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, so that a warning names the
+    caller's line whichever public op led here."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def refuse_create_graph(op: str) -> None:

@@ -7,6 +7,7 @@ installed.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,7 +50,10 @@ class LossConfig:
     Ratio: ``ratio_level="token"``: rho_t = exp(l_t - l_old_t). ``"sequence"`` (GSPO): rho_i =
     exp(s_i - s_old_i), s the masked mean log-prob, the gradient flowing through the mean.
     ``"sequence_token"`` (GSPO-token): the same value, with gradient rho_i dl_t per token.
-    ``log_ratio_clamp`` clamps the log-ratio to +-c before exp (verl and OpenRLHF use 20).
+    ``log_ratio_clamp`` clamps the log-ratio to +-c before exp (verl and OpenRLHF use 20). Without it a
+    log-ratio above ~88.7 nats (stale old log-probs) overflows the ratio to +inf in fp32: gated tokens
+    (clipped, capped, saturated) still get an exact 0 gradient, an unbounded term becomes +inf.
+    Numbers may be Python or numpy scalars; they are stored as floats.
 
     KL: ``beta * k(l, l_ref)`` per token with ``kl_estimator`` k1 = l - l_ref, k2 = (l - l_ref)^2 / 2,
     k3 = exp(l_ref - l) - (l_ref - l) - 1; ``kl_clamp`` clamps the estimate to +-c (verl's
@@ -96,25 +100,27 @@ class LossConfig:
         if self.entropy_agg_mode is not None:
             _check_choice("entropy_agg_mode", self.entropy_agg_mode, LOSS_AGG_MODES)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_number("epsilon_low", self.epsilon_low, low=0.0, high=1.0, high_open=True)
+        # every number is checked and stored as a Python float (numpy scalars are accepted)
+        number = lambda name, **bounds: object.__setattr__(  # noqa: E731
+            self, name, _check_number(name, getattr(self, name), **bounds))
+        number("epsilon_low", low=0.0, high=1.0, high_open=True)
         if self.epsilon_high is not None:
-            _check_number("epsilon_high", self.epsilon_high, low=0.0)
+            number("epsilon_high", low=0.0)
         for name in ("delta", "dual_clip", "log_ratio_clamp", "kl_clamp", "loss_norm_length"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_number(name, value, low=0.0, low_open=True)
+            if getattr(self, name) is not None:
+                number(name, low=0.0, low_open=True)
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1.0 (the bound -c*A for A < 0), got {self.dual_clip}")
         if self.delta is not None and self.delta <= 1.0 + self.eps_high:
             raise ValueError(
                 f"delta must be > 1 + epsilon_high = {1.0 + self.eps_high}, got {self.delta}"
             )
-        _check_number("cispo_ratio_cap", self.cispo_ratio_cap, low=0.0, low_open=True)
-        _check_number("sapo_temperature_pos", self.sapo_temperature_pos, low=0.0, low_open=True)
-        _check_number("sapo_temperature_neg", self.sapo_temperature_neg, low=0.0, low_open=True)
-        _check_number("beta", self.beta, low=0.0)
-        _check_number("entropy_coef", self.entropy_coef)
-        _check_number("dp_size", self.dp_size, low=0.0, low_open=True)
+        number("cispo_ratio_cap", low=0.0, low_open=True)
+        number("sapo_temperature_pos", low=0.0, low_open=True)
+        number("sapo_temperature_neg", low=0.0, low_open=True)
+        number("beta", low=0.0)
+        number("entropy_coef")
+        number("dp_size", low=0.0, low_open=True)
 
     @property
     def eps_high(self) -> float:
@@ -176,8 +182,11 @@ class LossConfig:
             if max_len is None:
                 raise ValueError("args.max_completion_length is required for loss_type='dr_grpo'")
             kwargs["loss_norm_length"] = float(max_len)
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        sources = dict(epsilon_low="args.epsilon", epsilon_high="args.epsilon_high", delta="args.delta",
+                       beta="args.beta", sapo_temperature_pos="args.sapo_temperature_pos",
+                       sapo_temperature_neg="args.sapo_temperature_neg", entropy_coef="args.entropy_coef",
+                       cispo_ratio_cap="args.epsilon_high", loss_norm_length="args.max_completion_length")
+        return _from_trainer(cls, kwargs, overrides, sources)
 
     @classmethod
     def from_verl(cls, actor_cfg: Any, **overrides) -> "LossConfig":
@@ -221,8 +230,12 @@ class LossConfig:
         )
         if policy_loss == "cispo":
             kwargs["cispo_ratio_cap"] = 1.0 + kwargs["epsilon_high"]
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        sources = dict(epsilon_low="actor_cfg.clip_ratio" if low is None else "actor_cfg.clip_ratio_low",
+                       epsilon_high="actor_cfg.clip_ratio" if high is None else "actor_cfg.clip_ratio_high",
+                       dual_clip="actor_cfg.clip_ratio_c", loss_agg_mode="actor_cfg.loss_agg_mode",
+                       entropy_coef="actor_cfg.entropy_coeff", beta="actor_cfg.kl_loss_coef",
+                       cispo_ratio_cap="actor_cfg.clip_ratio_high" if high is not None else "actor_cfg.clip_ratio")
+        return _from_trainer(cls, kwargs, overrides, sources)
 
     @classmethod
     def from_openrlhf(cls, args: Any, **overrides) -> "LossConfig":
@@ -262,8 +275,10 @@ class LossConfig:
             kl_estimator=kl_name,
             entropy_coef=float(_get(args, "entropy_loss_coef", 0.0) or 0.0),
         )
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        eps = "args.eps_clip" if pair is None else "args.eps_clip_low_high"
+        sources = dict(epsilon_low=eps if pair is None else eps + "[0]", epsilon_high=eps if pair is None else eps + "[1]",
+                       dual_clip="args.dual_clip", beta="args.init_kl_coef", entropy_coef="args.entropy_loss_coef")
+        return _from_trainer(cls, kwargs, overrides, sources)
 
 
 def _get(obj: Any, name: str, default: Any) -> Any:
@@ -279,15 +294,33 @@ def _check_choice(name: str, value: Any, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _check_number(name, value, low=None, high=None, low_open=False, high_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _check_number(name, value, low=None, high=None, low_open=False, high_open=False) -> float:
+    """``value`` as a float: any real number (Python or numpy scalar), not a bool, finite, within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be a finite number, got {value}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def _from_trainer(cls, kwargs, overrides, sources):
+    """``cls(**kwargs, **overrides)``, with an invalid value that came from the trainer's config named as
+    the user wrote it: ``sources`` maps a LossConfig field to the trainer field it was read from."""
+    fields = dict(kwargs, **overrides)
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for field, source in sources.items():
+            if field in overrides or not message.startswith(field + " "):
+                continue
+            raise type(err)(f"{source} (LossConfig.{field}) {message[len(field) + 1:]}") from None
+        raise
 
 
 @dataclass(frozen=True)

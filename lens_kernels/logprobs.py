@@ -293,8 +293,9 @@ def token_logprobs(
         targets: [B, T] or [N] integer token ids in [0, V) where the mask keeps the token. A kept
             target outside [0, V) is a ValueError when values are checked (*), else a NaN log-prob.
         temperature: a finite float > 0, or a tensor of shape [], [B] or [B, 1] (per sequence) or
-            [B, T] (per token); [] or [N] for [N, V] logits. Values finite and > 0 (checked (*)).
-            A temperature tensor gets no gradient.
+            [B, T] (per token); [] or [N] for [N, V] logits. Values finite and > 0 (checked (*)). A
+            numpy scalar counts as a float. A constant: a tensor with requires_grad=True gets no
+            gradient (it warns once per process).
         mask: optional [B, T] mask of 0/1 values (bool, integer or float; any other value is a
             ValueError (*)). Masked tokens give 0 and an exact-zero gradient row whatever their logits
             hold (NaN, +-inf); their targets may be padding ids (e.g. -100).

@@ -336,10 +336,15 @@ def policy_loss(
             reference log-probs, IS weights) is read: a NaN there changes nothing. Fully masked rows,
             a fully masked batch and B = 0 or T = 0 give 0 (and zero gradients).
         old_logps: [B, T] log-probs of the sampling policy; None means on-policy (rho = 1, with
-            the gradient of rho).
+            the gradient of rho). A log-ratio above ~88.7 nats overflows rho to +inf in fp32: a
+            clipped, capped or saturated token still gets exactly the reference's 0 gradient; an
+            unbounded term (PPO without dual clip and A < 0, the GSPO sequence ratio) is then +inf,
+            as the float64 value rounds to in fp32 (``config.log_ratio_clamp`` bounds it).
         ref_logps: [B, T] reference log-probs, required when ``config.beta != 0``.
         entropy: [B, T] token entropy (differentiable); required when ``config.entropy_coef != 0``.
         is_weights: [B] or [B, T] importance-sampling weights from the rollout engine (vLLM TIS).
+            ``advantages``, ``old_logps``, ``ref_logps`` and ``is_weights`` are constants of the loss:
+            they get no gradient even with requires_grad=True (the last three warn once per process).
         config: a ``LossConfig``; default GRPO-style PPO clip with token-mean aggregation.
         num_tokens / num_sequences: global normalizers, finite and > 0: numbers (always checked)
             or 1-element tensors (value checked (*)); default the local counts of the mask (with
@@ -404,7 +409,8 @@ def policy_loss_from_logits(
             advantages, old_logps, ref_logps, is_weights, config, num_tokens, num_sequences: as in
             ``policy_loss``. Special inputs (-inf logits, NaN under the mask, empty work) as in
             ``token_logprobs`` and ``policy_loss``.
-        temperature: a finite float > 0, or a tensor of shape [], [B], [B, 1] or [B, T].
+        temperature: a finite real number > 0 (a numpy scalar too), or a tensor of shape [], [B],
+            [B, 1] or [B, T]; a constant: a tensor with requires_grad=True gets no gradient (it warns once).
         grad_scale: the upstream gradient the fused kernels assume when they compute dL/dlogits in
             forward (e.g. 1 / gradient_accumulation_steps), a finite Python number > 0. A different
             grad_output in backward is rescaled exactly, at the cost of one extra pass and a warning.
@@ -482,7 +488,8 @@ def policy_loss_from_hidden(
         Other arguments as in ``policy_loss_from_logits``.
 
     Returns:
-        (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias.
+        (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias; not to
+        ``old_logps``, ``ref_logps``, ``is_weights`` or a temperature tensor (constants).
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H] for the policy loss")
     check_tensor("mask", mask, expected="[B, T]")

@@ -40,10 +40,20 @@ def _as_tokens(x, like):
     return x.unsqueeze(-1).expand_as(like) if x.dim() == 1 else x
 
 
+def gated_product(x, gate):
+    """x * gate, exactly 0 where the gate is 0 even when x is infinite (an overflowed ratio): the float64
+    reference's value there, where IEEE would give 0 * inf = NaN."""
+    return torch.where(gate == 0, torch.zeros((), dtype=x.dtype, device=x.device), x * gate)
+
+
 def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
     """Per-token policy term f, its derivative through the ratio df/drho, its direct derivative df/dl,
-    the ratio rho and d rho / d(log-ratio) (0 where the log-ratio clamp is active). Written so that
-    autograd through these expressions also gives the exact second derivatives (``PolicyLoss`` with
+    the ratio rho and d rho / d(log-ratio) (0 where the log-ratio clamp is active).
+
+    rho may be +inf (a log-ratio above ~88.7 nats in fp32); every gate then selects, so a clipped,
+    capped or saturated token keeps df = 0 and a zero advantage or IS weight a zero term. Callers
+    combine df and drho with ``gated_product`` for the same reason. Written so that autograd through
+    these expressions also gives the exact second derivatives (``PolicyLoss`` with
     ``create_graph=True``): the stop-gradients of GSPO-token and CISPO are ``detach()``."""
     if cfg.ratio_level == "token":
         log_r = l - l_old
@@ -60,12 +70,12 @@ def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
         inside = (log_r >= -c) & (log_r <= c)
         log_r = log_r.clamp(-c, c)
     rho = torch.exp(log_r)
-    drho = rho if inside is None else rho * inside
     zero = torch.zeros((), dtype=l.dtype, device=l.device)
+    drho = rho if inside is None else torch.where(inside, rho, zero)
     direct = None
     if cfg.policy_loss == "ppo":
         lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.eps_high
-        t1 = (rho if cfg.delta is None else rho.clamp(max=cfg.delta)) * A
+        t1 = gated_product(rho if cfg.delta is None else rho.clamp(max=cfg.delta), A)
         d1 = A if cfg.delta is None else A * (rho <= cfg.delta)
         t2 = rho.clamp(lo, hi) * A
         d2 = A * ((rho >= lo) & (rho <= hi))
@@ -90,23 +100,29 @@ def token_coefficients(l, l_old, A, mask_f, cfg: LossConfig, is_weights=None):
         df = -4.0 * s * (1.0 - s) * A
     if is_weights is not None:
         w = _as_tokens(is_weights, l)
-        f, df = f * w, df * w
-        direct = None if direct is None else direct * w
+        f, df = gated_product(f, w), gated_product(df, w)
+        direct = None if direct is None else gated_product(direct, w)
     return f, df, direct, rho, drho
 
 
 def kl_and_grad(l, l_ref, cfg: LossConfig):
+    """The KL estimate per token and its derivative in l. An infinite difference (a -inf log-prob) gives
+    the estimate's limit with derivative 0, as the reference does; the clamp selects a zero derivative
+    (the unclamped derivative may be infinite there)."""
     d = l_ref - l
     if cfg.kl_estimator == "k1":
         kl, dkl = -d, torch.ones_like(d)
     elif cfg.kl_estimator == "k2":
         kl, dkl = 0.5 * d * d, -d
     else:
-        ed = torch.exp(d)
-        kl, dkl = ed - d - 1.0, 1.0 - ed
+        infinite = torch.isinf(d)
+        d_safe = torch.where(infinite, torch.zeros((), dtype=d.dtype, device=d.device), d)
+        ed = torch.exp(d_safe)
+        kl = torch.where(infinite, torch.full((), float("inf"), dtype=d.dtype, device=d.device), ed - d_safe - 1.0)
+        dkl = torch.where(infinite, torch.zeros((), dtype=d.dtype, device=d.device), 1.0 - ed)
     if cfg.kl_clamp is not None:
         c = cfg.kl_clamp
-        dkl = dkl * ((kl >= -c) & (kl <= c))
+        dkl = torch.where((kl >= -c) & (kl <= c), dkl, torch.zeros((), dtype=d.dtype, device=d.device))
         kl = kl.clamp(-c, c)
     return kl, dkl
 
@@ -145,9 +161,10 @@ def loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weight
     u = w * df  # dL/drho per token
     if cfg.ratio_level == "sequence":
         lengths = mask_f.sum(-1, keepdim=True).clamp(min=1.0)
-        g_l = g_l + u.sum(-1, keepdim=True) * drho * mask_f / lengths
+        # the sequence's rho is also broadcast over its masked tokens: select, never multiply by the mask
+        g_l = g_l + torch.where(keep, gated_product(drho, u.sum(-1, keepdim=True)) / lengths, zero)
     else:  # token, sequence_token
-        g_l = g_l + u * drho
+        g_l = g_l + gated_product(drho, u)
     g_h = None
     ent_mean = zero
     if entropy is not None:
@@ -170,8 +187,9 @@ def loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weight
     metrics = torch.stack([
         policy, kl_mean, ent_mean,
         low.sum() / n_tok, high.sum() / n_tok, (low | high).sum() / n_tok,
-        (rho * mask_f).sum() / n_tok,
-        torch.where(torch.isinf(r_min), one, r_min), torch.where(torch.isinf(r_max), one, r_max),
+        torch.where(keep, rho, zero).sum() / n_tok,
+        # an overflowed ratio is +inf, a real value: only an empty micro-batch reports 1
+        torch.where(keep.any(), r_min, one), torch.where(keep.any(), r_max, one),
     ]).to(cdt)
     return loss, metrics, g_l, g_h
 
@@ -211,7 +229,7 @@ def token_loss_grads(l, entropy, keep, A, l_old, l_ref, is_weights, w, w_h, cfg:
     l = torch.where(keep, l, zero)
     l_old = l if l_old is None else torch.where(keep, l_old, zero)  # garbage under the mask must not NaN
     _, df, direct, _, drho = token_coefficients(l, l_old, A, keep.to(l.dtype), cfg, is_weights)
-    g_l = w * df * drho
+    g_l = gated_product(drho, w * df)
     if direct is not None:
         g_l = g_l + w * direct
     if cfg.beta != 0.0:

@@ -96,7 +96,9 @@ def softmax_stats_update(x, m_i, l_i, s_i, AXIS: tl.constexpr):
     shifted = x - tl.expand_dims(m_safe, AXIS)
     e = tl.exp(shifted)
     shifted = tl.where(e > 0, shifted, 0.0)  # e == 0 adds 0, not 0 * -inf
-    s_i = alpha * (s_i + prev_shift * l_i) + tl.sum(e * shifted, AXIS)
+    # finite logits of both signs near the fp32 maximum overflow m_i - m_safe to -inf: alpha = 0 then
+    # drops the old state, which must not become 0 * -inf
+    s_i = tl.where(alpha > 0, alpha * (s_i + prev_shift * l_i), 0.0) + tl.sum(e * shifted, AXIS)
     l_i = alpha * l_i + tl.sum(e, AXIS)
     return m_new, l_i, s_i
 
@@ -145,7 +147,9 @@ def merge_stats(m_p, l_p, s_p, AXIS: tl.constexpr):
     shift = tl.where(empty, 0.0, m_p - tl.expand_dims(m_safe, AXIS))
     scale = tl.where(empty, 0.0, tl.exp(shift))
     l_i = tl.sum(l_p * scale, AXIS)
-    s_i = tl.sum(scale * (s_p + shift * l_p), AXIS)
+    # scale == 0 also where the shift overflowed to -inf (finite partial maxima of both signs near the
+    # fp32 maximum): such a partial adds 0, never 0 * -inf
+    s_i = tl.sum(tl.where(scale > 0, scale * (s_p + shift * l_p), 0.0), AXIS)
     return m_i, l_i, s_i
 
 

@@ -88,6 +88,8 @@ def _token_loss_terms(
 
     A port of torch_backend.token_coefficients / kl_and_grad / PolicyLossFunction for token-level
     ratios: ties of min split the gradient half/half, clamps pass it at their bounds (inclusive).
+    rho overflows to +inf above ~88.7 nats: every gate selects (tl.where), so a clipped, capped or
+    saturated token gets exactly 0, never 0 * inf = NaN.
     """
     adv = tl.load(adv_ptr + row)
     weight = tl.load(weight_ptr + row)
@@ -96,9 +98,8 @@ def _token_loss_terms(
     log_ratio = zero  # on-policy: rho = 1 with the gradient of rho
     if HAS_OLD:
         log_ratio = logp - tl.load(old_logp_ptr + row)
-    ratio_gate = 1.0
     if HAS_LOG_RATIO_CLAMP:
-        ratio_gate = tl.where((log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp), 1.0, 0.0)
+        ratio_inside = (log_ratio >= -log_ratio_clamp) & (log_ratio <= log_ratio_clamp)
         log_ratio = tl.minimum(tl.maximum(log_ratio, -log_ratio_clamp), log_ratio_clamp)
     rho = tl.exp(log_ratio)
     direct = zero  # dL/dl not through rho (CISPO)
@@ -107,7 +108,7 @@ def _token_loss_terms(
             unclipped = tl.minimum(rho, delta) * adv
             d_unclipped = tl.where(rho <= delta, adv, 0.0)
         else:
-            unclipped = rho * adv
+            unclipped = tl.where(adv == 0.0, 0.0, rho * adv)
             d_unclipped = adv
         clipped = tl.minimum(tl.maximum(rho, clip_low), clip_high) * adv
         d_clipped = tl.where((rho >= clip_low) & (rho <= clip_high), adv, 0.0)
@@ -131,12 +132,15 @@ def _token_loss_terms(
         df = -4.0 * gate * (1.0 - gate) * adv
     if HAS_IS:
         is_weight = tl.load(is_weight_ptr + row)
-        f = f * is_weight
+        f = tl.where(is_weight == 0.0, 0.0, f * is_weight)
         df = df * is_weight
         direct = direct * is_weight
     policy = weight * f
     loss = policy
-    g_logp = weight * direct + weight * df * rho * ratio_gate
+    g_ratio = tl.where(df == 0.0, 0.0, weight * df * rho)
+    if HAS_LOG_RATIO_CLAMP:
+        g_ratio = tl.where(ratio_inside, g_ratio, 0.0)
+    g_logp = weight * direct + g_ratio
     kl = zero
     if HAS_KL:
         d = tl.load(ref_logp_ptr + row) - logp
@@ -147,9 +151,12 @@ def _token_loss_terms(
             kl = 0.5 * d * d
             d_kl = -d
         else:
+            # at an infinite difference: the limit +inf with derivative 0 (IEEE: inf - inf = NaN)
+            infinite = (d == float("inf")) | (d == -float("inf"))
+            d = tl.where(infinite, 0.0, d)
             exp_d = tl.exp(d)
-            kl = exp_d - d - 1.0
-            d_kl = 1.0 - exp_d
+            kl = tl.where(infinite, float("inf"), exp_d - d - 1.0)
+            d_kl = tl.where(infinite, 0.0, 1.0 - exp_d)
         if HAS_KL_CLAMP:
             d_kl = tl.where((kl >= -kl_clamp) & (kl <= kl_clamp), d_kl, 0.0)
             kl = tl.minimum(tl.maximum(kl, -kl_clamp), kl_clamp)
