@@ -12,13 +12,13 @@ for the backend explains what is missing. The ops have the signatures of ``torch
   the device, a kernel whose rows leave at once when that ratio is 1 (no extra pass, no host sync;
   as ``backends/torch/policy_loss.upstream_correction`` does on GPU, no warning). Sequence-level ratios (GSPO) take the
   3-pass path: ``token_logprobs`` then ``policy_loss``.
-- ``group_advantages``: the whole batch in one launch, same contract as ``lk.group_advantages``.
-- ``token_logprobs_with_sequence_sums``: log-probs, entropy and per-sequence sums in one launch.
 
 fp16/bf16/fp32 only (``DTYPES``): ``backend="auto"`` sends fp64 to ``torch``.
 
-The kernels are torch ops (``torch.ops.lens_kernels.*``) with fake implementations, so that
-``torch.compile`` traces through them.
+The kernels are torch ops in a namespace of their own, ``torch.ops.lens_kernels_cuda.*``, with fake
+implementations, so that ``torch.compile`` traces through them. The public ops of the package live in
+``lens_kernels::`` (defined once, in Python); the extension never defines a name there, so it loads
+before or after ``import lens_kernels`` alike (csrc/README.md).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ DEVICES = ("cuda",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:  # built by setup.py only when a CUDA toolkit and a CUDA build of torch are present
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.lens_kernels)
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.lens_kernels_cuda)
 
     HAS_CUDA_EXT = True
     _IMPORT_ERROR = None
@@ -46,12 +46,6 @@ PATHS = {"auto": -1, "stream": 0, "smem_row": 1, "cluster": 2}
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _POLICY_CODES = {"ppo": 0, "cispo": 1, "sapo": 2}
 _KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
-_ESTIMATOR_CODES = {"grpo": 0, "dr_grpo": 1, "rloo": 2, "lens": 3}
-_SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
-_LENS_GROUP_CODES = {"all": 0, "negative": 1, "mixed": 2}
-# Metric sums of the advantage kernel (csrc/group_advantages.cu AdvMetric), in order.
-_ADV_METRIC_SLOTS = ("groups", "neg", "mixed", "all", "zero_std", "abs_neg", "cnt_neg", "abs_mixed", "cnt_mixed",
-                     "abs_all", "cnt_all", "conf_wrong", "cnt_wrong", "conf_right", "cnt_right")
 
 
 def unavailable_reason() -> Optional[str]:
@@ -66,51 +60,44 @@ def _ops():
     reason = unavailable_reason()
     if reason:
         raise RuntimeError(f"backend 'cuda' is not available: {reason}")
-    return torch.ops.lens_kernels
+    return torch.ops.lens_kernels_cuda
 
 
 if HAS_CUDA_EXT:  # shapes of the outputs, for torch.compile and meta tensors
     def _rows(logits):
         return logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
 
-    @torch.library.register_fake("lens_kernels::token_logprobs_fwd")
+    @torch.library.register_fake("lens_kernels_cuda::token_logprobs_fwd")
     def _(logits, targets, mask, tau_rows, tau, seq_sums):
         n = _rows(logits)
         n_seq = (logits.shape[0] if logits.dim() == 3 else n) if seq_sums else 0
         vec = logits.new_empty((n,), dtype=torch.float32)
         return vec, torch.empty_like(vec), torch.empty_like(vec), logits.new_empty((n_seq,), dtype=torch.float32)
 
-    @torch.library.register_fake("lens_kernels::token_logprobs_bwd")
+    @torch.library.register_fake("lens_kernels_cuda::token_logprobs_bwd")
     def _(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy):
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
-    @torch.library.register_fake("lens_kernels::token_logprobs_bwd_")
+    @torch.library.register_fake("lens_kernels_cuda::token_logprobs_bwd_")
     def _(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy):
         return None
 
-    @torch.library.register_fake("lens_kernels::fused_policy_loss")
+    @torch.library.register_fake("lens_kernels_cuda::fused_policy_loss")
     def _(logits, targets, mask, tau_rows, tau, advantages, loss_weight, entropy_weight, old_logp, ref_logp,
           is_weights, params, path):
         vec = logits.new_empty((_rows(logits),), dtype=torch.float32)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         return grad, vec, torch.empty_like(vec), torch.empty_like(vec)
 
-    @torch.library.register_fake("lens_kernels::fused_policy_loss_")
+    @torch.library.register_fake("lens_kernels_cuda::fused_policy_loss_")
     def _(logits, targets, mask, tau_rows, tau, advantages, loss_weight, entropy_weight, old_logp, ref_logp,
           is_weights, params, path):
         vec = logits.new_empty((_rows(logits),), dtype=torch.float32)
         return vec, torch.empty_like(vec), torch.empty_like(vec)
 
-    @torch.library.register_fake("lens_kernels::rescale_grad_")
+    @torch.library.register_fake("lens_kernels_cuda::rescale_grad_")
     def _(grad, ratio):
         return None
-
-    @torch.library.register_fake("lens_kernels::group_advantages")
-    def _(rewards, group, correct, old_logp, old_mask, estimator, scale, lens_groups, lens_d_sequence,
-          std_unbiased, eps, lens_alpha):
-        n = rewards.numel()
-        return (torch.empty_like(rewards), rewards.new_empty((n if estimator == 3 else 0,)),
-                rewards.new_empty((16,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,14 +159,6 @@ class TokenLogprobsFunction(torch.autograd.Function):
 def token_logprobs(logits, targets, mask=None, temperature=1.0, return_entropy=False, inplace_grad=False):
     logp, entropy = TokenLogprobsFunction.apply(logits, targets, mask, temperature, inplace_grad)
     return logp, (entropy if return_entropy else None)
-
-
-def token_logprobs_with_sequence_sums(logits, targets, mask=None, temperature=1.0):
-    """No-grad log-probs, entropy and per-sequence sums of the kept log-probs in one launch (old and
-    reference policy passes, LENS confidence). logits [B, T, V]; returns ([B, T], [B, T], [B])."""
-    t, keep, tau_rows, tau = _row_inputs(targets, mask, temperature)
-    logp, entropy, _, seq_sum = _ops().token_logprobs_fwd(logits, t, keep, tau_rows, tau, True)
-    return logp.view(targets.shape), entropy.view(targets.shape), seq_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,47 +271,3 @@ def last_fused_loss_launch() -> Optional[dict]:
     """The plan of the last fused-loss launch on this thread (as ``fused_loss_plan``), or None."""
     values = _ops().fused_loss_last_launch()
     return None if values[0] == PATHS["auto"] else _plan(values)
-
-
-# ---------------------------------------------------------------------------------------------
-# group_advantages: one launch for the whole batch
-# ---------------------------------------------------------------------------------------------
-def group_advantages(rewards, *, group_size=None, group_ids=None, estimator="grpo", old_logps=None, mask=None,
-                     correct=None, scale=None, eps=1e-4, std_unbiased=True, lens_alpha=0.25,
-                     lens_d_estimate="mean", lens_groups="all", nan_rewards="raise"):
-    """``lk.group_advantages`` on CUDA tensors, in one kernel launch (fp32). Same arguments, checks and
-    returns; fp64 rewards take the torch path to keep fp64."""
-    from .. import advantages as adv_mod
-
-    adv_mod._validate(rewards, group_size, group_ids, estimator, old_logps, mask, correct, scale, eps, lens_alpha,
-                      lens_d_estimate, lens_groups, nan_rewards)
-    if rewards.dtype == torch.float64:
-        with torch.no_grad():
-            return adv_mod._group_advantages(rewards, group_size, group_ids, estimator, old_logps, mask, correct,
-                                             scale, eps, std_unbiased, lens_alpha, lens_d_estimate, lens_groups)
-    if scale is None:
-        scale = "group" if estimator in ("grpo", "lens") else "none"
-    n = rewards.shape[0]
-    with torch.no_grad():
-        gidx = adv_mod.dense_group_index(n, group_size, group_ids, rewards.device)
-        lens = estimator == "lens"
-        adv, confidence, sums = _ops().group_advantages(
-            _flat(rewards, torch.float32), gidx.contiguous(), _flat(correct, torch.bool),
-            old_logps.to(torch.float32).contiguous() if lens else None,
-            mask.to(torch.bool).contiguous() if (lens and mask is not None) else None,
-            _ESTIMATOR_CODES[estimator], _SCALE_CODES[scale], _LENS_GROUP_CODES[lens_groups],
-            lens_d_estimate == "sequence", bool(std_unbiased), float(eps), float(lens_alpha))
-    s = dict(zip(_ADV_METRIC_SLOTS, sums.unbind(0)))
-    groups = s["groups"].clamp(min=1.0)
-    metrics = {}
-    if lens:
-        metrics["mean_confidence_wrong"] = s["conf_wrong"] / s["cnt_wrong"].clamp(min=1.0)
-        metrics["mean_confidence_right"] = s["conf_right"] / s["cnt_right"].clamp(min=1.0)
-        metrics["confidence"] = confidence
-    metrics["frac_negative_groups"] = s["neg"] / groups
-    metrics["frac_mixed_groups"] = s["mixed"] / groups
-    metrics["frac_all_correct_groups"] = s["all"] / groups
-    metrics["frac_zero_std_groups"] = s["zero_std"] / groups
-    for name, key in (("negative", "neg"), ("mixed", "mixed"), ("all_correct", "all")):
-        metrics[f"mean_abs_adv_{name}"] = s[f"abs_{key}"] / s[f"cnt_{key}"].clamp(min=1.0)
-    return adv, metrics
