@@ -2,8 +2,13 @@
 
 LENS_KERNELS_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be built),
 LENS_KERNELS_BUILD_CUDA=0 skips it, and unset builds it only when a CUDA toolkit, a CUDA build of torch
-and the sources in csrc/ are all present. TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS are
-honored. Build with `pip install --no-build-isolation .` so that the installed torch is used.
+and the sources in csrc/ are all present. Build with `pip install --no-build-isolation .` so that the
+installed torch is used. MAX_JOBS is honored.
+
+Targets: TORCH_CUDA_ARCH_LIST, default DEFAULT_CUDA_ARCH_LIST below: sm_80 and sm_90a machine code, and
+sm_90 machine code with its PTX, which the driver compiles for parts newer than Hopper. The targets are
+named there only: torch's cpp_extension drops the whole list as soon as one nvcc flag of ours
+mentions an "arch" (the build then carried sm_90a alone).
 """
 import glob
 import os
@@ -12,6 +17,8 @@ import shutil
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# "9.0a": sm_90a machine code (torch spells it so); "+PTX": the PTX beside the machine code
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a;9.0+PTX"
 
 
 def _cuda_extension():
@@ -38,14 +45,11 @@ def _cuda_extension():
             raise RuntimeError("LENS_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(reasons))
         print("lens_kernels: building the pure-Python package (" + "; ".join(reasons) + ")")
         return None
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     # No -std here: torch picks the standard its headers need (C++20 from torch 2.13 on); the
-    # torch-free kernels compile as C++17 or later.
+    # torch-free kernels compile as C++17 or later. No target flag here either (see the docstring).
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
-    if "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]:
-        # sm_90a machine code beside torch's sm_90: the cluster kernel is plain sm_90, sm_90a leaves
-        # room for wgmma/setmaxnreg paths
-        nvcc_flags += ["-gencode=arch=compute_90a,code=sm_90a"]
     ext = CUDAExtension(
         name="lens_kernels._C",
         sources=sources,

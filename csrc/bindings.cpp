@@ -313,69 +313,9 @@ std::vector<int64_t> fused_loss_last_launch() { return plan_list(lens::fused_los
 
 void set_debug_flags(int64_t flags) { g_debug_flags = flags; }
 
-// ---------------------------------------------------------------------------------------------
-// group advantages
-// ---------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor> group_advantages(const Tensor& rewards, const Tensor& group,
-                                                    const optional<Tensor>& correct,
-                                                    const optional<Tensor>& old_logp,
-                                                    const optional<Tensor>& old_mask, int64_t estimator,
-                                                    int64_t scale, int64_t lens_groups, bool lens_d_sequence,
-                                                    bool std_unbiased, double eps, double lens_alpha) {
-  check_cuda(rewards, "rewards");
-  const c10::cuda::CUDAGuard guard(rewards.device());
-  const int64_t n = rewards.numel();
-  check_rows(rewards, "rewards", n, at::kFloat, rewards);
-  check_rows(group, "group", n, at::kLong, rewards);
-  TORCH_CHECK(estimator >= 0 && estimator <= 3, "estimator must be 0..3 (grpo, dr_grpo, rloo, lens), got ", estimator);
-  TORCH_CHECK(scale >= 0 && scale <= 2, "scale must be 0..2 (group, batch, none), got ", scale);
-  TORCH_CHECK(lens_groups >= 0 && lens_groups <= 2, "lens_groups must be 0..2 (all, negative, mixed), got ",
-              lens_groups);
-  lens::GroupAdvArgs a{};
-  a.rewards = rewards.data_ptr<float>();
-  a.group = group.data_ptr<int64_t>();
-  a.correct = opt_ptr<bool>(correct, "correct", n, at::kBool, rewards);
-  a.n = n;
-  a.estimator = static_cast<lens::Estimator>(estimator);
-  a.scale = static_cast<lens::Scale>(scale);
-  a.lens_groups = static_cast<lens::LensGroups>(lens_groups);
-  a.lens_d_sequence = lens_d_sequence;
-  a.std_unbiased = std_unbiased;
-  a.eps = static_cast<float>(eps);
-  a.lens_alpha = static_cast<float>(lens_alpha);
-  Tensor confidence = at::zeros({a.estimator == lens::Estimator::kLENS ? n : 0}, rewards.options());
-  if (a.estimator == lens::Estimator::kLENS) {
-    TORCH_CHECK(old_logp.has_value(), "old_logp [N, T] is required for estimator lens");
-    TORCH_CHECK(old_logp->dim() == 2 && old_logp->size(0) == n && old_logp->scalar_type() == at::kFloat &&
-                    old_logp->is_contiguous() && old_logp->device() == rewards.device(),
-                "old_logp must be a contiguous float32 [N, T] tensor on ", rewards.device(), " with N = ", n,
-                ", got ", old_logp->sizes(), " ", old_logp->scalar_type());
-    a.old_logp = old_logp->data_ptr<float>();
-    a.seq_len = old_logp->size(1);
-    a.old_stride = old_logp->stride(0);
-    if (old_mask.has_value()) {
-      TORCH_CHECK(old_mask->sizes() == old_logp->sizes() && old_mask->scalar_type() == at::kBool &&
-                      old_mask->is_contiguous() && old_mask->device() == rewards.device(),
-                  "old_mask must be a contiguous bool tensor shaped like old_logp ", old_logp->sizes(), ", got ",
-                  old_mask->sizes(), " ", old_mask->scalar_type());
-      a.old_mask = old_mask->data_ptr<bool>();
-    }
-    a.confidence = confidence.data_ptr<float>();
-  }
-  Tensor workspace = at::empty({lens::adv_workspace_floats(n)}, rewards.options());
-  Tensor advantages = at::empty({n}, rewards.options());
-  // zeros: with n = 0 nothing is launched and every metric sum is 0
-  Tensor metrics = at::zeros({lens::kAdvMetrics}, rewards.options());
-  a.workspace = workspace.data_ptr<float>();
-  a.advantages = advantages.data_ptr<float>();
-  a.metrics = metrics.data_ptr<float>();
-  throw_if_failed(lens::launch_group_advantages(a, c10::cuda::getCurrentCUDAStream()), "group_advantages");
-  return {advantages, confidence, metrics};
-}
-
 }  // namespace
 
-TORCH_LIBRARY(lens_kernels, m) {
+TORCH_LIBRARY(lens_kernels_cuda, m) {
   m.def("token_logprobs_fwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
         "bool seq_sums) -> (Tensor logp, Tensor entropy, Tensor lse, Tensor seq_sum)");
   m.def("token_logprobs_bwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
@@ -388,9 +328,6 @@ TORCH_LIBRARY(lens_kernels, m) {
   m.def("fused_policy_loss_(Tensor(a!) logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
         "Tensor advantages, Tensor loss_weight, Tensor? entropy_weight, Tensor? old_logp, Tensor? ref_logp, "
         "Tensor? is_weights, float[] params, int path) -> (Tensor logp, Tensor entropy, Tensor g_logp)");
-  m.def("group_advantages(Tensor rewards, Tensor group, Tensor? correct, Tensor? old_logp, Tensor? old_mask, "
-        "int estimator, int scale, int lens_groups, bool lens_d_sequence, bool std_unbiased, float eps, "
-        "float lens_alpha) -> (Tensor advantages, Tensor confidence, Tensor metrics)");
   m.def("rescale_grad_(Tensor(a!) grad, Tensor ratio) -> ()");
   m.def("fused_loss_path(int vocab, int dtype, int requested) -> int", &fused_loss_path);
   m.def("fused_loss_plan(int rows, int vocab, int dtype, int requested, int flags) -> int[]", &fused_loss_plan);
@@ -398,13 +335,12 @@ TORCH_LIBRARY(lens_kernels, m) {
   m.def("set_debug_flags(int flags) -> ()", &set_debug_flags);
 }
 
-TORCH_LIBRARY_IMPL(lens_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(lens_kernels_cuda, CUDA, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd);
   m.impl("token_logprobs_bwd", &token_logprobs_bwd);
   m.impl("token_logprobs_bwd_", &token_logprobs_bwd_);
   m.impl("fused_policy_loss", &fused_policy_loss);
   m.impl("fused_policy_loss_", &fused_policy_loss_);
-  m.impl("group_advantages", &group_advantages);
   m.impl("rescale_grad_", &rescale_grad_);
 }
 

@@ -138,39 +138,6 @@ struct FusedLossArgs {
   float* g_logp;                // [rows] dL/dl per token (grad_scale excluded), for metrics and tests
 };
 
-// Group advantages of a rollout batch in one launch (SPEC 2.1, 5): GRPO, Dr. GRPO, RLOO and LENS.
-enum class Estimator : int { kGRPO = 0, kDrGRPO = 1, kRLOO = 2, kLENS = 3 };
-enum class Scale : int { kGroup = 0, kBatch = 1, kNone = 2 };
-enum class LensGroups : int { kAll = 0, kNegative = 1, kMixed = 2 };
-
-constexpr int kAdvMetrics = 16;  // layout of GroupAdvArgs::metrics, see group_advantages.cu
-
-struct GroupAdvArgs {
-  const float* rewards;     // [n]; NaN = left out (advantage 0)
-  const int64_t* group;     // [n] dense group index in [0, n)
-  const bool* correct;      // [n] or nullptr (correct = reward > 0)
-  const float* old_logp;    // [n, seq_len] (LENS), row stride ``old_stride``
-  const bool* old_mask;     // [n, seq_len] or nullptr
-  int64_t n;
-  int64_t seq_len;
-  int64_t old_stride;
-  Estimator estimator;
-  Scale scale;
-  LensGroups lens_groups;
-  bool lens_d_sequence;     // D_imp from the raw sequence probability instead of pbar
-  bool std_unbiased;
-  float eps;
-  float lens_alpha;
-  float* workspace;         // fp32 [adv_workspace_floats(n)], any contents
-  unsigned int* counter;    // set by the launcher (the workspace's last word)
-  float* advantages;        // [n]
-  float* confidence;        // [n] pbar (LENS), or nullptr
-  float* metrics;           // [kAdvMetrics] sums, see group_advantages.cu
-};
-constexpr int kAdvWorkspacePerItem = 10;
-// Workspace floats of group_advantages for n completions: the per-item slots and a grid counter.
-inline int64_t adv_workspace_floats(int64_t n) { return kAdvWorkspacePerItem * n + 1; }
-
 // Grad-scale contract (SPEC 5): grad *= ratio, ratio = grad_output / grad_scale read on the device.
 // Each row leaves at once when ratio == 1, so the declared scale costs no pass and no host sync.
 struct RescaleArgs {
@@ -185,7 +152,6 @@ struct RescaleArgs {
 cudaError_t launch_token_logprobs_fwd(const LogprobFwdArgs& args, cudaStream_t stream);
 cudaError_t launch_token_logprobs_bwd(const LogprobBwdArgs& args, cudaStream_t stream);
 cudaError_t launch_fused_policy_loss(const FusedLossArgs& args, cudaStream_t stream);
-cudaError_t launch_group_advantages(const GroupAdvArgs& args, cudaStream_t stream);
 cudaError_t launch_rescale_grad(const RescaleArgs& args, cudaStream_t stream);
 
 // The kernel variant of the fused loss, as launch_fused_policy_loss chooses it for ``rows`` rows of

@@ -8,6 +8,7 @@
 
 Tests that need nvcc skip without it; GPU tests of the kernels are in test_cuda_gpu.py.
 """
+import ast
 import ctypes
 import os
 import re
@@ -39,7 +40,7 @@ GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,cod
 
 def test_kernel_sources_exist_and_are_torch_free():
     names = {p.name for p in KERNEL_SOURCES}
-    assert {"token_logprobs.cu", "policy_loss.cu", "group_advantages.cu"} <= names
+    assert {"token_logprobs.cu", "policy_loss.cu"} <= names
     for path in KERNEL_SOURCES + sorted(CSRC.glob("*.cuh")) + [CSRC / "lens_kernels.h"]:
         text = path.read_text()
         for banned in ("#include <torch", "#include <ATen", "#include <c10"):
@@ -227,6 +228,21 @@ def test_pure_build_when_disabled():
     assert "lens-kernels" in proc.stdout
 
 
+def test_setup_names_its_targets_through_torch_arch_list(monkeypatch):
+    # torch's cpp_extension drops TORCH_CUDA_ARCH_LIST as soon as one nvcc flag mentions "arch": the
+    # flags setup.py passes, with its default list, must give sm_80, sm_90a and sm_90 with its PTX
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    text = (ROOT / "setup.py").read_text()
+    default = re.search(r'^DEFAULT_CUDA_ARCH_LIST = "([^"]+)"$', text, re.M).group(1)
+    nvcc_flags = ast.literal_eval(re.search(r"^    nvcc_flags = (\[.*\])$", text, re.M).group(1))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", default)
+    assert set(_get_cuda_arch_flags(nvcc_flags)) == {
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"}
+    assert "gencode" not in text
+
+
 @pytest.mark.skipif(lk.HAS_CUDA_EXT, reason="the CUDA extension is built here")
 def test_cuda_backend_names_what_is_missing():
     reason = cuda_backend.unavailable_reason()
@@ -248,7 +264,7 @@ def test_auto_preference_is_one_table_over_known_backends():
 # (same op names, arguments and in-place behaviour), so that what runs is cuda.py's own code.
 # ---------------------------------------------------------------------------------------------
 class _StandInOps:
-    """torch.ops.lens_kernels as the kernels define it, in float64 on CPU tensors."""
+    """torch.ops.lens_kernels_cuda as the kernels define it, in float64 on CPU tensors."""
 
     @staticmethod
     def _rows(logits, targets, keep, tau_rows, tau):

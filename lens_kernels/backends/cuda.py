@@ -13,7 +13,9 @@ for the backend explains what is missing.
   is 1: no extra pass, no host sync).
 
 fp16/bf16/fp32 only (``DTYPES``): ``backend="auto"`` sends fp64 to ``torch``. The backend is opt-in
-until a GPU has measured it (``AUTO_PREFERENCE`` in ``lens_kernels.backends``).
+until a GPU has measured it (``AUTO_PREFERENCE`` in ``lens_kernels.backends``). The extension's
+kernels have fake implementations here, so they also trace under ``torch.compile``; it loads before
+or after ``import lens_kernels`` alike (csrc/README.md).
 """
 from __future__ import annotations
 
