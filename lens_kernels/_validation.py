@@ -184,7 +184,7 @@ def check_inplace_buffer(name: str, t: torch.Tensor) -> None:
         raise ValueError(
             f"{name} cannot take the gradient in place: it is an expanded or self-overlapping view (shape "
             f"{list(t.shape)}, strides {list(t.stride())}); pass a tensor with its own storage (.contiguous()) "
-            "or inplace=False / inplace_backward=False")
+            "or inplace=False")
 
 
 def _self_overlapping(t: torch.Tensor) -> bool:

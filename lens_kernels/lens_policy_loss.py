@@ -164,12 +164,11 @@ def lens_policy_loss_from_logits(
         confidences), ``advantages`` [B] and ``on_policy`` (1.0 for the fused on-policy path, 0.0
         when old_logps were given and the loss took the two-stage path).
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, V]")
+    temperature = validate_logits_inputs(logits, targets, mask, temperature, ndim=(3,), expected="[B, T, V]",
+                                         mask_required=True)
     _check_rewards(logits.shape[0], rewards, correct)
     _check_grad_scale(grad_scale)
     _check_whole_groups(logits.shape[0], group_size, group_ids)
-    check_tensor("mask", mask, expected="[B, T]")
-    temperature = validate_logits_inputs(logits, targets, mask, temperature)
     loss_kwargs = _loss_kwargs(targets, logits.device, mask, old_logps, ref_logps, is_weights, config, num_tokens,
                                num_sequences)
     if inplace:
@@ -226,12 +225,11 @@ def lens_policy_loss_from_hidden(
     On-policy, phase 1 is ``linear_token_logprobs`` (never materializing [B, T, V]) and phase 3 its
     backward; with ``old_logps`` the loss takes ``policy_loss_from_hidden`` in ``mode``.
     """
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H]")
+    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature, ndim=(3,),
+                                         expected="[B, T, H]", mask_required=True)
     _check_rewards(hidden.shape[0], rewards, correct)
     _check_grad_scale(grad_scale)
     _check_whole_groups(hidden.shape[0], group_size, group_ids)
-    check_tensor("mask", mask, expected="[B, T]")
-    temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature)
     if mode not in HIDDEN_MODES:
         raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
     loss_kwargs = _loss_kwargs(targets, hidden.device, mask, old_logps, ref_logps, is_weights, config, num_tokens,

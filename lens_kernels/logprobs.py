@@ -227,15 +227,16 @@ def linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature, b
 # ---------------------------------------------------------------------------------------------
 # Boundary checks and the public functions
 # ---------------------------------------------------------------------------------------------
-def validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=False):
+def validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=False, ndim=(2, 3),
+                           expected="[B, T, V] or [N, V]", mask_required=False):
     """Boundary checks; with ``vocab_sharded`` the target range is checked by the combine instead."""
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3), expected="[B, T, V] or [N, V]")
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=ndim, expected=expected)
     check_vocab_stride("logits", logits)
     lead = tuple(logits.shape[:-1])
     desc = "[B, T]" if logits.dim() == 3 else "[N]"
     check_tensor("targets", targets, dtypes=INDEX_DTYPES)
     check_shape("targets", targets, lead, desc)
-    if mask is not None:
+    if mask is not None or mask_required:
         check_mask(mask, lead, expected=desc)
     check_same_device([("logits", logits), ("targets", targets), ("mask", mask)])
     if logits.shape[-1] == 0:
@@ -246,8 +247,9 @@ def validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=Fal
     return temperature
 
 
-def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature, vocab_sharded=False):
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(2, 3), expected="[B, T, H] or [N, H]")
+def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature, vocab_sharded=False, ndim=(2, 3),
+                           expected="[B, T, H] or [N, H]", mask_required=False):
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=ndim, expected=expected)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=(2,), expected="[V, H] (the lm_head weight)")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
@@ -262,7 +264,7 @@ def validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature, voc
     desc = "[B, T]" if hidden.dim() == 3 else "[N]"
     check_tensor("targets", targets, dtypes=INDEX_DTYPES)
     check_shape("targets", targets, lead, desc)
-    if mask is not None:
+    if mask is not None or mask_required:
         check_mask(mask, lead, expected=desc)
     check_same_device([("hidden", hidden), ("weight", weight), ("bias", bias), ("targets", targets),
                        ("mask", mask)])

@@ -427,10 +427,9 @@ def policy_loss_from_logits(
     Returns:
         (loss, metrics) as in ``policy_loss``; metrics include the mean entropy.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, V] for the policy loss")
     check_vocab_parallel("vocab_group", vocab_group, vocab_start)
-    check_tensor("mask", mask, expected="[B, T]")
-    temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=vocab_group is not None)
+    temperature = validate_logits_inputs(logits, targets, mask, temperature, vocab_sharded=vocab_group is not None,
+                                         ndim=(3,), expected="[B, T, V] for the policy loss", mask_required=True)
     config, num_tokens, num_sequences = validate_loss_inputs(
         tuple(targets.shape), logits.device, advantages, mask, old_logps, ref_logps, is_weights, config,
         num_tokens, num_sequences, mask_checked=True)
@@ -491,11 +490,10 @@ def policy_loss_from_hidden(
         (loss, metrics); gradients flow to hidden, weight (unless frozen) and bias; not to
         ``old_logps``, ``ref_logps``, ``is_weights`` or a temperature tensor (constants).
     """
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndim=(3,), expected="[B, T, H] for the policy loss")
-    check_tensor("mask", mask, expected="[B, T]")
     check_vocab_parallel("vocab_group", vocab_group, vocab_start)
     temperature = validate_hidden_inputs(hidden, weight, bias, targets, mask, temperature,
-                                         vocab_sharded=vocab_group is not None)
+                                         vocab_sharded=vocab_group is not None, ndim=(3,),
+                                         expected="[B, T, H] for the policy loss", mask_required=True)
     if mode not in HIDDEN_MODES:
         raise ValueError(f"mode must be one of {list(HIDDEN_MODES)}, got {mode!r}")
     config, num_tokens, num_sequences = validate_loss_inputs(

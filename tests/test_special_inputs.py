@@ -70,7 +70,7 @@ def run_ours(op, kw, backend, **extra):
     """Runs the public op on the backend; returns (outputs, {leaf: grad})."""
     kw = {k: v for k, v in kw.items()}
     strided = extra.pop("strided", False)
-    inplace = extra.get("inplace", False) or extra.get("inplace_backward", False)
+    inplace = extra.get("inplace", False)
     leaves, views = {}, {}
     for name in _leaves(op, kw):
         if strided and name == "logits":  # a view with stride 1 on V only, as logits[:, :-1] of a wider buffer
@@ -202,7 +202,7 @@ def check_against_reference(op, kw, backend, metrics=("entropy", "ratio_mean", "
                             **extra):
     seed_note = f"(op={op}, backend={backend})"
     outs, grads = run_ours(op, kw, backend, **dict(extra))
-    extra = {k: v for k, v in extra.items() if k not in ("strided", "inplace", "inplace_backward")}
+    extra = {k: v for k, v in extra.items() if k not in ("strided", "inplace")}
     want, want_grads = run_ref(op, kw, **extra)
     if op in ("token_logprobs", "linear_token_logprobs"):
         assert_same(outs[0], want[0], f"logps {seed_note}")
@@ -536,8 +536,7 @@ def test_inplace_into_a_buffer_saved_by_another_op(op, backend):
 @pytest.mark.parametrize("op,backend", ops_for(["token_logprobs", "policy_loss_from_logits"]))
 def test_inplace_gradient_is_exact(op, backend):
     kw = make_inputs(stable_seed("inplace_ok", op))
-    check_against_reference(op, kw, backend, **({"inplace_backward": True} if op == "token_logprobs"
-                                                 else {"inplace": True}))
+    check_against_reference(op, kw, backend, inplace=True)
 
 
 # ---------------------------------------------------------------------------- scalar arguments
@@ -591,7 +590,7 @@ def test_bad_advantage_numbers_are_errors(op, name, value):
                                 **{name: value})
         else:
             lk.lens_policy_loss_from_logits(kw["logits"], kw["targets"], kw["mask"], kw["rewards"], group_size=G,
-                                            **{name: value})
+                                            advantage_config=lk.AdvantageConfig(**{name: value}))
 
 
 @pytest.mark.parametrize("n", [B - 1, B + 2])
