@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends
+from .backends.torch._common import compute_dtype
 from ._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -44,10 +45,6 @@ from .distributed import (
 def split_temperature(temperature):
     """(float, tensor or None): a custom op's schema takes the two forms as two arguments."""
     return (1.0, temperature) if torch.is_tensor(temperature) else (float(temperature), None)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _own_outputs(lead, logp, entropy, stats):
