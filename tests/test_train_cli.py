@@ -52,8 +52,8 @@ def test_smoke_run_evaluates_like_the_paper_and_lens_learns_from_negative_groups
     assert negative_only, "the smoke warm-up left no all-negative step (expected at this quality)"
     assert all(r["mean_abs_adv_negative"] > 0 and r["grad_norm"] > 0 for r in negative_only)
     assert all(0 < r["confidence_negative"] <= 1 for r in negative_only)
-    warm_weights = torch.load(os.path.join(out, "warmup.pt"), weights_only=False)["model"]
-    rl_weights = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    warm_weights = torch.load(os.path.join(out, "warmup.pt"), weights_only=True)["model"]
+    rl_weights = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
     assert any(not torch.equal(warm_weights[k], rl_weights[k]) for k in warm_weights)
     printed = capsys.readouterr().out
     assert "attention sdpa" in printed and os.path.abspath(out) in printed and "| after RL | all |" in printed
@@ -72,7 +72,7 @@ def _held_out_answer_logprob(out, weights_file, level):
     a deterministic function of the weights, so it has no sampling noise of its own."""
     config = parse_config(SHORTCUT + ["--out", out])
     setup = Setup(config, torch.device("cpu"), announce=False)
-    setup.model.load_state_dict(torch.load(os.path.join(out, weights_file), weights_only=False)["model"])
+    setup.model.load_state_dict(torch.load(os.path.join(out, weights_file), weights_only=True)["model"])
     setup.model.eval()
     problems = setup.task.test[level]
     prompts = encode_prompts(setup.tokenizer, problems, setup.prompt_len, "cpu")
@@ -121,7 +121,7 @@ def test_killed_run_resumes_and_metrics_continue(tmp_path):
         proc.wait()
     killed_at = max(r["step"] for r in read_metrics(metrics))
     assert 5 <= killed_at < 14
-    ckpt_step = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"]
+    ckpt_step = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"]
     assert ckpt_step % 3 == 0 and ckpt_step <= killed_at
     done = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr

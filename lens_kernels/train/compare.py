@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 
 from .config import TrainConfig
-from .loop import EARLY_STEPS, Setup, log, read_metrics, train_rl, warmup
+from .loop import EARLY_STEPS, Setup, load_checkpoint, log, read_metrics, train_rl, warmup
 from .stats import paired_bootstrap
 
 # method name -> (estimator, lens_groups)
@@ -44,13 +44,13 @@ def _cached_warmup(setup: Setup, path: str, config: TrainConfig) -> Dict:
     --compare with and without --ablations share it), else trained and saved there."""
     key = {k: getattr(config, k) for k in WARMUP_KEYS}
     if os.path.exists(path):
-        state = torch.load(path, map_location=setup.device, weights_only=False)
+        state = load_checkpoint(path, setup.device)
         if state.get("warmup_options") == key:
             setup.model.load_state_dict(state["model"])
             log(f"warm-up: reused {path}")
             return state["eval"]
     result = warmup(setup, path, False)
-    state = torch.load(path, map_location=setup.device, weights_only=False)
+    state = load_checkpoint(path, setup.device)
     state["warmup_options"] = key
     torch.save(state, path)
     return result

@@ -197,6 +197,9 @@ def read_config_file(path: str) -> dict:
         else:
             raise ValueError(f"--config: {path!r} must end in .toml, .yaml, .yml or .json")
     except ImportError as err:
+        if err.name == "tomllib":
+            raise ValueError(f"--config: reading {path!r} needs Python 3.11 or later (tomllib); on Python 3.10 "
+                             "write the options as a .json (or .yaml) file instead") from err
         raise ValueError(f"--config: reading {ext} files needs {err.name}; use a .json file instead") from err
     except (ValueError, TypeError) as err:  # tomllib, yaml and json errors derive from ValueError
         raise ValueError(f"--config: could not parse {path!r}: {err}") from err
@@ -215,17 +218,19 @@ def read_config_file(path: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-train",
-        description="GRPO vs LENS on a built-in verifiable task, end to end on CPU in minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="GRPO vs LENS on a built-in verifiable task, end to end on CPU in minutes.")
     parser.add_argument("--config", help="TOML, YAML or JSON file of options (flags override it)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", " ")
+        # every flag parses to None when absent (so a config file can set it); the help states the real
+        # default once, here, rather than argparse's "(default: None)"
+        shown = '""' if f.default == "" else f.default
+        help_text = f"{f.metadata.get('help', '')} (default: {shown})".lstrip()
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
     return parser
 
 

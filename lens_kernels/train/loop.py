@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import time
 from typing import Dict, List, Optional
@@ -93,6 +94,22 @@ def read_metrics(path: str) -> List[Dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def load_checkpoint(path: str, map_location) -> Dict:
+    """A file lens-train wrote (warm-up or RL checkpoint), loaded weights-only: tensors, numbers, strings
+    and containers of them. Result folders are shared between runs and people, so a file here is data:
+    anything that would need to run code to load (a pickled object of another type) is refused."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to load: not a lens-train checkpoint, or not saved weights-only (it holds "
+            f"objects other than tensors, numbers, strings and containers of them). Delete or move the "
+            f"file, or point --out at another folder. ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not a lens-train checkpoint (expected a dict with a 'model' entry)")
+    return state
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -123,7 +140,7 @@ def warmup(setup: Setup, path: str, resume: bool) -> Dict:
     whose methods share a seed's warm-up). Returns the held-out evaluation (see ``run_eval``)."""
     config, model = setup.config, setup.model
     if resume and os.path.exists(path):
-        state = torch.load(path, map_location=setup.device, weights_only=False)
+        state = load_checkpoint(path, setup.device)
         model.load_state_dict(state["model"])
         log(f"warm-up: loaded {path}")
         return state["eval"]
@@ -399,7 +416,7 @@ def train_rl(setup: Setup, out_dir: str, warm_eval: Dict) -> Dict:
     resume_step = None
     last_counts = warm_eval.get("counts", {})
     if config.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt_path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], data_rng, sampler)

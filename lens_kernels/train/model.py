@@ -87,9 +87,11 @@ def load_pretrained(path: str, device: torch.device, attn_implementation: str, d
         raise ValueError(f"--model: {path!r} is not a directory (expected a local Hugging Face model directory)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"--model: {path!r} has no config.json (expected a saved Hugging Face causal LM)")
+    # a model directory is data: no code from it runs (trust_remote_code off), and transformers reads
+    # safetensors, or a pytorch_model.bin weights-only
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, trust_remote_code=False,
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
         raise ValueError(f"--model: could not load a causal LM and tokenizer from {path!r}: {err}") from err
