@@ -219,8 +219,10 @@ def test_lens_graded_rewards_use_the_threshold_before_length_penalties(patched):
     for e in experiences:
         e.rewards = e.rewards * 2 - 1  # DAPO-style +-1
         e.kl = torch.zeros_like(e.kl)
-    with pytest.raises(ValueError, match="lens_correct_threshold"):
+    with pytest.raises(ValueError, match="^LENS needs to know which samples are correct: set "
+                                         "--algo.advantage.lens_correct_threshold") as info:
         compute(maker.compute_advantages_and_returns, "lens", make_experiences(22, binary=False))
+    assert "correct=" not in str(info.value).replace("lens_correct_", "")
     rewards, old_logps, mask = flat_batch(experiences)
     want, stats = lk.group_advantages(rewards, group_size=N_SAMPLES, estimator="lens", old_logps=old_logps, mask=mask,
                                       correct=rewards >= 1.0, eps=lk.TRAINER_EPS["openrlhf"], lens_alpha=0.25)

@@ -6,7 +6,10 @@ dir, no dashboard) in its own process group, with an environment that does NOT c
 user's shell set anything. Workers start with this checkout (and tests/) on their path.
 
 Teardown stops that cluster by its process group, not by ``ray stop`` (which stops every Ray cluster
-of the user on the machine). Every wait has a timeout.
+of the user on the machine). Every wait has a timeout. The cluster and this test's driver run with
+``RAY_AUTH_MODE=disabled``: with Ray's token authentication (Ray 2.60), a driver connecting by address
+to a ``ray start --temp-dir`` cluster otherwise gets ``InvalidAuthToken`` when ``~/.ray/auth_token``
+exists (someone else's Ray on the machine made it).
 """
 import os
 import pathlib
@@ -46,7 +49,10 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="lkray")  # short: Ray's socket paths must stay under 107 bytes
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "RAY_ADDRESS")}
+    saved_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this driver; the cluster gets it through env
     env.update(VERL_USE_EXTERNAL_PLUGINS="none", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+               RAY_AUTH_MODE="disabled",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]))
     log = open(os.path.join(temp, "ray-start.log"), "w")
     proc = subprocess.Popen([ray_cli(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -82,6 +88,10 @@ def cluster():
             pass
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+        if saved_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_auth
 
 
 def connect(address, runtime_env):

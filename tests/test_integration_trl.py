@@ -464,14 +464,9 @@ def graded_rewards():
 
 @pytest.mark.slow
 def test_graded_rewards_need_a_verifier_and_use_it(tmp_path):
-    """Two reward functions with weights and non-binary values: without saying what is correct, step 1
-    fails naming the options; with lens_correct_reward_func the advantages are group_advantages(total
+    """Two reward functions with weights and non-binary values: with lens_correct_reward_func the advantages are group_advantages(total
     weighted reward, correct=accuracy >= 1), on both paths, and the completions log shows them."""
-    trainer = make_trainer(tmp_path, [accuracy, format_reward], per_device_train_batch_size=12,
-                           reward_weights=[1.0, 0.5])
     rewards = graded_rewards()
-    with pytest.raises(ValueError, match="lens_correct_reward_func"):
-        generated_batch(trainer, rewards, False)
     with pytest.raises(ValueError, match="is not one of the reward functions"):
         make_trainer(tmp_path, [accuracy, format_reward], lens_correct_reward_func="acc")
     trainer = make_trainer(tmp_path, [accuracy, format_reward], per_device_train_batch_size=12,
@@ -550,3 +545,110 @@ def test_example_trl_runs(tmp_path):
     trainer = load_example().main(output_dir=str(tmp_path), max_steps=1)
     assert trainer.state.global_step == 1
     assert any("lens/frac_negative_groups" in h for h in trainer.state.log_history)
+
+
+# ----- what a user of the real trainer sees: refusals, warnings, logs -----------------------------
+@pytest.mark.slow
+def test_several_rewards_or_a_weight_refuse_to_build_without_saying_what_is_correct(tmp_path):
+    """The summed reward must not silently decide correctness: two reward functions, or one with a
+    weight other than 1, and no lens_correct_* option is refused when the trainer is built, with the
+    option to set; naming the verifier or a threshold builds."""
+    for funcs, extra, said in (([accuracy, format_reward], {}, "2 reward functions"),
+                               ([accuracy], {"reward_weights": [2.0]}, "reward weight 2")):
+        with pytest.raises(ValueError, match="lens_correct_reward_func='accuracy'") as info:
+            make_trainer(tmp_path, funcs, **extra)
+        assert said in str(info.value) and "lens_correct_threshold" in str(info.value)
+    make_trainer(tmp_path, [accuracy, format_reward], lens_correct_reward_func="accuracy")
+    make_trainer(tmp_path, [accuracy], reward_weights=[2.0], lens_correct_threshold=2.0)
+    make_trainer(tmp_path, [accuracy, format_reward], advantage_estimator="grpo")  # TRL's own estimator: no check
+
+
+def half_credit(completions, **kwargs):
+    return [0.5] * len(completions)
+
+
+@pytest.mark.slow
+def test_binary_reward_error_leads_with_the_trainer_option(tmp_path):
+    """A graded reward with no lens_correct_* option: the first step fails, and the message starts with
+    the LensGRPOConfig options (the core API's correct= is not something a trainer user passes)."""
+    trainer = make_trainer(tmp_path, half_credit, max_steps=1)
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("LENS needs to know which completions are correct: set LensGRPOConfig("
+                              "lens_correct_reward_func=")
+    assert "rewards[0] = 0.5" in message and "correct=" not in message.replace("lens_correct_", "")
+
+
+def lens_warnings(record):
+    return [str(w.message) for w in record if "two-stage path" in str(w.message)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options,named,cost", (
+    (dict(steps_per_generation=2, gradient_accumulation_steps=1), "steps_per_generation=2", "TRL's own"),
+    (dict(num_iterations=2), "num_iterations=2", "TRL's own"),
+    (dict(scale_rewards="batch"), "scale_rewards='batch'", "one extra no-grad forward")))
+def test_two_stage_fallback_warns_once_and_logs_group_stats_every_step(tmp_path, options, named, cost):
+    """Each setting that leaves the one-call step warns once, naming the option and the cost; every
+    logged step (also those that train on a buffered generation) has the lens/ group statistics."""
+    trainer = make_trainer(tmp_path, groups_of_mixed_kinds, max_steps=4, **options)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    found = lens_warnings(record)
+    assert len(found) == 1 and named in found[0] and cost in found[0], found
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(rows) == 4 and all(h["lens/fused_step"] == 0.0 for h in rows)
+    for name in ("frac_negative_groups", "frac_mixed_groups", "mean_abs_adv_negative", "mean_confidence_negative"):
+        assert all(f"lens/{name}" in h for h in rows), name
+    assert all(0.0 < h["lens/mean_confidence_negative"] < 1.0 for h in rows if h["lens/frac_negative_groups"] > 0)
+
+
+@pytest.mark.slow
+def test_one_call_step_does_not_warn(tmp_path):
+    trainer = make_trainer(tmp_path, groups_of_mixed_kinds, max_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert lens_warnings(record) == [] and fused_step_log(trainer) == [1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused_step", (False, True))
+def test_completions_table_shows_the_lens_signal(tmp_path, fused_step):
+    """TRL prints advantages to 2 decimals (the ~1e-3 LENS advantages of an all-wrong group read 0.00):
+    the table's lens_advantage column has 3 significant digits, lens_confidence each completion's
+    confidence, and lens/mean_confidence_negative the all-wrong groups' mean confidence."""
+    trainer = make_trainer(tmp_path, always_wrong, per_device_train_batch_size=12)
+    trainer.current_gradient_accumulation_steps = 1
+    rewards = torch.tensor([0., 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0]).unsqueeze(1)
+    batch = generated_batch(trainer, rewards, fused_step)
+    if fused_step:
+        trainer._compute_loss(trainer.model, batch)
+    old = trainer._old_logps_for_lens(batch, "train")
+    want, stats = lk.group_advantages(rewards[:, 0], group_size=4, estimator="lens", old_logps=old,
+                                      mask=batch["completion_mask"], eps=1e-4, nan_rewards="zero_advantage")
+    assert 0 < want[:4].abs().max() < 0.02  # 0.00 or 0.01 at TRL's 2 decimals
+    extra = trainer._logs["extra"]
+    assert list(extra["lens_advantage"]) == [f"{a:.3g}" for a in want.tolist()]
+    assert all(float(v) != 0.0 for v in list(extra["lens_advantage"])[:4])
+    confidence = [float(v) for v in extra["lens_confidence"]]
+    assert confidence == pytest.approx(stats["confidence"].tolist(), abs=1e-4)
+    if not fused_step:  # logged with the loss of every micro-batch
+        trainer._compute_loss(trainer.model, batch)
+    logged = trainer._metrics["train"]
+    assert logged["lens/mean_confidence_negative"][-1] == pytest.approx(sum(confidence[:4]) / 4, abs=1e-4)
+    assert logged["lens/mean_abs_adv_negative"][-1] == pytest.approx(float(want[:4].abs().mean()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_completions_table_is_written_with_the_lens_columns(tmp_path):
+    """log_completions=True on the real trainer: TRL's table (its parquet file) carries the columns."""
+    import pandas
+
+    trainer = make_trainer(tmp_path, groups_of_mixed_kinds, max_steps=1, log_completions=True)
+    trainer.train()
+    table = pandas.read_parquet(next((tmp_path / "completions").glob("*.parquet")))
+    assert {"lens_advantage", "lens_confidence", "advantage"} <= set(table.columns)
+    assert [f"{a:.3g}" for a in table["advantage"]] == list(table["lens_advantage"])

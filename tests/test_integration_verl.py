@@ -269,8 +269,10 @@ def test_graded_rewards_and_kl_in_reward_need_a_threshold():
     index, mask, correct, scores, rewards, old = lens_batch(8, graded=True)
     fn = core_algos.get_adv_estimator_fn("lens")
     kw = dict(token_level_rewards=rewards, response_mask=mask, index=index, old_log_probs=old)
-    with pytest.raises(ValueError, match="lens_correct_threshold"):
+    with pytest.raises(ValueError, match=r"^LENS needs to know which responses are correct: set "
+                                         r"\+algorithm.lens_correct_threshold") as info:
         fn(config=OmegaConf.create({}), **kw)
+    assert "correct=" not in str(info.value).replace("lens_correct_", "")
     got, _ = fn(config=OmegaConf.create({"lens_correct_threshold": 1.0}), token_level_scores=scores, **kw)
     want, stats = lk.group_advantages(rewards.sum(-1), group_ids=lk_verl._group_ids(index, rewards.device),
                                       estimator="lens", old_logps=old, mask=mask, eps=1e-6, correct=correct)

@@ -139,9 +139,11 @@ def group_normalized_rewards(experiences, rewards, indices, args, correct=None):
     except ValueError as exc:
         if "binary" not in str(exc):
             raise
-        raise ValueError(f"{exc}. With graded rewards or length penalties, say what is correct: "
-                         "--algo.advantage.lens_correct_threshold <reward of a correct answer> (read on the "
-                         "reward before OpenRLHF's length penalties)") from exc
+        detail = str(exc).split("; pass correct=")[0]  # correct= is the core API's, not an OpenRLHF option
+        raise ValueError("LENS needs to know which samples are correct: set --algo.advantage.lens_correct_threshold "
+                         "<reward of a correct answer> (read on the reward before OpenRLHF's length penalties). "
+                         "Without it the rewards must be 0 or 1 (graded rewards and length penalties are not) "
+                         f"({detail})") from exc
 
 
 _warned = set()

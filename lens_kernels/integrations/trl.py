@@ -206,6 +206,18 @@ def fused_step_blocker(trainer, output, mode, prompts=None) -> Optional[str]:
     return None
 
 
+def negative_group_mean(values, rewards, correct, group_ids):
+    """Mean of ``values`` [N] over the scored completions of all-wrong groups (0-d; 0 when there is
+    none). ``correct`` None: the binary reward says it. Pairwise group test: no host read."""
+    valid = ~torch.isnan(rewards)
+    right = (rewards == 1) if correct is None else correct.bool()
+    right = right & valid
+    same = group_ids.reshape(-1, 1) == group_ids.reshape(1, -1)
+    in_negative = valid & ~(same & right.reshape(1, -1)).any(dim=1)
+    weight = in_negative.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def _trl_grpo_module():
     return sys.modules[GRPOTrainer.__module__]
 
@@ -270,13 +282,15 @@ def loss_config_for(trainer) -> LossConfig:
 
 
 def _explain_binary(exc):
-    """group_advantages' "rewards must be binary" error, with the TRL options that fix it."""
+    """group_advantages' "rewards must be binary" error, led by the TRL options that fix it (the core
+    API's own remedy, ``correct=``, is not something a trainer user passes)."""
     if "binary" in str(exc):
+        detail = str(exc).split("; pass correct=")[0]
         return ValueError(
-            f"{exc}. With graded rewards (several reward functions, weights, partial credit, +-1, length "
-            "penalties), tell LENS which completions are correct: LensGRPOConfig(lens_correct_reward_func="
+            "LENS needs to know which completions are correct: set LensGRPOConfig(lens_correct_reward_func="
             "<name of the verifier reward function>, lens_correct_threshold=<its value for a correct answer>), "
-            "or lens_correct_threshold alone for a threshold on the total weighted reward")
+            "or lens_correct_threshold alone for a threshold on the total weighted reward. Without either "
+            f"option the total reward must be 0 or 1 ({detail})")
     return exc
 
 
@@ -301,6 +315,30 @@ class LensGRPOTrainer(GRPOTrainer):
         self._lens_log_appended = 0  # entries TRL appended to self._logs["advantages"] so far
         self._lens_log_start = None  # absolute position of the current generation batch in that log
         self._lens_correct_index = self._resolve_correct_func()
+        self._check_correctness_is_named()
+        self._lens_warned_keys = set()
+        self._lens_step_stats = {}  # mode -> the two-stage path's group statistics of the current generation
+
+    def _check_correctness_is_named(self):
+        """Refuse, when the trainer is built, a LENS run whose notion of "correct" would silently be the
+        summed reward: with several reward functions (a format reward alone can make the total 1) or a
+        weight other than 1, the user must name the verifier or the threshold."""
+        args = self.args
+        if getattr(args, "advantage_estimator", "grpo") != "lens" or args.lens_correct_reward_func is not None \
+                or args.lens_correct_threshold is not None:
+            return
+        names = list(self.reward_func_names)
+        weights = [float(w) for w in self.reward_weights.tolist()]
+        if len(names) == 1 and weights == [1.0]:
+            return
+        why = (f"{len(names)} reward functions {names}" if len(names) > 1
+               else f"reward weight {weights[0]:g} on {names[0]!r}")
+        raise ValueError(
+            f"advantage_estimator='lens' with {why} needs to know which completions are correct; otherwise the "
+            "total weighted reward would decide it (a format reward alone could make an answer correct). Set "
+            f"LensGRPOConfig(lens_correct_reward_func={names[0]!r}, lens_correct_threshold=1.0) with the name of "
+            "the reward function that verifies the answer and its value for a correct answer, or "
+            "lens_correct_threshold=<total weighted reward of a correct answer> to decide on the total")
 
     def _resolve_correct_func(self) -> Optional[int]:
         """The index of ``lens_correct_reward_func`` among the reward functions, checked at start."""
@@ -371,7 +409,9 @@ class LensGRPOTrainer(GRPOTrainer):
         self._lens_log_appended += rewards.numel()
         self._lens_log_start = self._lens_log_appended - rewards.numel()
         prompts = [x.get("prompt") if isinstance(x, dict) else x for x in inputs]
-        if fused_step_blocker(self, output, mode, prompts) is None:
+        self._extend_completion_columns(rewards.numel())
+        blocker = fused_step_blocker(self, output, mode, prompts)
+        if blocker is None:
             # this process's rows are whole groups in TRL's order (checked above): the loss op computes
             # their advantages, one micro-batch of whole groups at a time
             output["lens_rewards"] = rewards[start:start + local]
@@ -381,7 +421,10 @@ class LensGRPOTrainer(GRPOTrainer):
                 output["lens_correct"] = correct[start:start + local]
             # the loss op computes the advantages; NaN makes any other reader of this key fail loudly
             output["advantages"] = torch.full_like(output["advantages"], torch.nan)
+            self._lens_step_stats.pop(mode, None)
             return output
+        if estimator == "lens":
+            self._warn_two_stage(blocker, extra_forward="old_per_token_logps" not in output)
         kwargs = dict(group_size=group_size, eps=TRL_EPS, nan_rewards="zero_advantage", correct=correct)
         with _binary_hint():
             if estimator == "lens":
@@ -399,33 +442,91 @@ class LensGRPOTrainer(GRPOTrainer):
             else:
                 advantages, stats = group_advantages(rewards, estimator="dr_grpo", **kwargs)
         output["advantages"] = advantages[start:start + local].to(output["advantages"].dtype)
-        self._log_trained_advantages(torch.arange(advantages.numel(), device=advantages.device), advantages)
-        self._log_lens_stats(mode, stats)
+        rows = torch.arange(advantages.numel(), device=advantages.device)
+        self._log_trained_advantages(rows, advantages, stats.get("confidence"))
+        # logged by every loss call of this generation batch (also the steps that do not generate)
+        self._lens_step_stats[mode] = self._lens_stat_values(stats, rewards, correct, rows // group_size)
         return output
 
-    def _log_trained_advantages(self, rows, advantages):
+    def _warn_two_stage(self, reason, extra_forward):
+        """One warning per reason when LENS cannot take the one-call step: the option and the cost."""
+        if reason == "lens_fused_step=False" or reason in self._lens_warned_keys:
+            return
+        self._lens_warned_keys.add(reason)
+        args = self.args
+        if reason.startswith("off-policy"):
+            reason = (f"the samples are off-policy (steps_per_generation={args.steps_per_generation}, "
+                      f"num_iterations={self.num_iterations}, gradient_accumulation_steps="
+                      f"{args.gradient_accumulation_steps}: the accumulation is not a multiple of "
+                      "steps_per_generation * num_iterations, or vLLM importance sampling is on), so TRL runs its "
+                      "old-log-prob pass")
+        cost = ("one extra no-grad forward over the generation batch per generation (the old log-probs LENS "
+                "needs; about a third of a forward+backward)" if extra_forward else
+                "TRL's own old-log-prob forward over the generation batch per generation, and the advantages are "
+                "computed from those log-probs")
+        warnings.warn(f"lens_kernels: LENS takes the two-stage path, not the one-call step, because {reason}. "
+                      f"Cost: {cost}. lens/fused_step logs 0.0.", stacklevel=3)
+
+    def _extend_completion_columns(self, count):
+        """Two columns of TRL's completions table (``self._logs["extra"]``) kept in step with its
+        advantage column: ``lens_advantage`` (3 significant digits: TRL prints advantages to 2
+        decimals, so the ~1e-3 LENS advantages of an all-wrong group would read 0.00) and
+        ``lens_confidence`` (the completion's mean token probability)."""
+        extra = self._logs.get("extra") if isinstance(getattr(self, "_logs", None), dict) else None
+        if extra is None:
+            return
+        for column in ("lens_advantage", "lens_confidence"):
+            extra[column].extend([""] * count)
+
+    def _lens_stat_values(self, stats, rewards, correct, group_ids):
+        """The ``lens/`` statistics as host floats (one transfer), with the negative groups' mean
+        confidence, which shows (with ``mean_abs_adv_negative``) that LENS acts on all-wrong groups."""
+        values = {name: stats[name] for name in LENS_STAT_NAMES if name in stats}
+        if "confidence" in stats:
+            values["mean_confidence_negative"] = negative_group_mean(stats["confidence"], rewards, correct, group_ids)
+        if not values:
+            return {}
+        return dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()]).tolist()))
+
+    def _log_trained_advantages(self, rows, advantages, confidence=None):
         """Write the advantages actually trained into TRL's completions log (``self._logs["advantages"]``,
-        which TRL filled with its own GRPO advantages): ``rows`` are positions in the gathered
-        generation batch. The log is a bounded deque, so positions are kept as absolute counts."""
+        which TRL filled with its own GRPO advantages) and the ``lens_advantage`` / ``lens_confidence``
+        columns: ``rows`` are positions in the gathered generation batch. The logs are bounded deques
+        that end at the same newest entry, so positions are kept as absolute counts."""
         log = self._logs.get("advantages") if isinstance(getattr(self, "_logs", None), dict) else None
         if log is None or self._lens_log_start is None:
             return
+        extra = self._logs.get("extra", {})
+        columns = [(extra.get("lens_advantage"), advantages, "{:.3g}"),
+                   (extra.get("lens_confidence"), confidence, "{:.4f}")]
         first = self._lens_log_appended - len(log)  # absolute position of log[0]
-        for row, value in zip(rows.tolist(), advantages.float().tolist()):
+        rows = rows.tolist()
+        for row, value in zip(rows, advantages.float().tolist()):
             position = self._lens_log_start + row - first
             if 0 <= position < len(log):
                 log[position] = value
+        for column, values, form in columns:
+            if column is None or values is None:
+                continue
+            shift = len(log) - len(column)
+            for row, value in zip(rows, values.float().tolist()):
+                position = self._lens_log_start + row - first - shift
+                if 0 <= position < len(column):
+                    column[position] = form.format(value)
 
-    def _log_lens_stats(self, mode, stats, reduce=False):
-        """The group statistics under ``lens/``, read back in one transfer (``reduce``: averaged over
-        processes, for statistics of this process's micro-batch)."""
-        names = [name for name in LENS_STAT_NAMES if name in stats]
-        if not names:
+    def _log_lens_stats(self, mode, stats, inputs):
+        """The one-call step's group statistics of this process's micro-batch under ``lens/``, averaged
+        over processes and read back in one transfer."""
+        values = {name: stats[name] for name in LENS_STAT_NAMES if name in stats}
+        if "confidence" in stats:
+            values["mean_confidence_negative"] = negative_group_mean(
+                stats["confidence"], inputs["lens_rewards"], inputs.get("lens_correct"), inputs["lens_group_ids"])
+        if not values:
             return
-        values = torch.stack([stats[name].float().reshape(()) for name in names])
-        if reduce and self.accelerator.num_processes > 1:
-            values = self.accelerator.gather(values.unsqueeze(0)).mean(0)
-        for name, value in zip(names, values.tolist()):
+        stacked = torch.stack([v.float().reshape(()) for v in values.values()])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.gather(stacked.unsqueeze(0)).mean(0)
+        for name, value in zip(values, stacked.tolist()):
             self._metrics[mode][f"lens/{name}"].append(value)
 
     def _old_logps_for_lens(self, output, mode):
@@ -443,6 +544,9 @@ class LensGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         fused_step = "lens_rewards" in inputs  # decided per generation batch by fused_step_blocker
         self._metrics[mode]["lens/fused_step"].append(1.0 if fused_step else 0.0)
+        if not fused_step:  # the statistics of the generation batch this micro-batch comes from
+            for name, value in getattr(self, "_lens_step_stats", {}).get(mode, {}).items():
+                self._metrics[mode][f"lens/{name}"].append(value)
         reason = unsupported_reason(self)
         if reason is None and getattr(self.args, "fused_loss_head", None) is not None:
             reason = fused_head_reason(self)
@@ -534,13 +638,15 @@ class LensGRPOTrainer(GRPOTrainer):
     def _after_fused_step(self, mode, inputs, advantages, stats):
         """Log what the one-call step trained: its group statistics and, in the completions log, the
         advantages of this micro-batch's rows."""
-        self._log_lens_stats(mode, stats, reduce=True)
+        self._log_lens_stats(mode, stats, inputs)
         rows = inputs.get("lens_rows")
         if rows is not None:
             advantages = advantages.detach()
+            confidence = stats.get("confidence")
+            confidence = advantages.new_full(advantages.shape, torch.nan) if confidence is None else confidence.detach()
             if self.accelerator.num_processes > 1:
-                rows, advantages = self.accelerator.gather(rows), self.accelerator.gather(advantages)
-            self._log_trained_advantages(rows, advantages)
+                rows, advantages, confidence = (self.accelerator.gather(t) for t in (rows, advantages, confidence))
+            self._log_trained_advantages(rows, advantages, confidence)
 
     def _lens_step_kwargs(self, inputs, mode, whole=True):
         """The advantage options of the one-call LENS step: those the two-stage path gives

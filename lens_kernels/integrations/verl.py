@@ -153,10 +153,11 @@ def compute_lens_outcome_advantage(
     except ValueError as exc:
         if "binary" not in str(exc):
             raise
+        detail = str(exc).split("; pass correct=")[0]  # correct= is the core API's, not a verl option
         raise ValueError(
-            f"{exc}. With graded rewards or algorithm.use_kl_in_reward=True, say what is correct: "
-            "+algorithm.lens_correct_threshold=<score of a correct answer> (read on the score before the KL "
-            "penalty)") from exc
+            "LENS needs to know which responses are correct: set +algorithm.lens_correct_threshold=<score of a "
+            "correct answer> (read on the score before the KL penalty). Without it the rewards must be 0 or 1 "
+            f"(graded rewards and algorithm.use_kl_in_reward=True are not) ({detail})") from exc
     advantages = advantages.unsqueeze(-1) * response_mask
     return advantages, advantages
 
