@@ -306,6 +306,9 @@ def group_advantages(rewards, *, group_size=None, group_ids=None, estimator="grp
 
     adv_mod._validate(rewards, group_size, group_ids, estimator, old_logps, mask, correct, scale, eps, lens_alpha,
                       lens_d_estimate, lens_groups, nan_rewards)
+    if estimator not in _ESTIMATOR_CODES:
+        raise ValueError(f"estimator={estimator!r} has no CUDA kernel (this kernel computes "
+                         f"{sorted(_ESTIMATOR_CODES)}); use lens_kernels.group_advantages, which runs it on any device")
     if rewards.dtype == torch.float64:
         with torch.no_grad():
             return adv_mod._group_advantages(rewards, group_size, group_ids, estimator, old_logps, mask, correct,
