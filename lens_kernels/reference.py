@@ -150,6 +150,8 @@ def group_advantages(
     - dr_grpo:  A_i = r_i - mean_g r
     - rloo:     A_i = r_i - (sum_g r - r_i) / (n_g - 1)
     - scale "batch": the divisor is the std of all rewards instead of the group's; "none": no divisor.
+      A divisor (std + eps) of 0 (eps = 0 and equal values) gives A_i = 0, and a group whose values
+      are all equal is centered to exactly 0.
     - lens:
         pbar_i = exp(s_i^old)                      (confidence, s the masked mean old log-prob)
         q_i    = pbar_i, or exp(sum_t m l_old) with lens_d_estimate="sequence"
@@ -161,12 +163,25 @@ def group_advantages(
         all-correct: A_i = 0
       with c_i = the correct mask, or r_i for binary rewards. ``lens_groups`` = "negative" keeps
       GRPO on mixed groups; "mixed" gives negative groups 0 (the paper's ablations).
+      The penalty pbar_i / (D - pbar_i) is computed as t_i / (R - t_i) with t_i = exp(s_i - s_max)
+      and R = D / max_j pbar_j (= 2, or in a mixed group max(G / sum_j c_j exp(s_max - log q_j), 2)):
+      the same number, exact for any finite mean log-prob. A NaN confidence in a group LENS
+      applies to makes all of that group's advantages NaN.
+    - neg_uniform (LENS with one penalty for every wrong answer, the largest LENS gives):
+        rt_i = r_i - (1 - c_i) / G
+        mixed:    A_i = (rt_i - mean rt) / (std rt + eps)      (the chosen scale; for binary
+                  rewards an affine map of r, so GRPO's advantages up to the eps)
+        negative: A_i = alpha (r_i - mean_g r) - alpha / G     (binary rewards: -alpha / G each;
+                  the penalty is not de-meaned, which would cancel it)
+        all-correct: A_i = 0
+    - nsr (negative-sample reinforcement): A_i = -(1 - c_i): -1 for every wrong answer, 0 for
+      every right one, in every group; no baseline, no scale.
     NaN rewards with nan_rewards="zero_advantage" are left out of every group statistic and get 0.
     """
     r_all = [float(v) for v in _f64(rewards).tolist()]
     n = len(r_all)
     if scale is None:
-        scale = "group" if estimator in ("grpo", "lens") else "none"
+        scale = "group" if estimator in ("grpo", "lens", "neg_uniform") else "none"
     c_all = [float(v) for v in _f64(correct).tolist()] if correct is not None else list(r_all)
     valid = [not math.isnan(v) for v in r_all]
     if nan_rewards == "raise" and not all(valid):
@@ -175,12 +190,12 @@ def group_advantages(
     if estimator == "lens":
         s_mean = sequence_mean(old_logps, mask).tolist()
         s_sum = sequence_sum(old_logps, mask).tolist()
-        pbar = [math.exp(v) for v in s_mean]
         log_q = s_mean if lens_d_estimate == "mean" else s_sum
 
     groups = group_members(n, group_size, group_ids)
-    values = list(r_all)  # the values centered per group: rewards, or LENS-calibrated rewards
+    values = list(r_all)  # the values centered per group: rewards, or calibrated rewards
     kinds = {}
+    undefined = set()  # groups whose LENS advantages read a NaN confidence
     for members in groups:
         members = [i for i in members if valid[i]]
         if not members:
@@ -189,19 +204,32 @@ def group_advantages(
         k = sum(c_all[i] for i in members)
         kind = "negative" if k == 0 else ("correct" if k == G else "mixed")
         kinds[tuple(members)] = kind
-        if estimator != "lens" or kind == "correct":
+        if kind == "correct":
+            continue
+        if estimator == "neg_uniform":
+            for i in members:
+                values[i] = r_all[i] - (1.0 - c_all[i]) / G
+            continue
+        if estimator != "lens":
             continue
         if (lens_groups == "negative" and kind == "mixed") or (lens_groups == "mixed" and kind == "negative"):
             continue
-        max_p = max(pbar[i] for i in members)
-        D = 2.0 * max_p
+        if any(math.isnan(s_mean[i]) for i in members):
+            undefined.add(tuple(members))
+            continue
+        s_max = max(s_mean[i] for i in members)
+
+        def relative_confidence(i):  # pbar_i / max_j pbar_j
+            return 0.0 if s_max == -math.inf else math.exp(s_mean[i] - s_max)
+
+        R = 2.0  # D / max_j pbar_j
         if kind == "mixed":
-            inv = sum(math.exp(min(-log_q[i], 709.0)) if c_all[i] > 0 else 0.0 for i in members)
-            D_imp = G / inv if inv > 0 else math.inf
-            D = max(D_imp, D)
+            inv = sum(math.exp(min(s_max - log_q[i], 709.0)) if c_all[i] > 0 and s_max > -math.inf else 0.0
+                      for i in members)
+            R = max(G / inv if inv > 0 else math.inf, 2.0)
         for i in members:
-            denom = D - pbar[i]
-            penalty = pbar[i] / denom if denom > 0 else 0.0
+            t = relative_confidence(i)
+            penalty = t / (R - t)
             values[i] = r_all[i] - (1.0 - c_all[i]) * penalty / G
 
     batch_values = [values[i] for i in range(n) if valid[i]]
@@ -211,29 +239,48 @@ def group_advantages(
         vals = [values[i] for i in members]
         G = len(members)
         mean = sum(vals) / G
+        flat = max(vals) == min(vals)
+
+        def centered(i):
+            return 0.0 if flat else values[i] - mean
+
         for i in members:
-            if estimator == "lens":
+            if members in undefined:
+                a = math.nan
+            elif estimator == "lens":
                 if kind == "correct" or (lens_groups == "mixed" and kind == "negative"):
                     a = 0.0
                 elif kind == "negative":
-                    a = lens_alpha * (values[i] - mean)
+                    a = lens_alpha * centered(i)
                 else:
-                    a = _scaled(values[i] - mean, vals, scale, batch_std, eps, std_unbiased)
+                    a = _scaled(centered(i), vals, scale, batch_std, eps, std_unbiased)
+            elif estimator == "neg_uniform":
+                if kind == "correct":
+                    a = 0.0
+                elif kind == "negative":
+                    a = lens_alpha * centered(i) - lens_alpha / G
+                else:
+                    a = _scaled(centered(i), vals, scale, batch_std, eps, std_unbiased)
+            elif estimator == "nsr":
+                a = -(1.0 - c_all[i])
             elif estimator == "rloo":
-                a = values[i] - (sum(vals) - values[i]) / (G - 1) if G > 1 else 0.0
+                a = values[i] - (sum(vals) - values[i]) / (G - 1) if G > 1 and not flat else 0.0
                 a = _scaled(a, vals, scale, batch_std, eps, std_unbiased)
             else:  # grpo, dr_grpo
-                a = _scaled(values[i] - mean, vals, scale, batch_std, eps, std_unbiased)
+                a = _scaled(centered(i), vals, scale, batch_std, eps, std_unbiased)
             adv[i] = a
     return torch.tensor(adv, dtype=F64)
 
 
 def _scaled(a, group_values, scale, batch_std, eps, unbiased):
+    """a / (std + eps) for the chosen scale; 0 when that divisor is 0 (then a is 0 as well)."""
     if scale == "group":
-        return a / (_std(group_values, unbiased) + eps)
-    if scale == "batch":
-        return a / (batch_std + eps)
-    return a
+        divisor = (0.0 if max(group_values) == min(group_values) else _std(group_values, unbiased)) + eps
+    elif scale == "batch":
+        divisor = batch_std + eps
+    else:
+        return a
+    return a / divisor if divisor > 0 else 0.0
 
 
 # -------------------------------------------------------------------------------------------------

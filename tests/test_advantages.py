@@ -83,7 +83,8 @@ def test_lens_sequence_d_estimate_uses_raw_sequence_probability():
 
 # ---------------------------------------------------------------- against the reference
 ESTIMATOR_CASES = [("grpo", "all"), ("dr_grpo", "all"), ("rloo", "all"),
-                   ("lens", "all"), ("lens", "negative"), ("lens", "mixed")]
+                   ("lens", "all"), ("lens", "negative"), ("lens", "mixed"),
+                   ("neg_uniform", "all"), ("nsr", "all")]
 
 
 @pytest.mark.parametrize("estimator,lens_groups", ESTIMATOR_CASES)
@@ -99,6 +100,10 @@ def test_matches_reference(estimator, scale, lens_groups, dtype):
     mask = torch.rand(N, T, generator=g) < 0.8
     mask[3] = False  # a completion with no tokens: pbar = 1
     kw = dict(estimator=estimator, old_logps=old.to(dtype), mask=mask, scale=scale, lens_groups=lens_groups)
+    if estimator == "nsr" and scale in ("group", "batch"):
+        with pytest.raises(ValueError, match="scale"):
+            lk.group_advantages(rewards, group_size=G, **kw)
+        return
     adv, _ = lk.group_advantages(rewards, group_size=G, **kw)
     expected = ref.group_advantages(rewards, group_size=G, **kw)
     assert adv.dtype == dtype
@@ -284,3 +289,199 @@ def test_property_ablations_change_only_their_group_kind(g1, g2):
     torch.testing.assert_close(neg_only[G:], grpo[G:])  # mixed group: untouched GRPO
     torch.testing.assert_close(mixed_only[:G], grpo[:G])  # negative group: GRPO's zeros
     torch.testing.assert_close(mixed_only[G:], lens[G:])
+
+
+# ---------------------------------------------------------------- uniform penalty and negative-sample reinforcement
+def test_neg_uniform_and_nsr_by_hand():
+    # G = 4: a negative group, a mixed group [1, 0, 0, 0], an all-correct group
+    rewards = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float64)
+    adv, m = lk.group_advantages(rewards, group_size=4, estimator="neg_uniform", lens_alpha=0.5)
+    # negative group: every wrong answer -alpha / G = -0.125, not de-meaned
+    torch.testing.assert_close(adv[:4], torch.full((4,), -0.125, dtype=torch.float64), atol=0, rtol=0)
+    # mixed group: rt = [1, -1/4, -1/4, -1/4] normalized like GRPO (an affine map of r: GRPO up to the eps)
+    rt = torch.tensor([1.0, -0.25, -0.25, -0.25], dtype=torch.float64)
+    torch.testing.assert_close(adv[4:8], (rt - rt.mean()) / (rt.std() + 1e-4), atol=1e-12, rtol=0)
+    grpo, _ = lk.group_advantages(rewards, group_size=4, estimator="grpo")
+    torch.testing.assert_close(adv[4:8], grpo[4:8], atol=1e-3, rtol=0)
+    assert torch.equal(adv[8:], torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(m["mean_abs_adv_negative"], torch.tensor(0.125, dtype=torch.float64))
+    adv, m = lk.group_advantages(rewards, group_size=4, estimator="nsr")
+    torch.testing.assert_close(adv, rewards - 1.0, atol=0, rtol=0)  # -1 for wrong, 0 for right, any group
+    torch.testing.assert_close(m["mean_abs_adv_mixed"], torch.tensor(0.75, dtype=torch.float64))
+
+
+def test_neg_uniform_negative_group_with_graded_rewards():
+    # correct= with partial credit: the rewards are de-meaned, the uniform penalty is kept
+    rewards = torch.tensor([0.3, 0.1, 0.0, 0.2], dtype=torch.float64)
+    correct = torch.zeros(4, dtype=torch.bool)
+    adv, _ = lk.group_advantages(rewards, group_size=4, estimator="neg_uniform", correct=correct)
+    torch.testing.assert_close(adv, 0.25 * (rewards - rewards.mean()) - 0.25 / 4, atol=1e-12, rtol=0)
+    adv_nsr, _ = lk.group_advantages(rewards, group_size=4, estimator="nsr", correct=correct)
+    assert torch.equal(adv_nsr, -torch.ones(4, dtype=torch.float64))
+
+
+def _fresh_batch(seed, G, groups, dtype, nan=False, unordered=False):
+    g = torch.Generator().manual_seed(seed)
+    N, T = G * groups, 7
+    rewards = (torch.rand(N, generator=g) < 0.3).to(dtype)
+    rewards[:G] = 0  # at least one negative group
+    if groups > 2:
+        rewards[G:2 * G] = 1  # and one all-correct group
+    if nan:
+        rewards[torch.randperm(N, generator=g)[:max(1, N // 7)]] = math.nan
+    old = (-torch.rand(N, T, generator=g, dtype=torch.float64) * 4).to(dtype)
+    mask = torch.rand(N, T, generator=g) < 0.85
+    ids = None
+    if unordered:
+        ids = (torch.arange(N) // G * 37 + 5)[torch.randperm(N, generator=g)]
+    return rewards, old, mask, ids
+
+
+@pytest.mark.parametrize("estimator", ["neg_uniform", "nsr", "lens", "grpo", "rloo"])
+@pytest.mark.parametrize("G,groups", [(2, 5), (3, 4), (8, 6), (16, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "unordered_ids", "nan_rewards"])
+def test_estimators_match_reference_on_fresh_inputs(estimator, G, groups, dtype, layout):
+    seed = stable_seed("fresh", estimator, G, groups, str(dtype), layout)
+    rewards, old, mask, ids = _fresh_batch(seed, G, groups, dtype, nan=layout == "nan_rewards",
+                                           unordered=layout == "unordered_ids")
+    kw = dict(estimator=estimator, old_logps=old, mask=mask, lens_alpha=0.7,
+              nan_rewards="zero_advantage" if layout == "nan_rewards" else "raise")
+    where = dict(group_ids=ids) if ids is not None else dict(group_size=G)
+    adv, metrics = lk.group_advantages(rewards, **where, **kw)
+    expected = ref.group_advantages(rewards, **where, **kw)
+    assert adv.dtype == dtype and torch.isfinite(adv).all()
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(adv.double(), expected, atol=tol, rtol=tol)
+    for name, value in metrics.items():
+        assert torch.isfinite(value).all(), name
+
+
+# ---------------------------------------------------------------- edge values: eps = 0, correct=, NaN, tiny confidence
+@pytest.mark.parametrize("estimator", ["grpo", "lens", "rloo", "neg_uniform"])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+@pytest.mark.parametrize("rewards", [[1.0, 1.0, 1.0, 0.0, 1.0, 0.0], [0.0] * 6, [1.0] * 6])
+def test_eps_zero_zero_std_group_gives_zero_not_nan(estimator, scale, rewards):
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    old = -torch.rand(6, 3, generator=torch.Generator().manual_seed(stable_seed("eps0", estimator, scale)))
+    kw = dict(group_size=3, estimator=estimator, old_logps=old, scale=scale, eps=0.0)
+    adv, metrics = lk.group_advantages(rewards, **kw)
+    assert torch.isfinite(adv).all()
+    for name, value in metrics.items():
+        assert torch.isfinite(value).all(), name
+    expected = ref.group_advantages(rewards, **kw)
+    torch.testing.assert_close(adv.double(), expected, atol=1e-6, rtol=1e-6)
+    if estimator in ("grpo", "rloo"):
+        assert torch.equal(adv[:3], torch.zeros(3))  # the all-correct group
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eps_zero_equal_graded_rewards_center_exactly(dtype):
+    # 0.1 three times: the float mean is not exactly 0.1, and its residue over a residue std would be O(1)
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.2, 0.3], dtype=dtype)
+    adv, _ = lk.group_advantages(rewards, group_size=3, eps=0.0)
+    assert torch.equal(adv[:3], torch.zeros(3, dtype=dtype))
+    torch.testing.assert_close(adv.double(), ref.group_advantages(rewards, group_size=3, eps=0.0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0, math.nan])
+@pytest.mark.parametrize("estimator", ["grpo", "lens", "neg_uniform", "nsr"])
+def test_float_correct_must_be_zero_or_one(value, estimator):
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    correct = torch.tensor([1.0, 0.0, value, 0.0])
+    with pytest.raises(ValueError, match=r"correct must hold 0 or 1.*correct\[2\]"):
+        lk.group_advantages(rewards, group_size=2, estimator=estimator, correct=correct,
+                            old_logps=torch.zeros(4, 2))
+    ok = torch.tensor([1.0, 0.0, 1.0, 0.0])  # 0/1 floats are fine, and equal the bool mask
+    a, _ = lk.group_advantages(rewards, group_size=2, estimator=estimator, correct=ok, old_logps=torch.zeros(4, 2))
+    b, _ = lk.group_advantages(rewards, group_size=2, estimator=estimator, correct=ok.bool(),
+                               old_logps=torch.zeros(4, 2))
+    assert torch.equal(a, b)
+
+
+def _nan_old_logps(dtype):
+    g = torch.Generator().manual_seed(stable_seed("nan_old"))
+    old = (-torch.rand(12, 5, generator=g, dtype=torch.float64) * 2).to(dtype)
+    mask = torch.ones(12, 5, dtype=torch.bool)
+    mask[:, 4] = False
+    old[1, 2] = math.nan  # kept: group 0 (negative)
+    old[6, 1] = math.nan  # kept: group 1 (mixed)
+    old[9, 4] = math.nan  # under the mask: never read
+    rewards = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0], dtype=dtype)
+    return rewards, old, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_old_logp_at_kept_token_is_an_error_when_checked(dtype):
+    rewards, old, mask = _nan_old_logps(dtype)
+    with pytest.raises(ValueError, match="old_logps must not be NaN at a kept token.*completion 1"):
+        lk.group_advantages(rewards, group_size=4, estimator="lens", old_logps=old, mask=mask)
+    old[1, 2] = old[6, 1] = -1.0  # NaN only under the mask: fine, and never read
+    adv, _ = lk.group_advantages(rewards, group_size=4, estimator="lens", old_logps=old, mask=mask)
+    assert torch.isfinite(adv).all()
+    torch.testing.assert_close(adv.double(), ref.group_advantages(rewards, group_size=4, estimator="lens",
+                                                                  old_logps=old, mask=mask), atol=1e-6, rtol=0)
+    # grpo never reads old_logps
+    lk.group_advantages(rewards, group_size=4, estimator="grpo", old_logps=_nan_old_logps(dtype)[1], mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lens_groups", ["all", "negative", "mixed"])
+def test_nan_old_logp_unchecked_gives_nan_for_its_group(monkeypatch, dtype, lens_groups):
+    import lens_kernels.advantages as adv_mod
+    monkeypatch.setattr(adv_mod, "value_checks_enabled", lambda t: False)
+    rewards, old, mask = _nan_old_logps(dtype)
+    kw = dict(group_size=4, estimator="lens", old_logps=old, mask=mask, lens_groups=lens_groups)
+    adv, _ = lk.group_advantages(rewards, **kw)
+    expected = ref.group_advantages(rewards, **kw)
+    neg_nan = lens_groups != "mixed"  # the negative group reads its confidences unless LENS skips it
+    mixed_nan = lens_groups != "negative"
+    assert bool(torch.isnan(adv[:4]).all()) == neg_nan and bool(torch.isnan(adv[:4]).any()) == neg_nan
+    assert bool(torch.isnan(adv[4:8]).all()) == mixed_nan and bool(torch.isnan(adv[4:8]).any()) == mixed_nan
+    assert torch.isfinite(adv[8:]).all()  # the third group's NaN sits under the mask
+    torch.testing.assert_close(adv.double(), expected, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_estimate", ["mean", "sequence"])
+@pytest.mark.parametrize("shift", [0.0, -200.0, -5000.0])
+def test_lens_penalty_exact_for_very_low_confidence(dtype, d_estimate, shift):
+    # mean log-probs near -200 underflow exp() in fp32 (and near -750 in fp64): the penalty is
+    # relative to the group's most confident completion, so it does not depend on the shift
+    s = torch.tensor([-0.5, -1.5, -0.25, -3.0, -0.75, -1.0, -2.5, -0.375], dtype=torch.float64) + shift
+    # two equal tokens: their sum and mean are exact in any dtype, so what is tested is the penalty
+    old = s.unsqueeze(1).repeat(1, 2).to(dtype)
+    rewards = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0], dtype=dtype)
+    kw = dict(group_size=4, estimator="lens", lens_d_estimate=d_estimate)
+    adv, _ = lk.group_advantages(rewards, old_logps=old, **kw)
+    expected = ref.group_advantages(rewards, old_logps=old, **kw)
+    if d_estimate == "mean":  # the reference is shift-invariant too
+        unshifted = ref.group_advantages(rewards, old_logps=old.double() - shift, **kw)
+        torch.testing.assert_close(expected, unshifted, atol=1e-12, rtol=0)
+    assert (adv[:4] != 0).all()  # the penalties did not vanish
+    torch.testing.assert_close(adv.double(), expected, atol=2e-6 if dtype == torch.float32 else 1e-12, rtol=0)
+
+
+def test_lens_zero_confidence_everywhere_gives_zero_penalty():
+    # every completion holds a -inf token: pbar = 0 throughout, no penalty (the reference's 0 / D)
+    old = torch.full((8, 2), -math.inf)
+    rewards = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0], dtype=torch.float32)
+    adv, _ = lk.group_advantages(rewards, group_size=4, estimator="lens", old_logps=old)
+    expected = ref.group_advantages(rewards, group_size=4, estimator="lens", old_logps=old)
+    assert torch.equal(adv[:4], torch.zeros(4))
+    torch.testing.assert_close(adv.double(), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_nsr_refuses_a_scale(scale):
+    with pytest.raises(ValueError, match="scale.*nsr"):
+        lk.group_advantages(torch.tensor([1.0, 0.0]), group_size=2, estimator="nsr", scale=scale)
+
+
+@pytest.mark.parametrize("estimator", ["neg_uniform", "nsr"])
+def test_new_estimators_need_binary_rewards_or_correct(estimator):
+    with pytest.raises(ValueError, match=f"binary.*{estimator}"):
+        lk.group_advantages(torch.tensor([1.0, 0.5]), group_size=2, estimator=estimator)
+    adv, _ = lk.group_advantages(torch.tensor([1.0, 0.5]), group_size=2, estimator=estimator,
+                                 correct=torch.tensor([True, False]))
+    assert torch.isfinite(adv).all()

@@ -285,6 +285,8 @@ ADVANTAGE_CASES = {
     "grpo_group_size": dict(estimator="grpo", ids=False),
     "rloo_ids": dict(estimator="rloo", ids=True),
     "dr_grpo_batch_scale": dict(estimator="dr_grpo", ids=True, scale="batch"),
+    "neg_uniform_ids": dict(estimator="neg_uniform", ids=True),
+    "nsr_correct_ids": dict(estimator="nsr", ids=True, correct=True),
 }
 
 
@@ -353,6 +355,30 @@ def scenario_advantages_error_on_one_rank(rank, world):
         raise AssertionError("a non-binary reward on one rank must raise on every rank")
 
 
+def scenario_advantages_value_errors_on_one_rank(rank, world):
+    """A correct= of 0.5, or a NaN old log-prob at a kept token, on one rank: every rank raises the same
+    ValueError (the checks run on the gathered batch), none hangs."""
+    n, T = 4 * world, 3
+    sl = rows_of(rank, world, n)
+    rewards = torch.zeros(n)
+    rewards[1] = 1.0
+    for bad, message in (("correct", "correct must hold 0 or 1"), ("old_logps", "old_logps must not be NaN")):
+        correct = (rewards > 0).float()
+        old = -torch.rand(n, T, generator=torch.Generator().manual_seed(3))
+        if rank == world - 1:
+            if bad == "correct":
+                correct[-1] = 0.5
+            else:
+                old[-1, 1] = float("nan")
+        try:
+            lk.group_advantages(rewards[sl], group_size=4, estimator="lens", old_logps=old[sl], correct=correct[sl],
+                                process_group=dist.group.WORLD)
+        except ValueError as exc:
+            assert message in str(exc), exc
+        else:
+            raise AssertionError(f"a bad {bad} on one rank must raise on every rank")
+
+
 def scenario_vocab_overlap_error(rank, world):
     """Shards that overlap (every rank claims vocab_start 0): every rank raises, none hangs."""
     d = make_batch(8)
@@ -385,6 +411,7 @@ SCENARIOS = {
         "tp_loss_hidden": (scenario_dp_tp, (1, "hidden")),
         **{f"adv_{case}": (scenario_advantages, (case,)) for case in ADVANTAGE_CASES},
         "adv_error_on_one_rank": (scenario_advantages_error_on_one_rank, ()),
+        "adv_value_errors_on_one_rank": (scenario_advantages_value_errors_on_one_rank, ()),
         "vocab_overlap_error": (scenario_vocab_overlap_error, ()),
     },
     4: {

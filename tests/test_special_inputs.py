@@ -710,6 +710,8 @@ def test_no_value_check_reads_a_gpu_tensor_without_the_flag(monkeypatch):
         lens_mod._check_rewards(B, kw["rewards"], None)
         adv_mod._validate(kw["rewards"], G, None, "lens", kw["old_logps"], kw["mask"], None, None, 1e-4, 0.25,
                           "mean", "all", "raise")
+        adv_mod._check_batch(kw["rewards"], G, "nsr", (kw["rewards"] > 0).float(), "raise")
+        adv_mod._check_confidence(kw["old_logps"].sum(-1), kw["rewards"])
     finally:
         for n, f in originals.items():
             monkeypatch.setattr(torch.Tensor, n, f)

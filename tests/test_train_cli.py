@@ -182,6 +182,8 @@ def test_model_path_loads_and_trains(tmp_path, capsys):
     (["--rl-level-weights", "1,1"], "--rl-level-weights needs 5"),
     (["--levels", "1,2", "--rl-level-weights", "0,0,1,1,1"], "not all zero on --levels"),
     (["--lr-warmup-steps", "-1"], "--lr-warmup-steps must be >= 0"),
+    (["--compare", "--methods", "grpo,uniform"], "--methods: unknown method(s) ['uniform']; known: grpo, lens, "
+                                                 "lens_neg, lens_mixed, neg_uniform, nsr"),
 ])
 def test_bad_flags_exit_with_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -221,3 +223,22 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_config(["--config", str(bad)])
         assert message in capsys.readouterr().err
+
+
+def test_compare_runs_the_simpler_negative_group_baselines(tmp_path, capsys):
+    """--methods neg_uniform,nsr: both train from the shared warm-up, give negative groups a signal
+    (GRPO gives them none) and get their own paired rows in the table."""
+    out = str(tmp_path / "cmp")
+    assert main(["--compare", "--smoke", "--seeds", "1", "--methods", "grpo,neg_uniform,nsr", "--no-progress",
+                 "--out", out]) == 0
+    table = open(os.path.join(out, "compare.md")).read()
+    assert "Paired difference uniform negative penalty - GRPO" in table
+    assert "Paired difference NSR (wrong answers only) - GRPO" in table
+    records = {m: [r for r in read_metrics(os.path.join(out, "seed0", m, "metrics.jsonl")) if r["phase"] == "rl"]
+               for m in ("grpo", "neg_uniform", "nsr")}
+    assert all(r["frac_negative_groups"] > 0 for r in records["grpo"])  # the smoke warm-up leaves them
+    assert all(r["mean_abs_adv_negative"] == 0 for r in records["grpo"])
+    # neg_uniform: -alpha / G = -0.25 / 8 for every answer of a negative group; nsr: -1
+    assert all(r["mean_abs_adv_negative"] == pytest.approx(0.25 / 8) for r in records["neg_uniform"])
+    assert all(r["mean_abs_adv_negative"] == pytest.approx(1.0) for r in records["nsr"])
+    assert [r["estimator"] for r in records["nsr"]] == ["nsr"] * len(records["nsr"])

@@ -30,7 +30,8 @@ def _records(rng, warm, steps=6, eval_every=3):
     return records
 
 
-@pytest.mark.parametrize("methods", [("grpo", "lens"), ("grpo", "lens", "lens_neg", "lens_mixed")])
+@pytest.mark.parametrize("methods", [("grpo", "lens"), ("grpo", "lens", "lens_neg", "lens_mixed"),
+                                     ("grpo", "lens", "neg_uniform", "nsr")])
 def test_aggregate_table_and_plot(tmp_path, methods):
     rng = random.Random(0)
     runs = {m: {} for m in methods}

@@ -79,3 +79,21 @@ def test_mixed_groups_raise_the_right_answers(estimator):
     for g in range(2):
         group = slice(g * G, (g + 1) * G)
         assert float(gain[group][right[group]].mean()) > float(gain[group][~right[group]].mean())
+
+
+@pytest.mark.parametrize("estimator", ["neg_uniform", "nsr"])
+def test_negative_groups_push_every_wrong_answer_down(estimator):
+    """The simpler uses of a negative group: every wrong answer gets the same negative advantage, so a
+    step lowers the group's likelihood as a whole (LENS instead moves it from the confident mistakes
+    to the others, summing to zero)."""
+    rewards = [0.0] * (2 * G)
+    setup, batch = _batch(rewards, estimator)
+    adv, _ = lk.group_advantages(batch.rewards, group_size=G, estimator=estimator)
+    expected = -0.25 / G if estimator == "neg_uniform" else -1.0
+    assert torch.equal(adv, torch.full((2 * G,), expected))
+    s_old = _seq_logps(setup, batch)
+    _step(setup, batch, lr=0.05 if estimator == "nsr" else 1.0)
+    s_new = _seq_logps(setup, batch)
+    for g in range(2):
+        group = slice(g * G, (g + 1) * G)
+        assert float(s_new[group].mean()) < float(s_old[group].mean())

@@ -222,7 +222,8 @@ def test_micro_batch_order_keeps_groups_whole(n, group_size):
 
 @pytest.mark.parametrize("estimator, fused_head, beta", [
     ("lens", False, 0.0), ("grpo", False, 0.0), ("dr_grpo", False, 0.0),
-    ("lens", True, 0.0), ("grpo", True, 0.0), ("lens", False, 0.1)])
+    ("lens", True, 0.0), ("grpo", True, 0.0), ("lens", False, 0.1), ("neg_uniform", False, 0.0),
+    ("nsr", False, 0.0)])
 def test_one_call_lens_step_matches_two_stage_update(estimator, fused_head, beta, monkeypatch):
     setup, batch = _setup_and_rollout(inner_updates=1, estimator=estimator, fused_head=fused_head, beta=beta)
     config, model, P = setup.config, setup.model, setup.prompt_len

@@ -18,9 +18,13 @@ from .stats import paired_bootstrap
 # method name -> (estimator, lens_groups)
 METHODS = {"grpo": ("grpo", "all"), "lens": ("lens", "all")}
 ABLATIONS = {"lens_neg": ("lens", "negative"), "lens_mixed": ("lens", "mixed")}
+# the simpler uses of negative groups, run only when --methods names them
+BASELINES = {"neg_uniform": ("neg_uniform", "all"), "nsr": ("nsr", "all")}
 LABELS = {"grpo": "GRPO", "lens": "LENS", "lens_neg": "LENS, negative groups only",
-          "lens_mixed": "LENS, mixed groups only"}
-COLORS = {"grpo": "tab:blue", "lens": "tab:red", "lens_neg": "tab:orange", "lens_mixed": "tab:purple"}
+          "lens_mixed": "LENS, mixed groups only", "neg_uniform": "uniform negative penalty",
+          "nsr": "NSR (wrong answers only)"}
+COLORS = {"grpo": "tab:blue", "lens": "tab:red", "lens_neg": "tab:orange", "lens_mixed": "tab:purple",
+          "neg_uniform": "tab:green", "nsr": "tab:brown"}
 BASELINE = "grpo"
 # per-step metrics averaged in the comparison, over all RL steps and over the first EARLY_STEPS
 STEP_METRICS = ("frac_negative_groups", "frac_negative_groups_hard", "confidence_negative", "confidence_negative_hard",
@@ -32,7 +36,7 @@ WARMUP_KEYS = ("levels", "test_per_level", "eval_samples", "pass_k", "arch", "hi
 
 
 def methods_of(config: TrainConfig) -> Dict[str, tuple]:
-    known = {**METHODS, **ABLATIONS}
+    known = {**METHODS, **ABLATIONS, **BASELINES}
     chosen = [m.strip() for m in str(config.methods).split(",") if m.strip()]
     if chosen:
         return {m: known[m] for m in known if m in chosen}

@@ -11,7 +11,9 @@ from typing import Optional
 from .model import ARCHS
 from .task import LEVELS, check_levels
 
-ESTIMATORS = ("grpo", "lens", "dr_grpo")
+ESTIMATORS = ("grpo", "lens", "dr_grpo", "neg_uniform", "nsr")
+# the methods --compare can run: an estimator, or LENS restricted to one group kind (the paper's ablations)
+COMPARE_METHODS = ("grpo", "lens", "lens_neg", "lens_mixed", "neg_uniform", "nsr")
 
 
 @dataclass
@@ -27,8 +29,9 @@ class TrainConfig:
         "help": "with --compare, also run the paper's two ablations: LENS on negative groups only "
                 "(lens_neg) and on mixed groups only (lens_mixed)"})
     methods: str = field(default="", metadata={
-        "help": "with --compare, the comma-separated methods to run (of grpo, lens, lens_neg, lens_mixed; "
-                "default grpo,lens and with --ablations the two ablations); the table always needs grpo"})
+        "help": "with --compare, the comma-separated methods to run (of grpo, lens, lens_neg, lens_mixed, "
+                "neg_uniform, nsr; default grpo,lens and with --ablations the two ablations); the table always "
+                "needs grpo"})
     smoke: bool = field(default=False, metadata={"help": "a seconds-long run (CI)"})
     model: Optional[str] = field(default=None, metadata={"help": "local Hugging Face causal LM directory"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda"})
@@ -78,7 +81,8 @@ class TrainConfig:
     epsilon_high: float = 0.28
     beta: float = field(default=0.0, metadata={"help": "KL weight to the warm-up policy (k3)"})
     loss_agg_mode: str = "token-mean"
-    lens_alpha: float = field(default=0.25, metadata={"help": "LENS weight of negative-group advantages"})
+    lens_alpha: float = field(default=0.25, metadata={
+        "help": "weight of negative-group advantages (lens; neg_uniform: each wrong answer there gets -alpha/G)"})
     lens_groups: str = field(default="all", metadata={
         "help": "LENS on all groups, or the paper's ablations: negative (negative groups only), mixed"})
     fused_head: bool = field(default=False, metadata={"help": "loss from hidden states + lm_head "
@@ -122,10 +126,9 @@ class TrainConfig:
                      "checkpoint_every", "warmup_batch", "test_per_level", "hidden_size", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        bad = [m for m in str(self.methods).split(",") if m.strip() and m.strip() not in
-               ("grpo", "lens", "lens_neg", "lens_mixed")]
+        bad = [m for m in str(self.methods).split(",") if m.strip() and m.strip() not in COMPARE_METHODS]
         if bad:
-            raise ValueError(f"--methods: unknown method(s) {bad}; known: grpo, lens, lens_neg, lens_mixed")
+            raise ValueError(f"--methods: unknown method(s) {bad}; known: {', '.join(COMPARE_METHODS)}")
         if self.lens_groups not in ("all", "negative", "mixed"):
             raise ValueError(f"--lens-groups must be all, negative or mixed, got {self.lens_groups!r}")
         if not 0 <= self.drop_carry <= 1:
