@@ -56,7 +56,7 @@ from typing import Optional
 
 import torch
 
-from .. import (LossConfig, group_advantages, lens_policy_loss_from_hidden, lens_policy_loss_from_logits,
+from .. import (AdvantageConfig, LossConfig, group_advantages, lens_policy_loss_from_hidden, lens_policy_loss_from_logits,
                linear_token_logprobs, policy_loss, policy_loss_from_hidden, policy_loss_from_logits, token_logprobs)
 from . import require
 
@@ -597,8 +597,9 @@ class LensGRPOTrainer(GRPOTrainer):
                 logps, entropies = self._head_logps(model, fused, input_ids, attention_mask, completion_ids, mask)
             if fused_step:  # the one-call step's stages, with the KL term added between them
                 with _binary_hint():
-                    advantages, stats = group_advantages(old_logps=logps.detach(), mask=mask,
-                                                         **self._lens_step_kwargs(inputs, mode, whole=False))
+                    step = self._lens_step_kwargs(inputs, mode, whole=False)
+                    options = step.pop("advantage_config").kwargs()
+                    advantages, stats = group_advantages(old_logps=logps.detach(), mask=mask, **step, **options)
                 inputs = dict(inputs, advantages=advantages)
                 self._after_fused_step(mode, inputs, advantages, stats)
             loss, metrics = policy_loss(logps, advantages, mask, config=config.replace(beta=0.0) if bias_kl else config,
@@ -651,9 +652,9 @@ class LensGRPOTrainer(GRPOTrainer):
     def _lens_step_kwargs(self, inputs, mode, whole=True):
         """The advantage options of the one-call LENS step: those the two-stage path gives
         ``group_advantages``; ``group_size`` with ``group_ids`` makes the fused op check whole groups."""
-        kwargs = dict(rewards=inputs["lens_rewards"], group_ids=inputs["lens_group_ids"],
-                      estimator="lens", scale=self.scale_rewards, eps=TRL_EPS, nan_rewards="zero_advantage",
-                      lens_alpha=float(self.args.lens_alpha), correct=inputs.get("lens_correct"))
+        kwargs = dict(rewards=inputs["lens_rewards"], group_ids=inputs["lens_group_ids"], correct=inputs.get("lens_correct"),
+                      advantage_config=AdvantageConfig(estimator="lens", scale=self.scale_rewards, eps=TRL_EPS,
+                                                       nan_rewards="zero_advantage", lens_alpha=float(self.args.lens_alpha)))
         if whole:
             kwargs["group_size"] = _group_size(self, mode)
         return kwargs
