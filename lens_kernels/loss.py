@@ -191,7 +191,9 @@ def _stored_grads(ctx, grad_loss, op: str):
                            "(retain_graph=True cannot reuse it); recompute the loss instead")
     ctx.used = True
     grads = ctx.saved_tensors
-    ratio = (grad_loss.detach().to(torch.float32) / ctx.grad_scale).reshape(1)
+    # fp64 gradients (the torch backend) get an fp64 ratio; the GPU kernels read an fp32 one
+    wide = any(g is not None and g.dtype == torch.float64 for g in grads)
+    ratio = (grad_loss.detach().to(torch.float64 if wide else torch.float32) / ctx.grad_scale).reshape(1)
     GRAD_SCALE_WATCH.note(ratio[0] != 1.0)
     return grads, ratio
 
