@@ -17,7 +17,7 @@ loss, metrics = lk.policy_loss_from_logits(logits, targets, mask, adv, old_logps
 loss.backward()
 
 # Or the whole on-policy LENS step in one call (whole groups per micro-batch): no old-log-prob forward
-loss, metrics = lk.lens_policy_loss_from_logits(logits, targets, mask, rewards, group_size=G, estimator="lens",
-                                                config=config)
+loss, metrics = lk.lens_policy_loss_from_logits(logits, targets, mask, rewards, group_size=G,
+                                                advantage_config=lk.AdvantageConfig(estimator="lens"), config=config)
 loss.backward()
 print(f"LENS advantages {[round(a, 3) for a in adv.tolist()]}, loss {loss.item():+.4f}")
