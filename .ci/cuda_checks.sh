@@ -72,11 +72,8 @@ cmake_build() {
     "$WORK/cmake.log"
   # the binary carries sm_80 and sm_90a machine code
   local cuobjdump
-  cuobjdump=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
-  if [[ ! -x "$cuobjdump" ]]; then  # the copy Triton ships, when the toolkit has none
-    cuobjdump=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)
-  fi
-  if [[ -x "$cuobjdump" ]]; then
+  cuobjdump=$(find_cuobjdump python3 || true)
+  if [[ -n "$cuobjdump" ]]; then
     local archs
     archs=$("$cuobjdump" --list-elf "$WORK/cmake/lens_kernels_test" 2>/dev/null || true)
     grep -q "sm_80" <<<"$archs" && grep -q "sm_90a" <<<"$archs"
@@ -105,13 +102,22 @@ print('pure wheel imports from', os.path.dirname(lk.__file__))"
   cd "$ROOT"
 }
 
-find_cuobjdump() {  # the toolkit's, else the copy Triton ships (the argument: a python with triton)
-  local c
-  c=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
-  if [[ ! -x "$c" ]]; then
-    c=$("$1" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)
-  fi
-  [[ -x "$c" ]] && echo "$c"
+# The newest cuobjdump at hand: the toolkit's, or the copy Triton ships (in the build venv, given as $1, or
+# in this python). An old one names sm_90a machine code "sm_90" (triton 3.6's, CUDA 12.8, does), so
+# the newest wins.
+find_cuobjdump() {
+  local c best="" best_release=0 release py
+  local candidates=("$(command -v cuobjdump || true)" "$CUDA_HOME/bin/cuobjdump")
+  for py in "$1" python3; do
+    candidates+=("$("$py" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)")
+  done
+  for c in "${candidates[@]}"; do
+    [[ -n "$c" && -x "$c" ]] || continue
+    release=$("$c" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1\2/p' | head -1)
+    release=$((10#${release:-0}))
+    if ((release > best_release)); then best=$c; best_release=$release; fi
+  done
+  [[ -n "$best" ]] && echo "$best"
 }
 
 extension_wheel() {
@@ -155,6 +161,7 @@ check_targets() {
     echo "[cuda_checks] no cuobjdump (neither the toolkit's nor Triton's): cannot list the targets of _C" >&2
     return 1
   fi
+  echo "[cuda_checks] $cuobjdump: $("$cuobjdump" --version | grep -o 'release [0-9.]*')"
   local elf ptx missing=0
   elf=$("$cuobjdump" --list-elf "$so")
   ptx=$("$cuobjdump" --list-ptx "$so")

@@ -8,6 +8,9 @@ import os
 import pytest
 import torch
 
+# a time limit per test when LENS_TEST_TIMEOUT is set (the GPU device check); a hook, registered by name
+from per_test_timeout import pytest_runtest_protocol  # noqa: F401
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
