@@ -155,24 +155,32 @@ def _linear_logprobs_merge_kernel(
     # shapes
     N, V, splits, rows_per_seq,
     # switches
-    SEQ_SUM: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SEQ_SUM: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
 ):
-    """One pass: each program loads the [BLOCK_R, splits] partials of its rows once (no loop) and merges
-    them row-wise (``_common.merge_stats`` over axis 1): partials with l == 0 (an empty slice, or only -inf
-    logits) add nothing, a NaN partial makes its row NaN."""
+    """One pass over the partials: each program walks the [BLOCK_R, splits] partials of its rows in
+    chunks of SPLITS_CHUNK slices, each read once and folded into the rows' running state with the
+    shared ``_common.merge_stats`` (over the chunk, then the chunk's state with the running one). The
+    chunk bounds the registers whatever the split count (all 148 slices at once spilled). Partials
+    with l == 0 (an empty slice, or only -inf logits) add nothing, a NaN partial makes its row NaN."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_in = offs_n < N
     keep = (tl.load(keep_ptr + offs_n, mask=row_in, other=0) != 0) & row_in
     target = tl.load(targets_ptr + offs_n, mask=row_in, other=0)
-    offs_s = tl.arange(0, SPLITS_PAD).to(tl.int64)
-    live = keep[:, None] & (offs_s < splits)[None, :]  # masked rows are never read: they may be unwritten
-    slot = partial_ptr + offs_s[None, :] * N + offs_n[:, None]
     plane = splits.to(tl.int64) * N
-    m_p = tl.load(slot, mask=live, other=-float("inf"))
-    l_p = tl.load(slot + plane, mask=live, other=0.0)
-    s_p = tl.load(slot + 2 * plane, mask=live, other=0.0)
-    x_target = tl.sum(tl.load(slot + 3 * plane, mask=live, other=0.0), 1)
-    m_i, l_i, s_i = merge_stats(m_p, l_p, s_p, 1)
+    m_i = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    x_target = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s0 in range(0, splits, SPLITS_CHUNK):
+        offs_s = s0 + tl.arange(0, SPLITS_CHUNK).to(tl.int64)
+        live = keep[:, None] & (offs_s < splits)[None, :]  # masked rows are never read: they may be unwritten
+        slot = partial_ptr + offs_s[None, :] * N + offs_n[:, None]
+        m_c, l_c, s_c = merge_stats(tl.load(slot, mask=live, other=-float("inf")),
+                                    tl.load(slot + plane, mask=live, other=0.0),
+                                    tl.load(slot + 2 * plane, mask=live, other=0.0), 1)
+        x_target += tl.sum(tl.load(slot + 3 * plane, mask=live, other=0.0), 1)
+        # the running state starts empty (l == 0): the first chunk's state passes through unchanged
+        m_i, l_i, s_i = merge_stats(tl.join(m_i, m_c), tl.join(l_i, l_c), tl.join(s_i, s_c), 1)
     _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
                  logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
 
@@ -274,14 +282,25 @@ def _linear_logprobs_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# The split forward aims at FWD_PROGRAMS_PER_SM x SMs programs (about two waves at the 2 programs per SM
-# that <= 128 registers x 256 threads and 72 KiB of shared memory allow at sm_90), with slices of at least
-# MIN_TILES_PER_SLICE vocabulary tiles so that a program's fixed costs (the row loads, the partials)
-# stay small next to its dots. Unmeasured: a GPU run should tune both.
+# The split forward aims at FWD_WAVES waves of programs, with slices of at least MIN_TILES_PER_SLICE
+# vocabulary tiles so that a program's fixed costs (the row loads, the partials) stay small next to its
+# dots. How many programs of the forward fit on an SM at once depends on the registers ptxas gave the
+# compiled kernel, which differ by Triton version (bf16 at sm_90: 127-128 under 3.9, 152-160 under 3.6)
+# and by variant (a bias or the sequence sums add some): the first launch on a device reports them
+# (``note_fwd_launch``) and the heuristic uses that count from then on. Before any launch it assumes
+# FWD_PROGRAMS_PER_SM programs per SM (2 waves of 2 programs: <= 128 registers x 256 threads and
+# 72 KiB of shared memory at sm_90). Unmeasured: a GPU run should tune both.
+FWD_WAVES = 2
 FWD_PROGRAMS_PER_SM = 4
 MIN_TILES_PER_SLICE = 8
-MAX_VOCAB_SPLITS = 256  # the merge holds [rows, next_pow2(splits)] partials in registers
+_FWD_RESIDENT = {}  # (device index, BLOCK_N, BLOCK_V) -> fewest forward programs per SM any launch reported
+# registers per thread the exact fp32 ("ieee") forward is compiled within (ptxas .maxnreg): 4 programs of
+# 4 warps per SM. Without it, the ptxas of Triton 3.6 picked 96 registers and spilled at sm_80.
+IEEE_FWD_MAX_REGS = 128
+MAX_VOCAB_SPLITS = 256
+# the merge reads [MERGE_BLOCK_R, <= MERGE_SPLITS_CHUNK] partials per step (registers bounded at any split count)
 MERGE_BLOCK_R = 32
+MERGE_SPLITS_CHUNK = 8
 
 
 def fp32_dot_precision() -> str:
@@ -335,18 +354,51 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def programs_per_sm(device: torch.device, regs_per_thread: int, shared_bytes: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps with these registers per thread and this shared memory that one SM
+    of ``device`` holds at once (register file in 256-register warp units, shared memory, threads)."""
+    props = torch.cuda.get_device_properties(device)
+    regs_per_warp = -(-max(1, regs_per_thread) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0)
+    by_smem = smem // shared_bytes if smem and shared_bytes else by_threads
+    return max(1, min(by_regs, by_threads, by_smem))
+
+
+def note_fwd_launch(compiled, device: torch.device, block_n: int, block_v: int, num_warps: int) -> None:
+    """Keeps, per device and tile shape, the fewest programs per SM a compiled forward allows (the
+    handle a GPU launch returns: registers from ptxas, shared memory from the compiler)."""
+    regs = getattr(compiled, "n_regs", None)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", 0)
+    if device.type != "cuda" or not isinstance(regs, int) or regs <= 0:
+        return
+    key = (device.index if device.index is not None else torch.cuda.current_device(), block_n, block_v)
+    fits = programs_per_sm(device, regs, shared if isinstance(shared, int) else 0, num_warps)
+    _FWD_RESIDENT[key] = min(fits, _FWD_RESIDENT.get(key, fits))
+
+
 def vocab_splits_for(n_rows: int, vocab: int, device: torch.device, block_n: int, block_v: int) -> int:
-    """Vocabulary slices per row block of the forward: 1 when the row blocks alone fill the GPU (and on
-    CPU tensors, which have no SMs to fill), else enough to give about FWD_PROGRAMS_PER_SM programs per
-    SM. From shapes and the device's properties only (no sync)."""
+    """Vocabulary slices per row block of the forward: 1 when the row blocks alone fill FWD_WAVES waves of
+    the GPU (and on CPU tensors, which have no SMs to fill), else enough to about fill them; a wave is
+    SMs x the programs per SM the compiled forward allows (``note_fwd_launch``; FWD_PROGRAMS_PER_SM / 2
+    before any launch reported it). From shapes and the device's properties only (no sync)."""
     if device.type != "cuda":
         return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    resident = _FWD_RESIDENT.get((index, block_n, block_v))
+    per_sm = FWD_PROGRAMS_PER_SM if resident is None else FWD_WAVES * resident
     row_blocks = triton.cdiv(n_rows, block_n)
-    wanted = FWD_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = per_sm * _sm_count(index)
     if row_blocks >= wanted:
         return 1
     return max(1, min(triton.cdiv(wanted, row_blocks), triton.cdiv(vocab, block_v) // MIN_TILES_PER_SLICE,
                       MAX_VOCAB_SPLITS))
+
+
+def fwd_max_regs(precision: str):
+    """The forward's register cap passed to ptxas (None: ptxas chooses)."""
+    return IEEE_FWD_MAX_REGS if precision == "ieee" else None
 
 
 def check_dtype(t: torch.Tensor, name: str, op: str) -> None:
@@ -403,7 +455,7 @@ def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, rows_per_s
         return logp, entropy, m_i, log_l, seq_sums
     slice_v = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v  # whole tiles per slice
     partials = torch.empty((4, splits, n), dtype=torch.float32, device=h.device) if splits > 1 else None
-    _linear_logprobs_fwd_kernel[(triton.cdiv(n, block_n), splits)](
+    compiled = _linear_logprobs_fwd_kernel[(triton.cdiv(n, block_n), splits)](
         h, weight, bias if bias is not None else h, t, keep8, tau_rows if tau_rows is not None else logp,
         logp, entropy, m_i, log_l, seq_sums if seq_sums is not None else logp,
         partials if partials is not None else logp,
@@ -413,13 +465,15 @@ def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, rows_per_s
         HAS_BIAS=bias is not None, PER_ROW_TAU=tau_rows is not None, SEQ_SUM=seq_sums is not None,
         SPLIT=splits > 1,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, DOT_PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, maxnreg=fwd_max_regs(precision),
     )
+    note_fwd_launch(compiled, h.device, block_n, block_v, warps)
     if splits > 1:
         _linear_logprobs_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_R),)](
             partials, t, keep8, logp, entropy, m_i, log_l, seq_sums if seq_sums is not None else logp,
             n, vocab, splits, rows_per_seq or 1,
-            SEQ_SUM=seq_sums is not None, BLOCK_R=MERGE_BLOCK_R, SPLITS_PAD=triton.next_power_of_2(splits),
+            SEQ_SUM=seq_sums is not None, BLOCK_R=MERGE_BLOCK_R,
+            SPLITS_CHUNK=min(triton.next_power_of_2(splits), MERGE_SPLITS_CHUNK),
             num_warps=4,
         )
     return logp, entropy, m_i, log_l, seq_sums

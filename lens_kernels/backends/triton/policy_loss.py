@@ -393,10 +393,12 @@ def _rescale_grad_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# Registers per thread the split kernel is held to by the static compile check (tests/test_triton_compile.py,
-# ptxas -v at sm_90 and sm_80); the capacity check uses it until a launch reports the real count.
-# Rows are peeled (128-bit accesses whatever V and the row stride): bf16/fp16 ~80 registers, held to
-# 128 (2 programs per SM); fp32 ~140, held to 255 (1 program per SM).
+# Registers per thread the split kernel is compiled within (passed to ptxas as .maxnreg, and held to by the
+# static compile check, tests/test_triton_compile.py, ptxas -v at sm_90 and sm_80 under each Triton
+# version it knows); the capacity check uses it until a launch reports the real count. Rows are peeled
+# (128-bit accesses whatever V and the row stride): bf16/fp16 ~80 registers, held to 128 (2 programs per
+# SM); fp32 ~140-160, held to 255 (1 program per SM). Without the cap, the ptxas of Triton 3.6 kept the
+# fp32 kernel at 128 registers and spilled 8-16 B.
 SPLIT_NUM_WARPS = 8
 
 
@@ -407,7 +409,7 @@ def split_reg_budget(dtype: torch.dtype) -> int:
 # Only this fraction of the resident capacity may be needed by one row: the rest is headroom for other
 # streams' kernels and for SM limits the device properties do not report (green contexts).
 SPLIT_CAPACITY_FRACTION = 0.5
-_SPLIT_REGS = {}  # (device index, logits dtype) -> registers per thread of the compiled split kernel
+_SPLIT_REGS = {}  # (device index, logits dtype) -> most registers per thread a compiled split kernel reported
 
 
 def resident_programs(device: torch.device, regs_per_thread: int, num_warps: int) -> int:
@@ -524,11 +526,13 @@ def fused_policy_loss_forward(logits, grad, targets, mask, advantages, old_logps
             *head, partials, counters, counters[n:], rows_per_batch, vocab, blocks,
             stride_b, stride_t, grad_stride_b, grad_stride_t, *scalars, **switches,
             BLOCK_V=SPLIT_BLOCK_V, BLOCKS_POW2=triton.next_power_of_2(blocks), num_warps=SPLIT_NUM_WARPS,
+            maxnreg=split_reg_budget(logits.dtype),
         )
         regs = getattr(compiled, "n_regs", None)
         if isinstance(regs, int) and regs > 0 and device.type == "cuda":
-            _SPLIT_REGS[(device.index if device.index is not None else torch.cuda.current_device(),
-                         logits.dtype)] = regs
+            # the most any loss configuration's compile reported: the residency check must hold for all
+            key = (device.index if device.index is not None else torch.cuda.current_device(), logits.dtype)
+            _SPLIT_REGS[key] = max(regs, _SPLIT_REGS.get(key, 0))
     else:
         block = block_v(vocab)
         _policy_loss_row_kernel[(n,)](
