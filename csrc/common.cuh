@@ -132,12 +132,12 @@ struct SoftmaxState {
   // returns the shift the fragment's elements use: ``m_new``, or 0 while everything is -inf.
   LENS_HOST_DEVICE float rescale(float m_new) {
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    // the empty state (m_i = -inf, l_i = s_i = 0) gives shift -FLT_MAX, a = 0: it stays empty
-    const float shift = fmaxf(m_i - m_use, -FLT_MAX);
+    // The shift is clamped at -256, where 2^shift is already 0: the empty state (m_i = -inf, l_i = s_i
+    // = 0) gives a = 0 and stays empty, and a shift that overflowed to -inf drops the old state without
+    // 0 * -inf (fmaf(shift, l_i, s_i) stays finite).
+    const float shift = fmaxf(m_i - m_use, -256.f);
     const float a = fast_exp2(shift);
-    // a = 0 drops the old state; selected, because fmaf(-FLT_MAX, l_i, s_i) is -inf for l_i > 1 (finite
-    // logits of both signs near the fp32 maximum) and 0 * -inf is NaN
-    s_i = a == 0.f ? 0.f : a * fmaf(shift, l_i, s_i);
+    s_i = a * fmaf(shift, l_i, s_i);
     l_i = a * l_i;
     m_i = m_new;
     return m_use;
