@@ -145,7 +145,8 @@ def _probe(op: str, tensor: torch.Tensor, backend: str) -> None:
 
 
 def _ours(backend: str, name: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-          default: bool = True, note: str = "fwd paths also compute the entropy") -> Provider:
+          default: bool = True,
+          note: str = "fwd paths: log-probs only, the eager row's work (return_entropy=False)") -> Provider:
     def build(case, inp):
         op = OPS_OF_PATH[case.path]
         if op is None:
@@ -168,9 +169,9 @@ def _ours(backend: str, name: Optional[str] = None, env: Optional[Dict[str, str]
                 inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"], **common)[0])
         if case.path == "logits-fwd":
             return _no_grad(lambda: token_logprobs(inp["logits_kept"], inp["targets"], temperature=tau,
-                                                   mask=inp["mask"], return_entropy=True, backend=backend))
+                                                   mask=inp["mask"], backend=backend))
         return _no_grad(lambda: linear_token_logprobs(inp["hidden"], inp["weight"], inp["targets"],
-                                                      temperature=tau, mask=inp["mask"], return_entropy=True,
+                                                      temperature=tau, mask=inp["mask"],
                                                       backend=backend))
 
     if env:
