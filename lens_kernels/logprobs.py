@@ -98,7 +98,7 @@ def token_logprobs(
         inplace_backward: write dL/dlogits into the logits buffer in backward (zero extra memory);
             the logits are destroyed. An expanded or self-overlapping ``logits`` is a ValueError.
 
-    Special inputs (README "Inputs and their meaning"): a -inf logit has probability 0 and adds 0
+    Special inputs (docs/inputs.md): a -inf logit has probability 0 and adds 0
     to the entropy (a -inf target gives -inf); a kept row with no finite logit or a NaN/+inf logit
     gives NaN; B = 0 or T = 0 gives empty outputs. (*) Values are checked for CPU tensors always, for
     GPU tensors only with ``LENS_KERNELS_CHECK=1`` (a check reads values: a host sync), never while

@@ -222,7 +222,7 @@ def _in_env(build, env: Dict[str, str]):
 def _ours_slice_copy(backend: str) -> Provider:
     """Ours on ``logits[:, :-1]`` with the gradient taken for the whole [B, T + 1, V] buffer: what a
     user pays who slices the model's logits (autograd's ``slice_backward`` zero-fills a buffer-sized
-    gradient and copies ours into it). Not the headline: the recipe in the README avoids it."""
+    gradient and copies ours into it). Not the headline: the recipe in docs/benchmarks.md avoids it."""
     def build(case, inp):
         _probe("policy_loss_from_logits", inp["logits"], backend)
         return _with_grads(case, inp, lambda: policy_loss_from_logits(

@@ -4,7 +4,7 @@ No more than one chunk of [rows, V] is ever live in the compute dtype (``CHUNK_B
 working set of a chunk, all buffers included). Strided row views (``logits[:, :-1]``) are walked
 without a copy.
 
-Special values (README, "Inputs and their meaning"): a -inf logit has probability 0, adds 0 to the
+Special values (docs/inputs.md): a -inf logit has probability 0, adds 0 to the
 entropy and gets a gradient of exactly 0; a kept row holding NaN or +inf gives NaN; a masked row
 (or a row whose gradient coefficients are all 0) never reads its logits into a result, so NaN or
 garbage there gives exact zeros. Shifted logits are floored at ``FLOOR`` after the target's value is
