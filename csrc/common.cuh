@@ -74,7 +74,7 @@ __device__ __forceinline__ int64_t head_elems(const T* p) {
 // cancellation of sum p y - lse when logits are large. In natural units: lse = ln2 (m_i + log2 l_i),
 // entropy = ln2 (log2 l_i - s_i / l_i).
 //
-// Special values (README "Inputs and their meaning"): a -inf logit adds 2^-inf = 0 to l_i and
+// Special values (docs/inputs.md): a -inf logit adds 2^-inf = 0 to l_i and
 // exactly 0 to s_i (its shift is clamped to -FLT_MAX, so 0 * -inf never happens), a row that is -inf
 // so far keeps the empty state (m_i = -inf, l_i = s_i = 0: no -inf - (-inf)); a NaN or +inf logit
 // makes its own term NaN, so l_i, the log-prob and the entropy of the row are NaN.

@@ -134,8 +134,23 @@ def _token_logprobs_backward(ctx, g_logp, g_entropy, _g_stats):
 token_logprobs_fwd.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
 
 
-def token_logprobs_op(logits, targets, mask, temperature, backend: str, inplace_backward: bool = False):
-    """The op on validated inputs and a chosen backend: (logps, entropy)."""
+def _no_grad_launcher(op: str, backend: str, inputs):
+    """The backend's forward for a call that no gradient follows (it keeps nothing for a backward), or
+    None: a gradient may follow, torch.compile traces (the op stays one node), or the backend has none."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in inputs)):
+        return None
+    return getattr(backends.launchers(op, backend), "forward_no_grad", None)
+
+
+def token_logprobs_op(logits, targets, mask, temperature, backend: str, inplace_backward: bool = False,
+                      want_entropy: bool = True):
+    """The op on validated inputs and a chosen backend: (logps, entropy; None unless ``want_entropy``
+    when the no-grad forward runs)."""
+    no_grad = _no_grad_launcher("token_logprobs", backend, (logits,))
+    if no_grad is not None:
+        with backends.device_guard(logits):
+            return no_grad(logits, targets, mask, temperature, want_entropy)
     tau, tau_t = split_temperature(temperature)
     logp, entropy, _ = token_logprobs_fwd(logits, targets, mask, tau, tau_t, backend, inplace_backward)
     return logp, entropy
@@ -213,8 +228,13 @@ def _linear_backward(ctx, g_logp, g_entropy, _g_stats):
 linear_token_logprobs_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature, backend: str):
-    """The op on validated inputs and a chosen backend: (logps, entropy)."""
+def linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature, backend: str,
+                             want_entropy: bool = True):
+    """The op on validated inputs and a chosen backend: (logps, entropy; see ``token_logprobs_op``)."""
+    no_grad = _no_grad_launcher("linear_token_logprobs", backend, (hidden, weight, bias))
+    if no_grad is not None:
+        with backends.device_guard(hidden):
+            return no_grad(hidden, weight, bias, targets, mask, temperature, want_entropy)
     tau, tau_t = split_temperature(temperature)
     variant = backends.launchers("linear_token_logprobs", backend).variant(hidden)
     logp, entropy, _ = linear_token_logprobs_fwd(hidden, weight, bias, targets, mask, tau, tau_t, backend, variant)
@@ -334,7 +354,7 @@ def token_logprobs(
                                              temperature=temperature, mask=mask, return_entropy=return_entropy,
                                              inplace_backward=inplace, backend=backend)
     name = backends.choose("token_logprobs", logits, backend)
-    logp, entropy = token_logprobs_op(logits, targets, mask, temperature, name, inplace)
+    logp, entropy = token_logprobs_op(logits, targets, mask, temperature, name, inplace, return_entropy)
     return logp, (entropy if return_entropy else None)
 
 
@@ -380,5 +400,5 @@ def linear_token_logprobs(
                                                     vocab_start=vocab_start, bias=bias, temperature=temperature,
                                                     mask=mask, return_entropy=return_entropy, backend=backend)
     name = backends.choose("linear_token_logprobs", hidden, backend)
-    logp, entropy = linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature, name)
+    logp, entropy = linear_token_logprobs_op(hidden, weight, bias, targets, mask, temperature, name, return_entropy)
     return logp, (entropy if return_entropy else None)

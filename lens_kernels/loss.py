@@ -364,7 +364,7 @@ def policy_loss(
         ``ratio_max``: 0-d tensors, never synced to the host.
 
     (*) Checks that read tensor values run for CPU tensors always, for GPU tensors only with
-    ``LENS_KERNELS_CHECK=1``, never while ``torch.compile`` traces (README "Inputs and their meaning").
+    ``LENS_KERNELS_CHECK=1``, never while ``torch.compile`` traces (docs/inputs.md).
     """
     check_tensor("logps", logps, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), ndim=(2,),
                  expected="[B, T]")

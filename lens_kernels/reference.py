@@ -39,7 +39,7 @@ def token_logprobs(logits, targets, temperature=1.0, mask=None) -> Tuple[torch.T
 
     logits [..., V], targets [...] (ids), temperature a float or a tensor of shape [], [B], [B, 1],
     [B, T] (3-D logits) or [], [N] (2-D). Returns float64 (logps, entropy). Special values, exactly
-    as README "Inputs and their meaning" says:
+    as docs/inputs.md says:
 
     - masked positions (mask == 0) give l = 0 and H = 0, whatever their logits and targets hold, and
       their gradient row is exactly 0 (the row is replaced by zeros *before* the softmax: a where()

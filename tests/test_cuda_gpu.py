@@ -224,7 +224,7 @@ def test_fused_loss_auto_at_production_shapes(dtype, V, cluster, fallback):
 
 
 # ---------------------------------------------------------------------------------------------
-# README "Inputs and their meaning" on the device
+# docs/inputs.md on the device
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["stream", "smem_row", "cluster"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

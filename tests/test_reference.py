@@ -67,7 +67,7 @@ def test_lens_negative_group_reference_by_hand():
     torch.testing.assert_close(adv, 0.25 * (torch.tensor(rt, dtype=torch.float64) - mean))
 
 
-# ------------------------------------------------------------- special values (README "Inputs and their meaning")
+# ------------------------------------------------------------- special values (docs/inputs.md)
 def _logits(B, T, V, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2, torch.randint(0, V, (B, T), generator=g)
@@ -212,7 +212,7 @@ def test_lens_confidence_uses_the_kept_tokens():
     (dict(ratio_level="sequence_token"), "nan"),
 ])
 def test_minus_inf_target_follows_the_formula(cfg, loss_kind):
-    """README: ratio 0 (PPO/SAPO finite, exact gradient), KL infinite unless clamped, CISPO/GSPO-token NaN."""
+    """docs/inputs.md: ratio 0 (PPO/SAPO finite, exact gradient), KL infinite unless clamped, CISPO/GSPO-token NaN."""
     logits, targets = _logits(2, 3, 5, seed=108)
     logits[0, 1, targets[0, 1]] = -math.inf
     x = logits.clone().requires_grad_()

@@ -1,4 +1,4 @@
-"""Special and bad inputs (README "Inputs and their meaning", issue: no silent wrong answer).
+"""Special and bad inputs (docs/inputs.md, issue: no silent wrong answer).
 
 Every case ends in one of two ways: a clear ValueError/TypeError whose message names the argument,
 or a result equal to the float64 reference (values AND gradients, NaN and +-inf where the reference

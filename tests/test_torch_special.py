@@ -1,4 +1,4 @@
-"""Special inputs on the torch backend (README, "Inputs and their meaning"), against float64 values
+"""Special inputs on the torch backend (docs/inputs.md), against float64 values
 computed here with torch.where-guarded formulas, independently of ``reference.py``.
 
 - -inf logits: exact log-probs, entropy (0 log 0 = 0) and gradients (exactly 0 at a -inf entry);

@@ -376,7 +376,7 @@ def test_fp32_dot_precision_follows_torch(setting, fp32_matmul_setting, monkeypa
 
     The interpreter computes every tl.dot in full fp32 whatever input_precision says (numpy matmul), so
     both settings must match the reference at the fp32 tolerance here; on a GPU, TF32 products have a
-    10-bit mantissa (README: about 1e-3 relative on the logits). The test is about the decision."""
+    10-bit mantissa (docs/backends.md: about 1e-3 relative on the logits). The test is about the decision."""
     fp32_matmul_setting.fp32_precision = setting
     assert linear_op.dot_precision(torch.float32) == setting
     assert linear_op.dot_precision(torch.bfloat16) == linear_op.dot_precision(torch.float16) == "tf32"

@@ -1,4 +1,4 @@
-"""Special inputs in every Triton kernel family, as README "Inputs and their meaning" decides them:
+"""Special inputs in every Triton kernel family, as docs/inputs.md decides them:
 -inf logits (also a whole leading block of -inf), a kept target outside [0, V), NaN under the mask,
 mask values as 0/1 (kept = mask != 0), empty work, and the autograd version bump of in-place writes.
 

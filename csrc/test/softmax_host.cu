@@ -2,7 +2,7 @@
 // run on the CPU (exp2f/log2f in place of the MUFU ex2/lg2) the way the kernels drive them: each of
 // kThreads "threads" takes every kThreads-th 4-element vector, in fragments of kUnroll vectors, the
 // partials are merged in a butterfly, and pass 2 writes dL/dz with the one-hot term added once.
-// Checked against a float64 reference on the special values of README "Inputs and their meaning":
+// Checked against a float64 reference on the special values of docs/inputs.md:
 // -inf at the start of a fragment, -inf fragments, a row that is -inf but for one entry, a row of
 // -inf only, NaN and +inf logits, a target outside [0, V). Built and run by tests/test_cuda_build.py;
 // no GPU needed. Exit code 0 only if every check passes.

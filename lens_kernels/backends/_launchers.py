@@ -19,6 +19,9 @@ policy_loss_from_hidden: forward(hidden, weight, bias, targets, mask, advantages
                                  is_weights, temperature, config, num_tokens, num_sequences, grad_scale, needs)
                          -> (logp, entropy, (d_hidden, d_weight, d_bias)) (the fast mode, token-level ratios)
 
+Optional, both log-prob ops: forward_no_grad(<forward's inputs, without variant>, want_entropy) ->
+(logp, entropy or None) shaped as targets, for a call no gradient follows (no stats kept).
+
 logp and entropy are flat [N] in the compute dtype (fp32; fp64 on the torch backend for fp64 input);
 ``stats`` is the backend's own [..., N] tensor of what its backward needs. Masked tokens give 0 and an
 exact-zero gradient row; g_logp / g_entropy may be None (no gradient through that output).

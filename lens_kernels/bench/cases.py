@@ -4,7 +4,8 @@ A case is one op at one shape. Each path below states the work it is measured ag
 time turns into TB/s or TFLOP/s and a fraction of the floor measured in the same run:
 
 - ``logits`` (``policy_loss_from_logits``, forward + backward): memory bound, bytes.
-- ``logits-fwd`` (``token_logprobs`` with entropy, forward only): memory bound, bytes.
+- ``logits-fwd`` (``token_logprobs``, log-probs only, forward only: a rollout's old-log-prob pass): memory
+  bound, bytes.
 - ``hidden`` (``policy_loss_from_hidden``, forward + backward): compute bound, FLOPs.
 - ``hidden-fwd`` (``linear_token_logprobs``, forward only): compute bound, FLOPs.
 - ``advantages`` (``group_advantages``, LENS): memory bound, bytes.

@@ -147,7 +147,8 @@ def _probe(op: str, tensor: torch.Tensor, backend: str) -> None:
 
 
 def _ours(backend: str, name: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-          default: bool = True, note: str = "fwd paths also compute the entropy") -> Provider:
+          default: bool = True,
+          note: str = "fwd paths: log-probs only, the eager row's work (return_entropy=False)") -> Provider:
     def build(case, inp):
         op = OPS_OF_PATH[case.path]
         if op is None:
@@ -170,9 +171,9 @@ def _ours(backend: str, name: Optional[str] = None, env: Optional[Dict[str, str]
                 inp["hidden"], inp["weight"], inp["targets"], inp["mask"], inp["advantages"], **common)[0])
         if case.path == "logits-fwd":
             return _no_grad(lambda: token_logprobs(inp["logits_kept"], inp["targets"], temperature=tau,
-                                                   mask=inp["mask"], return_entropy=True, backend=backend))
+                                                   mask=inp["mask"], backend=backend))
         return _no_grad(lambda: linear_token_logprobs(inp["hidden"], inp["weight"], inp["targets"],
-                                                      temperature=tau, mask=inp["mask"], return_entropy=True,
+                                                      temperature=tau, mask=inp["mask"],
                                                       backend=backend))
 
     if env:
@@ -223,7 +224,7 @@ def _in_env(build, env: Dict[str, str]):
 def _ours_slice_copy(backend: str) -> Provider:
     """Ours on ``logits[:, :-1]`` with the gradient taken for the whole [B, T + 1, V] buffer: what a
     user pays who slices the model's logits (autograd's ``slice_backward`` zero-fills a buffer-sized
-    gradient and copies ours into it). Not the headline: the recipe in the README avoids it."""
+    gradient and copies ours into it). Not the headline: the recipe in docs/benchmarks.md avoids it."""
     def build(case, inp):
         _probe("policy_loss_from_logits", inp["logits"], backend)
         return _with_grads(case, inp, lambda: policy_loss_from_logits(

@@ -1,4 +1,4 @@
-"""Special and bad inputs on the GPU backends (README "Inputs and their meaning"); skipped without CUDA.
+"""Special and bad inputs on the GPU backends (docs/inputs.md); skipped without CUDA.
 
 The CPU module tests/test_special_inputs.py runs on the GPU too (its tensors go to triton_interp.DEVICE)
 with LENS_KERNELS_CHECK=1. This module adds what only a GPU shows:

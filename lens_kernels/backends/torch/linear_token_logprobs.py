@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (active_rows, chunk_partials, compute_dtype, finish_partials, flat_keep, grad_coefficients,
-                      grad_rows, mark_bad, new_partials, rows_per_chunk, slice_tau, tau_rows)
+                      grad_rows, kept_rows_index, logprob_entropy_rows, mark_bad, new_partials, no_grad_rows,
+                      rows_per_chunk, slice_tau, tau_rows)
 
 
 def linear_chunk_rows(weight, hidden):
@@ -92,6 +93,53 @@ def linear_vocab_shard_grad(hidden, weight, bias, targets, temperature, lse, ent
     d_weight = None if d_weight is None else d_weight.to(weight.dtype)
     d_bias = None if d_bias is None else d_bias.to(bias.dtype)
     return d_hidden, d_weight, d_bias
+
+
+def linear_logprobs_no_grad(hidden, weight, bias, targets, mask, temperature, want_entropy):
+    """(logp, entropy or None) shaped like ``targets`` when no gradient will follow: the logits GEMM
+    runs on the kept rows only (gathered first on CPU when some are masked), a row chunk at a time,
+    and no lse is kept for a backward."""
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, weight.shape[1])
+    t, keep, bad = flat_keep(targets, mask, weight.shape[0])
+    n, cdt, device = t.numel(), compute_dtype(hidden.dtype), hidden.device
+    tau = tau_rows(temperature, lead, torch.empty(0, dtype=cdt, device=device))
+    idx = kept_rows_index(keep)
+    count = n if idx is None else idx.numel()
+    logp = torch.zeros(n, dtype=cdt, device=device)
+    entropy = torch.zeros(n, dtype=cdt, device=device) if want_entropy else None
+    if count:
+        rows = min(no_grad_rows(weight.shape[0], cdt), count)
+        y = torch.empty(rows, weight.shape[0], dtype=cdt, device=device)
+        e = torch.empty_like(y) if want_entropy else None
+        w_t = weight.t()
+        for start in range(0, count, rows):
+            sel = slice(start, min(count, start + rows)) if idx is None else idx[start:start + rows]
+            hs = h[sel]
+            r = hs.shape[0]
+
+            def source(buf, hs=hs, r=r):
+                if hs.dtype != buf.dtype:
+                    return F.linear(hs, weight, bias)
+                if bias is None:
+                    return torch.mm(hs, w_t, out=buf[:r])
+                return torch.addmm(bias, hs, w_t, out=buf[:r])
+
+            lp, ent = logprob_entropy_rows(source, t[sel], tau if not torch.is_tensor(tau) else tau[sel],
+                                           want_entropy, y[:r], None if e is None else e[:r])
+            if idx is None:
+                logp[sel] = lp
+                if want_entropy:
+                    entropy[sel] = ent
+            else:
+                logp.index_copy_(0, sel, lp)
+                if want_entropy:
+                    entropy.index_copy_(0, sel, ent)
+        if idx is None and keep is not None:
+            zero = torch.zeros((), dtype=cdt, device=device)
+            logp = torch.where(keep, logp, zero)
+            entropy = None if entropy is None else torch.where(keep, entropy, zero)
+    return mark_bad(logp, bad).view(lead), None if entropy is None else entropy.view(lead)
 
 
 def linear_token_logprobs_forward(hidden, weight, bias, targets, mask, temperature, variant=""):
