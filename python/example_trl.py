@@ -1,4 +1,5 @@
-"""LENS with TRL on CPU: a tiny Llama and a character tokenizer made in code (no downloads), 3 steps.
+"""LENS with TRL on CPU: a tiny Llama and a character tokenizer made in code (no downloads), 3 steps,
+with a verifier and a format reward (the recipe of docs/trl.md).
 
     python python/example_trl.py
 """
@@ -26,26 +27,41 @@ def tiny_model_and_tokenizer(seed=0):
     return LlamaForCausalLM(config), tokenizer
 
 
-def starts_with_answer(prompts, completions, **kwargs):
-    """Binary reward: 1 when the completion starts with the sum's last digit (mostly 0 for a random model)."""
+def accuracy(prompts, completions, **kwargs):
+    """The verifier: 1 when the completion starts with the sum's last digit (mostly 0 for a random model)."""
     return [float(c[:1] == str(sum(int(x) for x in p.rstrip("=").split("+")) % 10))
             for p, c in zip(prompts, completions)]
 
 
+def format_reward(completions, **kwargs):
+    """A format reward: 0.1 for an answer of one digit and nothing else."""
+    return [0.1 * float(len(c) == 1 and c.isdigit()) for c in completions]
+
+
 def main(output_dir=None, max_steps=3, **overrides):
     model, tokenizer = tiny_model_and_tokenizer()
-    options = dict(output_dir=output_dir or tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
-                   max_completion_length=6, max_steps=max_steps, learning_rate=5e-2, logging_steps=1, report_to=[],
-                   use_cpu=True, bf16=False, save_strategy="no", seed=0,
-                   advantage_estimator="lens", lens_alpha=0.25)  # the two lines LENS needs
-    options.update(overrides)
     dataset = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "5+1=", "2+2="] * 4})
-    trainer = LensGRPOTrainer(model=model, args=LensGRPOConfig(**options), reward_funcs=starts_with_answer,
+    output_dir = output_dir or tempfile.mkdtemp()
+    # docs/trl.md shows the lines from here to trainer.train() (a test checks that they are these)
+    args = LensGRPOConfig(
+        output_dir=output_dir,
+        advantage_estimator="lens",      # "grpo" keeps TRL's advantages, "dr_grpo" the mean-centred ones
+        lens_alpha=0.25,                 # weight of the all-wrong groups (the paper's default)
+        num_generations=4,               # G: LENS compares the G completions of a prompt
+        per_device_train_batch_size=4,   # a multiple of G keeps the one-call step (see "Paths")
+        # two reward functions: say which one verifies the answer (else the build refuses; see "Rewards")
+        lens_correct_reward_func="accuracy", lens_correct_threshold=1.0,
+        max_completion_length=6, max_steps=max_steps, learning_rate=5e-2, logging_steps=1,
+        report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=0, **overrides,
+    )
+    trainer = LensGRPOTrainer(model=model, args=args, reward_funcs=[accuracy, format_reward],
                               train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     for row in trainer.state.log_history:
         if "loss" in row:
-            print({k: round(v, 4) for k, v in row.items() if k in ("step", "loss", "reward", "lens/frac_negative_groups")})
+            print({k: round(v, 4) for k, v in row.items()
+                   if k in ("step", "loss", "reward", "lens/frac_negative_groups", "lens/mean_abs_adv_negative",
+                            "lens/mean_confidence_negative")})
     return trainer
 
 

@@ -652,3 +652,18 @@ def test_completions_table_is_written_with_the_lens_columns(tmp_path):
     table = pandas.read_parquet(next((tmp_path / "completions").glob("*.parquet")))
     assert {"lens_advantage", "lens_confidence", "advantage"} <= set(table.columns)
     assert [f"{a:.3g}" for a in table["advantage"]] == list(table["lens_advantage"])
+
+
+def test_docs_recipe_is_the_example():
+    """docs/trl.md's recipe block is, line for line, the example that test_example_trl_runs and CI's
+    docs run execute (so the recipe as written is the one that trains)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    recipe = re.findall(r"```python\n(.*?)```", (root / "docs" / "trl.md").read_text(), flags=re.S)
+    example = [line.strip() for line in (root / "python" / "example_trl.py").read_text().splitlines()]
+    assert len(recipe) == 1
+    lines = [line.strip() for line in recipe[0].splitlines()]
+    assert any(example[i:i + len(lines)] == lines for i in range(len(example))), "docs/trl.md recipe != example"
+    assert 'lens_correct_reward_func="accuracy"' in recipe[0] and "reward_funcs=[accuracy, format_reward]" in recipe[0]

@@ -33,8 +33,13 @@
   log-probs from ``lk.token_logprobs`` / ``lk.linear_token_logprobs`` for it).
 - Graded rewards: ``lens_correct_reward_func`` (the verifier among the reward functions) and
   ``lens_correct_threshold`` say which completions are correct (``correct=`` of
-  ``lk.group_advantages``); the advantages are computed on TRL's total weighted reward.
-- TRL's completions log (``self._logs["advantages"]``) holds the advantages actually trained.
+  ``lk.group_advantages``); the advantages are computed on TRL's total weighted reward. With several
+  reward functions or a weight other than 1 and neither option, the trainer refuses to build.
+- The two-stage path warns once per reason (the option and the extra forward it costs); the ``lens/``
+  group statistics are logged with every loss call (also on steps that train on a buffered generation).
+- TRL's completions log (``self._logs["advantages"]``) holds the advantages actually trained, and two
+  extra columns, ``lens_advantage`` (3 significant digits: TRL prints 2 decimals) and
+  ``lens_confidence``; ``lens/mean_confidence_negative`` is the all-wrong groups' mean confidence.
 - Options the adapter does not support (loss types luspo and vespo, ``top_entropy_quantile < 1``,
   ``off_policy_mask_threshold``, adaptive entropy) fall back to TRL's own loss with one warning: no
   loss term is ever dropped silently.
