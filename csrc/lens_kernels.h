@@ -18,7 +18,7 @@ struct RowLayout {
   int64_t stride_inner;  // elements between consecutive t
 };
 
-// Which kernel variant runs a row-wise op (SPEC 5).
+// Which kernel variant runs a row-wise op (docs/design.md, Kernel designs).
 enum class RowPath : int {
   kAuto = -1,
   kStream = 0,   // one CTA per row, every sweep reads global memory (any arch, any V)
@@ -65,7 +65,7 @@ struct LogprobBwdArgs {
   RowLayout grad_layout;
 };
 
-// The per-token policy loss options of LossConfig (SPEC 2.2) that the fused kernel evaluates.
+// The per-token policy loss options of LossConfig (docs/design.md, Policy loss) that the fused kernel evaluates.
 enum class PolicyLoss : int { kPPO = 0, kCISPO = 1, kSAPO = 2 };
 enum class KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2 };
 
@@ -82,7 +82,7 @@ struct LossParams {
   float beta;             // KL weight; 0: off
   KLEstimator kl_estimator;
   float kl_clamp;         // <= 0: off
-  float grad_scale;       // the upstream gradient the written dL/dz assumes (SPEC 5 grad-scale contract)
+  float grad_scale;       // the upstream gradient the written dL/dz assumes (the grad-scale contract, docs/design.md, Kernel designs)
 };
 
 // LossParams from the flat list of numbers the torch op takes (bindings.cpp, cuda.py _loss_params),
@@ -138,7 +138,7 @@ struct FusedLossArgs {
   float* g_logp;                // [rows] dL/dl per token (grad_scale excluded), for metrics and tests
 };
 
-// Grad-scale contract (SPEC 5): grad *= ratio, ratio = grad_output / grad_scale read on the device.
+// Grad-scale contract (docs/design.md, Kernel designs): grad *= ratio, ratio = grad_output / grad_scale read on the device.
 // Each row leaves at once when ratio == 1, so the declared scale costs no pass and no host sync.
 struct RescaleArgs {
   void* grad;

@@ -1,4 +1,4 @@
-// The 2-pass fused policy loss (SPEC 5) for token-level ratios: per row, pass 1 reads the logits
+// The 2-pass fused policy loss (docs/design.md, Kernel designs) for token-level ratios: per row, pass 1 reads the logits
 // once (online softmax: lse, entropy, log-prob), the per-token coefficients dL/dl and dL/dH follow
 // from loss_math.cuh, and pass 2 writes dL/dz = grad_scale (1/tau) [g_l (onehot - p) - g_H p
 // (log p + H)], optionally over the logits themselves. Pass 2 must not read HBM again, so the row

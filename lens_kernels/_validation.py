@@ -1,4 +1,4 @@
-"""Boundary checks of the public ops (SPEC section 7, docs/inputs.md).
+"""Boundary checks of the public ops (docs/design.md, Inputs, errors and special values; docs/inputs.md).
 
 Shape, dtype, stride and Python-number checks read only metadata, so they are free and always on.
 Checks that read tensor values (target range, 0/1 mask, binary rewards, NaN, tensor-valued scalars,

@@ -31,7 +31,7 @@ LENS_D_ESTIMATES = ("mean", "sequence")
 LENS_GROUPS = ("all", "negative", "mixed")
 NAN_REWARDS = ("raise", "zero_advantage")
 
-# Per-trainer conventions for the std's eps (SPEC 2.1): pass as eps=TRAINER_EPS["verl"].
+# Per-trainer conventions for the std's eps (docs/design.md, Advantages): pass as eps=TRAINER_EPS["verl"].
 TRAINER_EPS = {"trl": 1e-4, "verl": 1e-6, "openrlhf": 1e-9}
 
 
@@ -162,7 +162,7 @@ def group_advantages(
     nan_rewards: str = "raise",
     process_group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Advantages of a rollout batch of N completions in groups (SPEC 2.1). No gradient, no host sync.
+    """Advantages of a rollout batch of N completions in groups (docs/design.md, Advantages). No gradient, no host sync.
 
     Args:
         rewards: [N] rewards (binary for lens, neg_uniform and nsr unless ``correct`` is given);

@@ -1,4 +1,4 @@
-"""LossConfig: every option of the policy loss (SPEC 2.2), and converters from the trainers' configs.
+"""LossConfig: every option of the policy loss (docs/design.md, Policy loss), and converters from the trainers' configs.
 
 The converters read the trainers' own field names from any object with attributes (their config
 dataclasses, an OmegaConf node, or a plain ``types.SimpleNamespace``), so the trainers need not be
@@ -36,7 +36,7 @@ _TRL_LOSS_TYPES = {
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Every option of the GRPO-family policy loss (SPEC 2.2).
+    """Every option of the GRPO-family policy loss (docs/design.md, Policy loss).
 
     Policy term, per token, with rho the importance ratio and A the advantage:
 

@@ -1,4 +1,4 @@
-"""Past one GPU: data-parallel normalizers, groups that span ranks, vocab-parallel log-probs (issue 9).
+"""Past one GPU: data-parallel normalizers, groups that span ranks, vocab-parallel log-probs.
 
 Three collectives, each in one place here; the public ops reach them through keyword arguments.
 

@@ -328,7 +328,7 @@ def policy_loss(
     num_sequences=None,
     process_group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The GRPO-family policy loss from precomputed token log-probs (SPEC 2.2).
+    """The GRPO-family policy loss from precomputed token log-probs (docs/design.md, Policy loss).
 
     Args:
         logps: [B, T] fp32/fp64 log-probs of the current policy (differentiable).

@@ -1,4 +1,4 @@
-"""Float64 reference of every op (SPEC section 2): the oracle every backend is tested against.
+"""Float64 reference of every op (docs/design.md, Math): the oracle every backend is tested against.
 
 Written to be read, not to be fast: it materializes full [.., V] tensors, loops over groups in
 Python, and lets autograd differentiate the plain formulas. Each function's docstring states the
@@ -107,7 +107,7 @@ def sequence_mean(values, mask):
 
 
 # -------------------------------------------------------------------------------------------------
-# Advantages (SPEC 2.1)
+# Advantages (docs/design.md, Advantages)
 # -------------------------------------------------------------------------------------------------
 def group_members(n: int, group_size=None, group_ids=None):
     """The list of groups, each a list of completion indices, in order of first appearance."""
@@ -144,7 +144,7 @@ def group_advantages(
     lens_groups="all",
     nan_rewards="raise",
 ) -> torch.Tensor:
-    """Advantages A_i for each completion, group by group (SPEC 2.1). Returns float64 [N].
+    """Advantages A_i for each completion, group by group (docs/design.md, Advantages). Returns float64 [N].
 
     - grpo:     A_i = (r_i - mean_g r) / (std_g r + eps)
     - dr_grpo:  A_i = r_i - mean_g r
@@ -284,7 +284,7 @@ def _scaled(a, group_values, scale, batch_std, eps, unbiased):
 
 
 # -------------------------------------------------------------------------------------------------
-# Policy loss (SPEC 2.2)
+# Policy loss (docs/design.md, Policy loss)
 # -------------------------------------------------------------------------------------------------
 def per_token_policy_loss(logps, old_logps, advantages, mask, cfg: LossConfig, is_weights=None):
     """The policy term per token, and the ratio rho used for the clip metrics.
@@ -357,7 +357,7 @@ def kl_estimate(logps, ref_logps, cfg: LossConfig):
 
 
 def aggregate(values, mask, mode, num_tokens=None, num_sequences=None, norm_length=None, dp_size=1.0):
-    """The aggregations of SPEC 2.2 (see ``LossConfig``), times dp_size.
+    """The aggregations of docs/design.md, Policy loss (see ``LossConfig``), times dp_size.
 
     Masked values are never read (a where, not a product with the mask). Empty work (B = 0, T = 0 or
     every token masked) gives 0: the default normalizers are clamped to >= 1.

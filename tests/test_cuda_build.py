@@ -1,4 +1,4 @@
-"""The CUDA sources on a machine without a GPU (SPEC 11, 12).
+"""The CUDA sources on a machine without a GPU (docs/design.md, Testing without a GPU).
 
 - nvcc compiles every kernel file for sm_80 and sm_90a, without warnings;
 - the kernels stay torch-free (a .cu that includes torch takes minutes to compile);

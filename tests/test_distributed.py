@@ -1,4 +1,4 @@
-"""Distributed ops (issue 9) on CPU with gloo: data parallel, groups across ranks, vocab parallel.
+"""Distributed ops on CPU with gloo: data parallel, groups across ranks, vocab parallel.
 
 Each world size is one ``torch.multiprocessing`` launch that runs every scenario of that size in
 order (a launch costs seconds, a scenario milliseconds); each test then reads its scenario's result

@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 7): a ValueError or TypeError whose message names the argument."""
+"""Bad input (docs/design.md, Inputs, errors and special values): a ValueError or TypeError whose message names the argument."""
 import pytest
 import torch
 

@@ -189,7 +189,7 @@ def test_temperature_frozen_weight_and_grad_scale(mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# The forward split across the vocabulary (issue 14), its merge, and the backward's tile order
+# The forward split across the vocabulary, its merge, and the backward's tile order
 # ---------------------------------------------------------------------------------------------
 FINITE_NEG = -1e4  # stands in for -inf in the float64 reference: exp(-1e4 - lse) == 0.0 exactly
 # V = 150 is 5 tiles of the interpreter's 32 lanes, the last one partial (22 lanes). vocab_splits:

@@ -1,4 +1,4 @@
-"""Peeled row sweeps (issue 14) against the float64 reference, under the interpreter on CPU.
+"""Peeled row sweeps against the float64 reference, under the interpreter on CPU.
 
 Every logits sweep splits a row into a head (elements before the row's first 16-byte boundary), an
 aligned body of whole vectors, and a tail, and keeps the row statistics per lane. Here rows start at

@@ -164,7 +164,7 @@ static RowRef row_reference(const double* z, int64_t V, int64_t target, double i
   return r;
 }
 
-// float64 dL/dl of one token, written from SPEC 2.2 / the torch backend independently of loss_math.cuh
+// float64 dL/dl of one token, written from docs/design.md, Policy loss / the torch backend independently of loss_math.cuh
 // (ties of min split the gradient, clamps zero it outside their range; is_weights = 1).
 static double ref_g_l(double l, double l_old, double l_ref, double A, double w, const LossParams& p) {
   double log_r = l - l_old, drho_scale = 1.0;

@@ -1,4 +1,4 @@
-"""Drop-in adapters for TRL, verl and OpenRLHF (SPEC section 9).
+"""Drop-in adapters for TRL, verl and OpenRLHF (docs/trl.md, docs/verl.md, docs/openrlhf.md).
 
 Each adapter is its own module and imports its trainer lazily: ``import lens_kernels`` never needs a
 trainer installed, and importing an adapter without its trainer raises an ImportError that names

@@ -1,4 +1,4 @@
-"""``lens-train``: a thin GRPO/LENS training loop on a built-in verifiable task (SPEC 10).
+"""``lens-train``: a thin GRPO/LENS training loop on a built-in verifiable task (docs/training.md).
 
 Run ``lens-train`` (or ``python -m lens_kernels.train``); ``lens-train --help`` lists the options.
 """

@@ -55,7 +55,7 @@ class HFTokenizer:
 
 def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     """flash_attention_2 on a CUDA device where flash-attn is installed and the model is bf16/fp16 (what
-    flash-attn supports), else sdpa (SPEC 10)."""
+    flash-attn supports), else sdpa (docs/training.md)."""
     if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
             and importlib.util.find_spec("flash_attn") is not None):
         return "flash_attention_2"

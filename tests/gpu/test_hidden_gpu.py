@@ -157,7 +157,7 @@ def test_lean_kernels_special_inputs_on_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_lean_forward_vocabulary_slices_match_one_pass(dtype):
     """(Named without "split": device_check.sh keeps ``-k split`` for the loss head's spin-waiting split
-    variant, in its own last step.) The vocabulary-split forward (issue 14) against the unsplit one at a real shape (N = 4096: 64 row
+    variant, in its own last step.) The vocabulary-split forward against the unsplit one at a real shape (N = 4096: 64 row
     blocks, where the heuristic splits), the heuristic's slices and 7 (a partial last slice), with a
     -inf bias over the whole first slice: the logits tiles are the same, only the merge order differs,
     so log-probs and entropy agree to fp32 rounding (1e-5 absolute); the gradients (which depend on the

@@ -195,7 +195,7 @@ def loss_terms(logps, entropy, advantages, mask, old_logps, ref_logps, is_weight
 
 
 # ---------------------------------------------------------------------------------------------
-# Token-level ratios: the loss gradient in forward (SPEC 5), on the torch backend too.
+# Token-level ratios: the loss gradient in forward (docs/design.md, Kernel designs), on the torch backend too.
 # ---------------------------------------------------------------------------------------------
 def token_inputs(mask, advantages, old_logps, ref_logps, is_weights, cfg: LossConfig, num_tokens, num_sequences,
                  grad_scale, cdt):

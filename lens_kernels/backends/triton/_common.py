@@ -6,7 +6,7 @@ strided view (``logits[:, :-1]``): row r sits at ``(r // T) * stride_b + (r % T)
 in int64 because ``row * stride`` overflows int32 beyond 2^31 elements. The vocabulary stride is 1
 (checked at the public boundary).
 
-Row sweeps are peeled (issue 14). A row of V = 50257 bf16 values starts at any 2-byte offset, so a
+Row sweeps are peeled. A row of V = 50257 bf16 values starts at any 2-byte offset, so a
 plain ``row_ptr + arange`` sweep compiles to scalar loads and stores. Each sweep splits the row into
 a head (the < VEC elements before the row's first 16-byte boundary, VEC = 16 bytes / element size), a
 body of whole 16-byte vectors that starts on that boundary (``tl.multiple_of`` on its pointer: 128-bit

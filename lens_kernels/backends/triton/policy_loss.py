@@ -1,4 +1,4 @@
-"""The fused policy loss from logits: loss, metrics and dL/dlogits in forward (SPEC 5).
+"""The fused policy loss from logits: loss, metrics and dL/dlogits in forward (docs/design.md, Kernel designs).
 
 Token-level ratios (every ``LossConfig`` with ``ratio_level="token"``): the per-token coefficients
 dL/dl_t and dL/dH_t depend only on that token's values, so one kernel reads a row, finishes its

@@ -4,7 +4,7 @@
   streamed: logits of the chunk by cuBLAS (GEMM 1), then two row kernels on the chunk buffer (log-prob,
   entropy and split lse; then, given the per-token loss coefficients, dL/dz written over the chunk),
   then dX = dz W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulator). The gradient is computed in
-  forward for the declared upstream ``grad_scale``; backward only rescales (SPEC 5). The chunk loop and
+  forward for the declared upstream ``grad_scale``; backward only rescales (docs/design.md, Kernel designs). The chunk loop and
   the coefficients are ``torch_backend.fast_policy_loss_from_hidden``: only the row step is Triton here.
 - ``lean``: no chunk-sized buffer: the op runs ``linear_token_logprobs`` (log-probs and entropy with
   the logits on chip; backward recomputes them tile by tile, CCE-style, 4 GEMMs, exact gradients) and
