@@ -182,6 +182,18 @@ class _GradScaleWatch:
 GRAD_SCALE_WATCH = _GradScaleWatch()
 
 
+def _store_grads(ctx, grads, logp, entropy, targets, advantages, mask, old_logps, ref_logps, is_weights, cfg,
+                 num_tokens, num_sequences, grad_scale):
+    """The fused forward's tail: the loss and metrics from its per-token log-probs and entropy (the
+    formulas of ``policy_loss``), and the gradients kept for ``_stored_grads``."""
+    loss, metrics, _, _ = loss_terms(logp.view(targets.shape), entropy.view(targets.shape), advantages, mask,
+                                     old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences)
+    ctx.save_for_backward(*grads)
+    ctx.grad_scale, ctx.used = float(grad_scale), False
+    ctx.mark_non_differentiable(metrics)
+    return loss, metrics
+
+
 def _stored_grads(ctx, grad_loss, op: str):
     """The gradients a fused forward computed for the upstream ``ctx.grad_scale``, scaled to the
     ``grad_loss`` backward received (``rescale`` per gradient); handed out once."""
@@ -215,12 +227,9 @@ class FusedLogitsLoss(torch.autograd.Function):
             # the logits now hold the gradient: an op that saved them for its backward must raise
             # ("modified by an inplace operation"), not compute a wrong gradient
             torch.autograd.graph.increment_version(logits)
-        loss, metrics, _, _ = loss_terms(logp.view(targets.shape), entropy.view(targets.shape), advantages, mask,
-                                         old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences)
-        ctx.save_for_backward(grad)
-        ctx.grad_scale, ctx.inplace, ctx.backend, ctx.used = float(grad_scale), bool(inplace), backend, False
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        ctx.inplace, ctx.backend = bool(inplace), backend
+        return _store_grads(ctx, (grad,), logp, entropy, targets, advantages, mask, old_logps, ref_logps, is_weights,
+                            cfg, num_tokens, num_sequences, grad_scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):
@@ -269,12 +278,8 @@ class FastHiddenLoss(torch.autograd.Function):
             logp, entropy, grads = backends.launchers("policy_loss_from_hidden", backend).forward(
                 hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, is_weights, temperature, cfg,
                 num_tokens, num_sequences, grad_scale, needs)
-        loss, metrics, _, _ = loss_terms(logp.view(targets.shape), entropy.view(targets.shape), advantages, mask,
-                                         old_logps, ref_logps, is_weights, cfg, num_tokens, num_sequences)
-        ctx.save_for_backward(*grads)
-        ctx.grad_scale, ctx.used = float(grad_scale), False
-        ctx.mark_non_differentiable(metrics)
-        return loss, metrics
+        return _store_grads(ctx, grads, logp, entropy, targets, advantages, mask, old_logps, ref_logps, is_weights,
+                            cfg, num_tokens, num_sequences, grad_scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):

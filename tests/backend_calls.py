@@ -17,19 +17,26 @@ def token_logprobs(backend, logits, targets, mask=None, temperature=1.0, return_
 
 
 @contextlib.contextmanager
-def _triton_vocab_splits(vocab_splits):
-    """Forces the Triton lean forward's vocabulary slices (the launcher's heuristic, replaced)."""
-    if vocab_splits is None:
+def _replaced(module_name, attribute, value):
+    """``module.attribute = value`` for the duration (None: left as it is)."""
+    if value is None:
         yield
         return
-    lin = importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs")
-    lin.check_vocab_splits(vocab_splits)
-    heuristic = lin.vocab_splits_for
-    lin.vocab_splits_for = lambda *args, **kwargs: vocab_splits
+    module = importlib.import_module(module_name)
+    before = getattr(module, attribute)
+    setattr(module, attribute, value)
     try:
         yield
     finally:
-        lin.vocab_splits_for = heuristic
+        setattr(module, attribute, before)
+
+
+def _triton_vocab_splits(vocab_splits):
+    """Forces the Triton lean forward's vocabulary slices (the launcher's heuristic, replaced)."""
+    if vocab_splits is not None:
+        importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs").check_vocab_splits(vocab_splits)
+    return _replaced("lens_kernels.backends.triton.linear_token_logprobs", "vocab_splits_for",
+                     None if vocab_splits is None else (lambda *args, **kwargs: vocab_splits))
 
 
 def linear_token_logprobs(backend, hidden, weight, targets, bias=None, mask=None, temperature=1.0,
@@ -53,20 +60,11 @@ def policy_loss_from_logits(backend, logits, targets, mask, advantages, old_logp
                                           temperature, config, num_tokens, num_sequences, grad_scale, inplace, backend)
 
 
-@contextlib.contextmanager
 def _cuda_path(path):
     """Forces the CUDA fused loss's row-kernel variant."""
-    if path is None:
-        yield
-        return
-    cuda = importlib.import_module("lens_kernels.backends.cuda")
-    if path not in cuda.PATHS:
-        raise ValueError(f"path must be one of {list(cuda.PATHS)}, got {path!r}")
-    before, cuda.FUSED_LOSS_PATH = cuda.FUSED_LOSS_PATH, path
-    try:
-        yield
-    finally:
-        cuda.FUSED_LOSS_PATH = before
+    if path is not None and path not in importlib.import_module("lens_kernels.backends.cuda").PATHS:
+        raise ValueError(f"path {path!r} is not a row-kernel variant of the CUDA fused loss")
+    return _replaced("lens_kernels.backends.cuda", "FUSED_LOSS_PATH", path)
 
 
 def policy_loss_from_hidden(backend, hidden, weight, targets, mask, advantages, bias=None, old_logps=None,
@@ -78,16 +76,7 @@ def policy_loss_from_hidden(backend, hidden, weight, targets, mask, advantages, 
                                           mode, backend)
 
 
-@contextlib.contextmanager
 def _triton_chunk_rows(chunk_rows):
     """Forces the Triton fast hidden mode's rows per chunk (chunk boundaries inside sequences)."""
-    if chunk_rows is None:
-        yield
-        return
-    plh = importlib.import_module("lens_kernels.backends.triton.policy_loss_from_hidden")
-    heuristic = plh.fast_chunk_rows
-    plh.fast_chunk_rows = lambda *args, **kwargs: chunk_rows
-    try:
-        yield
-    finally:
-        plh.fast_chunk_rows = heuristic
+    return _replaced("lens_kernels.backends.triton.policy_loss_from_hidden", "fast_chunk_rows",
+                     None if chunk_rows is None else (lambda *args, **kwargs: chunk_rows))
