@@ -287,14 +287,9 @@ def extreme_logits(seed):
     return z.float(), targets
 
 
-# The torch backend's token_logprobs saves one fp32 lse = m + log l for its backward: at |z| ~ 3e38 the
-# log l part is lost (ulp 2e31), so two equal maxima get p = 1 each in the gradient (forward values are
-# right; the fused policy-loss path keeps m and log l apart and is exact). A known defect of that
-# autograd function, kept visible here until its saved statistics are split.
-TORCH_LSE = pytest.mark.xfail(strict=True, reason="torch backend token_logprobs backward: one fp32 lse at |z| ~ 3e38")
 
 
-@pytest.mark.parametrize("backend", [pytest.param("torch", marks=TORCH_LSE), "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("with_entropy", [True, False], ids=["entropy", "no_entropy"])
 def test_extreme_finite_logits_token_logprobs(backend, with_entropy):
     z, targets = extreme_logits(stable_seed("extreme", "token_logprobs"))

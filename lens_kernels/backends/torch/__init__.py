@@ -25,7 +25,7 @@ def empty_grad(logits: torch.Tensor) -> torch.Tensor:
 
 
 token_logprobs = Launchers(forward=token_logprobs_forward, backward=token_logprobs_backward, empty_grad=empty_grad,
-                           forward_no_grad=logprobs_no_grad)
+                           forward_no_grad=logprobs_no_grad, stats_rows=2)
 linear_token_logprobs = Launchers(variant=lambda hidden: "", forward=linear_token_logprobs_forward,
                                   backward=linear_token_logprobs_backward, forward_no_grad=linear_logprobs_no_grad)
 policy_loss_from_logits = Launchers(forward=fused_logits_loss_forward, rescale_=rescale_grad_, empty_grad=empty_grad)

@@ -300,9 +300,13 @@ def active_rows(g_l, g_h, g_t):
     return act
 
 
-def grad_rows(z, targets, tau, lse, entropy, g_l, g_h, g_t, y, e, out) -> None:
-    """dL/dz of a chunk from the global lse (of z / tau) and entropy of its rows: log p = z / tau - lse."""
+def grad_rows(z, targets, tau, lse, entropy, g_l, g_h, g_t, y, e, out, log_l=None) -> None:
+    """dL/dz of a chunk from the global lse (of z / tau) and entropy of its rows: log p = z / tau - lse.
+    With ``log_l``, ``lse`` is the row max m and log p = (z / tau - m) - log_l: two roundings where
+    m + log_l would lose log_l (|z| near the fp32 maximum, where its ulp is 2e31)."""
     shifted_logits(z, tau, y, lse)
+    if log_l is not None:
+        y.sub_(log_l.unsqueeze(1))
     _zero_rows(y, active_rows(g_l, g_h, g_t))
     if g_h is not None:
         y.clamp_(min=FLOOR)  # p (log p + H) at a -inf entry: 0 * FLOOR, not 0 * -inf

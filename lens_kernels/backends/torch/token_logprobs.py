@@ -10,16 +10,6 @@ from ._common import (compute_dtype, finish_partials, flat_keep, flat_rows, grad
 from .vocab_shard import vocab_shard_grad, vocab_shard_partials
 
 
-def logprob_stats(logits, t, keep, bad, temperature):
-    """(logp, lse, entropy) flat [N]; masked tokens 0, a kept out-of-range target NaN."""
-    logp, lse, entropy = finish_partials(*vocab_shard_partials(logits, t, temperature, keep))
-    if keep is not None:
-        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-        logp = torch.where(keep, logp, zero)
-        entropy = torch.where(keep, entropy, zero)
-    return mark_bad(logp, bad), lse, entropy
-
-
 def logprobs_no_grad(logits, targets, mask, temperature, want_entropy):
     """(logp, entropy or None) shaped like ``targets``, when no gradient will follow: no lse is kept
     for a backward, only the kept rows are computed (gathered first on CPU when some are masked), and
@@ -98,15 +88,30 @@ def _row_blocks(x, rows):
 
 
 def token_logprobs_forward(logits, targets, mask, temperature):
-    """(logp [N], entropy [N], lse [N]) in the compute dtype (fp32; fp64 for fp64 logits)."""
+    """(logp [N], entropy [N], stats [2, N]: the row max m and log l of z / tau) in the compute dtype
+    (fp32; fp64 for fp64 logits). m and log l stay apart: their sum loses log l when |z| is near the
+    fp32 maximum."""
     t, keep, bad = flat_keep(targets, mask, logits.shape[-1])
-    logp, lse, entropy = logprob_stats(logits, t, keep, bad, temperature)
-    return logp, entropy, lse
+    m_i, l_i, ey, target_shifted = vocab_shard_partials(logits, t, temperature, keep)
+    logp, _, entropy = finish_partials(m_i, l_i, ey, target_shifted)
+    if keep is not None:
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        logp = torch.where(keep, logp, zero)
+        entropy = torch.where(keep, entropy, zero)
+    return mark_bad(logp, bad), entropy, torch.stack((m_i, torch.log(l_i)))
 
 
-def token_logprobs_backward(logits, targets, mask, temperature, lse, entropy, g_logp, g_entropy, out):
+def token_logprobs_backward(logits, targets, mask, temperature, stats, entropy, g_logp, g_entropy, out):
     """Writes dL/dlogits for the flat upstream gradients g_logp, g_entropy (either may be None) into
     ``out`` (shaped as logits; ``out is logits`` overwrites them in place) and returns it."""
     t, keep, bad = flat_keep(targets, mask, logits.shape[-1])
+    m_i, log_l = stats.unbind(0)
+    lse = m_i + log_l
+    split = None
+    # one shift by lse where it is exact (the usual case, one pass fewer); apart where it is not. The
+    # check reads values: free on CPU; on a GPU the torch fallback always subtracts apart
+    if logits.device.type != "cpu" or not bool(((lse - m_i == log_l) | ~torch.isfinite(lse)).all()):
+        lse, split = m_i, log_l
     g_l, g_h = grad_coefficients(lse, g_logp, g_entropy, keep, bad)
-    return vocab_shard_grad(logits, t, temperature, lse, entropy.reshape(-1).to(lse.dtype), g_l, g_h, out=out)
+    return vocab_shard_grad(logits, t, temperature, lse, entropy.reshape(-1).to(lse.dtype), g_l, g_h, out=out,
+                            log_l=split)

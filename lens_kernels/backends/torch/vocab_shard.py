@@ -49,14 +49,15 @@ def vocab_shard_partials(logits, targets, temperature=1.0, keep=None):
 
 
 def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entropy=None, g_target=None,
-                     inplace=False, out=None):
+                     inplace=False, out=None, log_l=None):
     """dL/dlogits of a [..., V] logits tensor (or shard) from the global lse and entropy.
 
     lse, entropy, g_logp, g_entropy, g_target: flat [N] in the compute dtype (g_entropy may be None;
     g_target defaults to g_logp). A row whose coefficients are all 0 gets an exact-zero gradient,
     whatever its logits hold. The gradient goes into ``out`` (any layout shaped as logits; ``logits``
     itself, or ``inplace``, overwrites them; the caller's autograd records that), else into a fresh
-    buffer. Returns the gradient, shaped and typed as ``logits``.
+    buffer. With ``log_l`` [N], ``lse`` is the row max and the two are subtracted apart (``grad_rows``).
+    Returns the gradient, shaped and typed as ``logits``.
     """
     vocab = logits.shape[-1]
     n = lse.numel()
@@ -73,7 +74,8 @@ def vocab_shard_grad(logits, targets, temperature, lse, entropy, g_logp, g_entro
         stop = start + chunk.shape[0]
         y, e = work.get(stop - start)
         grad_rows(chunk, t[start:stop], slice_tau(tau, start, stop), lse[start:stop], entropy[start:stop],
-                  g_logp[start:stop], sl(g_entropy, start, stop), g_t[start:stop], y, e, dst)
+                  g_logp[start:stop], sl(g_entropy, start, stop), g_t[start:stop], y, e, dst,
+                  sl(log_l, start, stop))
     return out
 
 
