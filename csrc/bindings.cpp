@@ -152,23 +152,19 @@ Tensor per_row(const Tensor& logits, int64_t rows) {
 // ---------------------------------------------------------------------------------------------
 // token_logprobs
 // ---------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor, Tensor> token_logprobs_fwd(const Tensor& logits, const Tensor& targets,
-                                                              const optional<Tensor>& mask,
-                                                              const optional<Tensor>& tau_rows, double tau,
-                                                              bool seq_sums) {
+std::tuple<Tensor, Tensor, Tensor> token_logprobs_fwd(const Tensor& logits, const Tensor& targets,
+                                                      const optional<Tensor>& mask, const optional<Tensor>& tau_rows,
+                                                      double tau) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowInputs in = row_inputs(logits, targets, mask, tau_rows);
   Tensor logp = per_row(logits, in.rows), entropy = per_row(logits, in.rows), lse = per_row(logits, in.rows);
-  const int64_t n_seq = seq_sums ? (logits.dim() == 3 ? logits.size(0) : in.rows) : 0;
-  Tensor seq_sum = at::zeros({n_seq}, logits.options().dtype(at::kFloat));
   lens::LogprobFwdArgs a{};
   set_row_inputs(a, logits, in, tau);
   a.logp = logp.data_ptr<float>();
   a.entropy = entropy.data_ptr<float>();
   a.lse = lse.data_ptr<float>();
-  a.seq_sum = seq_sums ? seq_sum.data_ptr<float>() : nullptr;
   throw_if_failed(lens::launch_token_logprobs_fwd(a, c10::cuda::getCurrentCUDAStream()), "token_logprobs_fwd");
-  return {logp, entropy, lse, seq_sum};
+  return {logp, entropy, lse};
 }
 
 void run_token_logprobs_bwd(const Tensor& logits, const Tensor& targets, const optional<Tensor>& mask,
@@ -316,8 +312,8 @@ void set_debug_flags(int64_t flags) { g_debug_flags = flags; }
 }  // namespace
 
 TORCH_LIBRARY(lens_kernels_cuda, m) {
-  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
-        "bool seq_sums) -> (Tensor logp, Tensor entropy, Tensor lse, Tensor seq_sum)");
+  m.def("token_logprobs_fwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau) "
+        "-> (Tensor logp, Tensor entropy, Tensor lse)");
   m.def("token_logprobs_bwd(Tensor logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "
         "Tensor lse, Tensor entropy, Tensor g_logp, Tensor? g_entropy) -> Tensor");
   m.def("token_logprobs_bwd_(Tensor(a!) logits, Tensor targets, Tensor? mask, Tensor? tau_rows, float tau, "

@@ -43,7 +43,6 @@ struct LogprobFwdArgs {
   float* logp;
   float* entropy;
   float* lse;               // logsumexp(z / tau), kept for backward
-  float* seq_sum;           // [rows / layout.inner] += sum of kept logp, or nullptr; zeroed by the caller
 };
 
 // Backward of token_logprobs: dz = (1/tau) [g_l (onehot - p) - g_H p (log p + H)].

@@ -30,11 +30,9 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(LogprobFwd
     state = block_merge<kThreads>(state, scratch);
     if (threadIdx.x == 0) {
       // NaN for a target outside [0, V): never clamped to probability 1
-      const float logp = state.log_prob(target_raw(z, a.targets[row], a.vocab) * scale);
-      a.logp[row] = logp;
+      a.logp[row] = state.log_prob(target_raw(z, a.targets[row], a.vocab) * scale);
       a.entropy[row] = state.entropy();
       a.lse[row] = state.log_sum();
-      if (a.seq_sum != nullptr) atomicAdd(a.seq_sum + row / a.layout.inner, logp);
     }
   }
 }

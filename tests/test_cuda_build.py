@@ -279,10 +279,9 @@ class _StandInOps:
         kept = torch.ones_like(lse, dtype=torch.bool) if keep is None else keep
         return z, tau_t, lse, logp_all, p, torch.where(kept, logp, 0.0), torch.where(kept, entropy, 0.0), kept
 
-    def token_logprobs_fwd(self, logits, targets, keep, tau_rows, tau, seq_sums):
+    def token_logprobs_fwd(self, logits, targets, keep, tau_rows, tau):
         _, _, lse, _, _, logp, entropy, _ = self._rows(logits, targets, keep, tau_rows, tau)
-        seq = logp.view(logits.shape[0], -1).sum(-1) if seq_sums else logp.new_zeros(0)
-        return logp.float(), entropy.float(), lse.float(), seq.float()
+        return logp.float(), entropy.float(), lse.float()
 
     def _grad(self, logits, targets, keep, tau_rows, tau, g_l, g_h):
         _, tau_t, _, logp_all, p, _, entropy, kept = self._rows(logits, targets, keep, tau_rows, tau)
@@ -301,7 +300,7 @@ class _StandInOps:
 
     def fused_policy_loss(self, logits, targets, keep, tau_rows, tau, adv, w, ew, old, ref, isw, params, path):
         # a stand-in dL/dl of -w * A (on-policy PPO inside the clip range), scaled by grad_scale
-        logp, entropy, _, _ = self.token_logprobs_fwd(logits, targets, keep, tau_rows, tau, False)
+        logp, entropy, _ = self.token_logprobs_fwd(logits, targets, keep, tau_rows, tau)
         g_l = -(w * adv)
         grad = self._grad(logits, targets, keep, tau_rows, tau, g_l * params[12], None)
         return grad, logp, entropy, g_l

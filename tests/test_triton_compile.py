@@ -8,7 +8,7 @@ triton's own binder and ``_pack_args`` as ``JITFunction.run`` does. Each distinc
 compiled once per architecture (V = 151936 and 128256 specialize alike; 50257 does not).
 
 The hidden path is launched as its callers launch it: each feature set (plain; a bias, with its
-gradient; sequence sums with a bias and per-row temperatures) at row counts where the launcher's own
+gradient; a bias with per-row temperatures) at row counts where the launcher's own
 split heuristic (``vocab_splits_for``, on an H100's and an A100's SM count) picks one slice, a few and
 the most, so the merge is compiled at the split counts it really gets (148 at V = 151936, 256 with the
 fp32 "ieee" tiles).
@@ -77,18 +77,18 @@ REG_BUDGET = {MERGE_KERNEL: 64}
 # The hidden path as launched: each feature set, at row counts where the launcher's split heuristic picks
 # 1 slice (65536 rows), a few (4096) and the most (64: 148 slices at V = 151936, 256 for fp32 "ieee"),
 # on an H100's and an A100's SM count
-LEAN_FEATURES = ("plain", "bias", "sums")  # sums: with a bias and per-row temperatures
+LEAN_FEATURES = ("plain", "bias", "tau")  # tau: a bias and a temperature per row
 LEAN_ROWS = (64, 4096, 65536)
 SM_COUNTS = (132, 108)
 # The lean forward's registers at sm_90 with aligned rows (not "ieee"), per Triton version and feature set:
 # ptxas differs by version, so the figures do too. The split heuristic does not rely on them (it reads
 # the compiled kernel's count at the first launch); they catch a regression. Measured over dtypes and
 # split / unsplit, then the budget (a few registers of margin): 3.9 plain 127-128 (2 programs of 256
-# threads per SM: the budget stays at 128), bias 128-152, sums 128-170; 3.6 plain 152-160, bias
-# 150-156, sums 150-176.
+# threads per SM: the budget stays at 128), bias 128-152, tau 128-168; 3.6 plain 152-160, bias
+# 150-156, tau 150-156.
 FWD_SM90_REG_BUDGET = {
-    "3.9": {"plain": 128, "bias": 160, "sums": 176},
-    "3.6": {"plain": 168, "bias": 168, "sums": 184},
+    "3.9": {"plain": 128, "bias": 160, "tau": 176},
+    "3.6": {"plain": 168, "bias": 168, "tau": 168},
 }
 # the merge's one pass: one loop over chunks of slices (4 block loads of partials in it), and one block
 # load each of keep and targets outside it
@@ -161,7 +161,7 @@ def _record_launches():
                 launch_tags["variant"] = (tags["variant"] + (" split" if kwargs["SPLIT"] else " unsplit")).strip()
                 launch_tags["splits"] = grid[1]
             if kernel is lin._linear_logprobs_merge_kernel:
-                launch_tags["splits"] = args[10]  # N, V, splits: the split count the heuristic picked
+                launch_tags["splits"] = args[9]  # N, V, splits: the split count the heuristic picked
             launches.append((kernel, args, kwargs, launch_tags))
             if kernel is lin._linear_logprobs_bwd_kernel:
                 raise Stop  # one vocabulary slab is the whole story; the rest would touch GBs of dW
@@ -195,9 +195,7 @@ def _record_launches():
             mask = torch.ones(B, T, dtype=torch.bool)
             adv = torch.randn(B, generator=g)
             old = -torch.rand(B, T, generator=g)
-            logp, entropy, stats, row_inputs, _ = tlp.token_logprobs_forward(view, targets, mask, 1.0)
-            if dtype_name == "bfloat16":
-                tlp.token_logprobs_forward(view, targets, mask, 1.0, sequence_sums=True)
+            logp, entropy, stats, row_inputs = tlp.token_logprobs_forward(view, targets, mask, 1.0)
             grad = common.empty_grad_like(view)  # as the autograd Functions allocate it
             tlp.token_logprobs_backward(view, grad, row_inputs, stats, entropy, logp, entropy)
             # every switch on (the most code), and the default config (the most common launch; bf16 only:
@@ -225,7 +223,7 @@ def _record_launches():
 
 def _record_lean_launches(lin, dtype, V, H, setting, tags, g, Stop):
     """The hidden path as its callers launch it: every feature set (plain; a bias, with its gradient;
-    sequence sums with a bias and per-row temperatures), at row counts where the launcher's own
+    a bias with per-row temperatures), at row counts where the launcher's own
     heuristic (``vocab_splits_for`` on each SM count of SM_COUNTS) picks one slice, a few, and the most
     (which sizes the merge), and the backward once per feature set (it does not depend on N)."""
     import torch
@@ -241,12 +239,11 @@ def _record_lean_launches(lin, dtype, V, H, setting, tags, g, Stop):
                 targets = torch.randint(0, V, (n,), generator=g)
                 keep = torch.ones(n, dtype=torch.int8)
                 tags.update(H=H, variant=precision if setting else "", features=features)
-                if features == "sums":  # as linear_token_logprobs_with_sequence_sums launches it
+                if features == "tau":  # a [B, T] temperature tensor (the backward is the same kernel)
                     tau_rows = torch.ones(n, dtype=torch.float32)
-                    lin.linear_logprobs_forward(hidden, weight, bias, targets, keep, 1.0, tau_rows,
-                                                rows_per_seq=n // 4)
+                    lin.linear_logprobs_forward(hidden, weight, bias, targets, keep, 1.0, tau_rows)
                     continue
-                lp, ent, m_i, log_l, _ = lin.linear_logprobs_forward(hidden, weight, bias, targets, keep, 1.0, None)
+                lp, ent, m_i, log_l = lin.linear_logprobs_forward(hidden, weight, bias, targets, keep, 1.0, None)
                 if n == LEAN_ROWS[0] and sms == SM_COUNTS[0]:
                     try:
                         lin.linear_logprobs_backward(hidden, weight, bias, targets, 1.0, None, m_i, log_l, ent, lp,

@@ -66,11 +66,9 @@ if HAS_CUDA_EXT:  # shapes of the outputs, for torch.compile and meta tensors
         return logits.numel() // logits.shape[-1] if logits.shape[-1] else 0
 
     @torch.library.register_fake("lens_kernels_cuda::token_logprobs_fwd")
-    def _(logits, targets, mask, tau_rows, tau, seq_sums):
-        n = _rows(logits)
-        n_seq = (logits.shape[0] if logits.dim() == 3 else n) if seq_sums else 0
-        vec = logits.new_empty((n,), dtype=torch.float32)
-        return vec, torch.empty_like(vec), torch.empty_like(vec), logits.new_empty((n_seq,), dtype=torch.float32)
+    def _(logits, targets, mask, tau_rows, tau):
+        vec = logits.new_empty((_rows(logits),), dtype=torch.float32)
+        return vec, torch.empty_like(vec), torch.empty_like(vec)
 
     @torch.library.register_fake("lens_kernels_cuda::token_logprobs_bwd")
     def _(logits, targets, mask, tau_rows, tau, lse, entropy, g_logp, g_entropy):
@@ -126,7 +124,7 @@ def _per_token(x: Optional[torch.Tensor], shape) -> Optional[torch.Tensor]:
 def token_logprobs_forward(logits, targets, mask, temperature):
     """(logp [N], entropy [N], lse [N]) fp32."""
     t, keep, tau_rows, tau = _row_inputs(targets, mask, temperature)
-    logp, entropy, lse, _ = _ops().token_logprobs_fwd(logits, t, keep, tau_rows, tau, False)
+    logp, entropy, lse = _ops().token_logprobs_fwd(logits, t, keep, tau_rows, tau)
     return logp, entropy, lse
 
 

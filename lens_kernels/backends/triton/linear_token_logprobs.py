@@ -6,7 +6,7 @@ BLOCK_V tiles, each tile of logits a K-loop of ``tl.dot`` over H folded at once 
 softmax (``m_i``, ``l_i`` and the entropy accumulator ``s_i``) and the target gather. With one slice
 (the row blocks fill the GPU) a program writes the fp32 [N] outputs (log-prob, entropy, and the
 split lse (m_i, log l_i) that backward needs) itself; with several, it writes its slice's partials to
-a small fp32 workspace and a one-pass merge kernel combines them. Optional per-sequence sums.
+a small fp32 workspace and a one-pass merge kernel combines them.
 Memory is O(N x slices) beyond the inputs.
 
 Backward (CCE-style, exact: no gradient filtering): (row block, vocabulary tile) programs, in a
@@ -61,8 +61,8 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_in, v_in,
 
 
 @triton.jit
-def _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
-                 logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM: tl.constexpr):
+def _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V,
+                 logp_ptr, entropy_ptr, m_ptr, log_l_ptr):
     """Writes a block of rows from their merged state: masked rows get exact zeros (whatever garbage
     their hidden states held), a kept target outside [0, V) (e.g. -100) a NaN log-prob (README)."""
     log_l = tl.log(l_i)
@@ -72,8 +72,6 @@ def _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_
     tl.store(entropy_ptr + offs_n, tl.where(keep, log_l - s_i / l_i, 0.0), mask=row_in)
     tl.store(m_ptr + offs_n, tl.where(keep, m_i, 0.0), mask=row_in)
     tl.store(log_l_ptr + offs_n, tl.where(keep, log_l, 0.0), mask=row_in)
-    if SEQ_SUM:
-        tl.atomic_add(seq_sum_ptr + offs_n // rows_per_seq, logp, mask=keep, sem="relaxed")
 
 
 @triton.jit
@@ -86,16 +84,15 @@ def _linear_logprobs_fwd_kernel(
     keep_ptr,  # [N] int8, 1 = token in the loss
     tau_ptr,  # [N] fp32 per-row temperature (read only if PER_ROW_TAU)
     logp_ptr, entropy_ptr, m_ptr, log_l_ptr,  # [N] fp32 outputs; lse = m + log_l (only if not SPLIT)
-    seq_sum_ptr,  # [N // rows_per_seq] fp32, zeroed, sums of kept log-probs (only if SEQ_SUM, not SPLIT)
     partial_ptr,  # [4, splits, N] fp32: (m, l, s, x_target) of each vocabulary slice (only if SPLIT)
     # shapes: program (i, j) covers rows [i BLOCK_N, (i + 1) BLOCK_N) and vocabulary [j slice_v, (j + 1) slice_v)
-    N, V, H, rows_per_seq, slice_v,
+    N, V, H, slice_v,
     # strides (elements)
     stride_hn, stride_wv,
     # scalars
     tau,
     # switches
-    HAS_BIAS: tl.constexpr, PER_ROW_TAU: tl.constexpr, SEQ_SUM: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PER_ROW_TAU: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,8 +137,8 @@ def _linear_logprobs_fwd_kernel(
             tl.store(slot + 2 * plane, s_i, mask=row_in)
             tl.store(slot + 3 * plane, x_target, mask=row_in)
         else:
-            _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
-                         logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
+            _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V,
+                         logp_ptr, entropy_ptr, m_ptr, log_l_ptr)
 
 
 # V only bounds the target check here: one compile for every V
@@ -151,11 +148,10 @@ def _linear_logprobs_merge_kernel(
     partial_ptr,  # [4, splits, N] fp32 written by the split forward (rows of blocks with no kept token: unwritten)
     targets_ptr, keep_ptr,  # [N] as in forward
     logp_ptr, entropy_ptr, m_ptr, log_l_ptr,  # [N] fp32 outputs
-    seq_sum_ptr,  # [N // rows_per_seq] fp32, zeroed (only if SEQ_SUM)
     # shapes
-    N, V, splits, rows_per_seq,
+    N, V, splits,
     # switches
-    SEQ_SUM: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
 ):
     """One pass over the partials: each program walks the [BLOCK_R, splits] partials of its rows in
     chunks of SPLITS_CHUNK slices, each read once and folded into the rows' running state with the
@@ -181,8 +177,8 @@ def _linear_logprobs_merge_kernel(
         x_target += tl.sum(tl.load(slot + 3 * plane, mask=live, other=0.0), 1)
         # the running state starts empty (l == 0): the first chunk's state passes through unchanged
         m_i, l_i, s_i = merge_stats(tl.join(m_i, m_c), tl.join(l_i, l_c), tl.join(s_i, s_c), 1)
-    _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V, rows_per_seq,
-                 logp_ptr, entropy_ptr, m_ptr, log_l_ptr, seq_sum_ptr, SEQ_SUM)
+    _finish_rows(offs_n, row_in, keep, target, m_i, l_i, s_i, x_target, V,
+                 logp_ptr, entropy_ptr, m_ptr, log_l_ptr)
 
 
 @triton.jit(do_not_specialize=["V_TOTAL", "group_n"])  # one compile for every V and H
@@ -286,7 +282,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # vocabulary tiles so that a program's fixed costs (the row loads, the partials) stay small next to its
 # dots. How many programs of the forward fit on an SM at once depends on the registers ptxas gave the
 # compiled kernel, which differ by Triton version (bf16 at sm_90: 127-128 under 3.9, 152-160 under 3.6)
-# and by variant (a bias or the sequence sums add some): the first launch on a device reports them
+# and by variant (a bias adds some): the first launch on a device reports them
 # (``note_fwd_launch``) and the heuristic uses that count from then on. Before any launch it assumes
 # FWD_PROGRAMS_PER_SM programs per SM (2 waves of 2 programs: <= 128 registers x 256 threads and
 # 72 KiB of shared memory at sm_90). Unmeasured: a GPU run should tune both.
@@ -433,10 +429,9 @@ def check_vocab_splits(vocab_splits) -> int:
     return vocab_splits
 
 
-def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, rows_per_seq=None, vocab_splits=None,
-                            precision=None):
+def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, vocab_splits=None, precision=None):
     """Launches the forward (and, with more than one vocabulary slice, the merge); returns fp32 [N]
-    (logp, entropy, m, log_l) and the [N / rows_per_seq] sums of kept log-probs (or None).
+    (logp, entropy, m, log_l).
 
     ``vocab_splits`` overrides ``vocab_splits_for`` (tests force several slices, also ones that leave
     the last slice partial or empty); ``precision`` overrides ``dot_precision`` (backward passes the
@@ -445,38 +440,32 @@ def linear_logprobs_forward(h, weight, bias, t, keep8, tau, tau_rows, rows_per_s
     vocab = weight.shape[0]
     out = torch.empty((4, n), dtype=torch.float32, device=h.device)
     logp, entropy, m_i, log_l = out.unbind(0)
-    seq_sums = None if rows_per_seq is None else torch.zeros(n // rows_per_seq, dtype=torch.float32,
-                                                             device=h.device)
     precision = precision or dot_precision(h.dtype)
     block_n, block_v, block_h, warps, stages = tile_config(h.device, h.dtype, precision)
     splits = vocab_splits_for(n, vocab, h.device, block_n, block_v) if vocab_splits is None else \
         check_vocab_splits(vocab_splits)
     if n == 0:
-        return logp, entropy, m_i, log_l, seq_sums
+        return logp, entropy, m_i, log_l
     slice_v = triton.cdiv(triton.cdiv(vocab, block_v), splits) * block_v  # whole tiles per slice
     partials = torch.empty((4, splits, n), dtype=torch.float32, device=h.device) if splits > 1 else None
     compiled = _linear_logprobs_fwd_kernel[(triton.cdiv(n, block_n), splits)](
         h, weight, bias if bias is not None else h, t, keep8, tau_rows if tau_rows is not None else logp,
-        logp, entropy, m_i, log_l, seq_sums if seq_sums is not None else logp,
-        partials if partials is not None else logp,
-        n, vocab, width, rows_per_seq or 1, slice_v,
+        logp, entropy, m_i, log_l, partials if partials is not None else logp,
+        n, vocab, width, slice_v,
         h.stride(0), weight.stride(0),
         tau,
-        HAS_BIAS=bias is not None, PER_ROW_TAU=tau_rows is not None, SEQ_SUM=seq_sums is not None,
-        SPLIT=splits > 1,
+        HAS_BIAS=bias is not None, PER_ROW_TAU=tau_rows is not None, SPLIT=splits > 1,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, DOT_PRECISION=precision,
         num_warps=warps, num_stages=stages, maxnreg=fwd_max_regs(precision),
     )
     note_fwd_launch(compiled, h.device, block_n, block_v, warps)
     if splits > 1:
         _linear_logprobs_merge_kernel[(triton.cdiv(n, MERGE_BLOCK_R),)](
-            partials, t, keep8, logp, entropy, m_i, log_l, seq_sums if seq_sums is not None else logp,
-            n, vocab, splits, rows_per_seq or 1,
-            SEQ_SUM=seq_sums is not None, BLOCK_R=MERGE_BLOCK_R,
+            partials, t, keep8, logp, entropy, m_i, log_l, n, vocab, splits, BLOCK_R=MERGE_BLOCK_R,
             SPLITS_CHUNK=min(triton.next_power_of_2(splits), MERGE_SPLITS_CHUNK),
             num_warps=4,
         )
-    return logp, entropy, m_i, log_l, seq_sums
+    return logp, entropy, m_i, log_l
 
 
 def group_rows_for(width: int, dtype: torch.dtype, block_n: int) -> int:
@@ -544,7 +533,7 @@ def launch_forward(hidden, weight, bias, targets, mask, temperature, variant, vo
     if vocab_splits is not None:
         check_vocab_splits(vocab_splits)
     h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
-    logp, entropy, m_i, log_l, _ = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
+    logp, entropy, m_i, log_l = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
                                                            vocab_splits=vocab_splits, precision=variant or None)
     return logp, entropy, torch.stack((m_i, log_l))
 
@@ -566,16 +555,3 @@ def launch_backward(hidden, weight, bias, targets, mask, temperature, stats, ent
         variant or None)
     return (None if d_hidden is None else d_hidden.view(hidden.shape)), d_weight, d_bias
 
-
-def linear_token_logprobs_with_sequence_sums(hidden, weight, targets, bias=None, mask=None, temperature=1.0,
-                                             vocab_splits=None):
-    """Forward only (old/ref log-probs, LENS confidence): (logp [B, T], entropy [B, T], sums [B]) fp32,
-    the sums of the kept log-probs of each sequence accumulated in the same launch."""
-    check_dtype(hidden, "hidden", "linear_token_logprobs")
-    if targets.dim() != 2:
-        raise ValueError(f"targets must be [B, T] for per-sequence sums, got shape {list(targets.shape)}")
-    with torch.no_grad():
-        h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
-        logp, entropy, _, _, sums = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
-                                                            rows_per_seq=targets.shape[1], vocab_splits=vocab_splits)
-    return logp.view(targets.shape), entropy.view(targets.shape), sums

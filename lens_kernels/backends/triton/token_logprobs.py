@@ -1,10 +1,8 @@
 """Token log-probs and entropy from logits: one read of the logits forward, one read and one write
 backward (given dL/dl and dL/dH).
 
-Forward writes fp32 log-probs, entropy and the row max and log-sum (kept for backward). Optionally it also writes
-per-sequence sums of the kept log-probs (the LENS confidence s_i before the division by the length)
-in the same launch. One program per flattened row; masked rows never touch the logits and get an
-exact-zero gradient row.
+Forward writes fp32 log-probs, entropy and the row max and log-sum (kept for backward). One program
+per flattened row; masked rows never touch the logits and get an exact-zero gradient row.
 """
 from __future__ import annotations
 
@@ -39,7 +37,6 @@ def _token_logprobs_fwd_kernel(
     logp_ptr,  # [N] fp32 out
     entropy_ptr,  # [N] fp32 out
     stats_ptr,  # [2, N] fp32 out: row max m_i and log_l of z / tau (lse = m_i + log_l), for backward
-    seq_sum_ptr,  # [B] fp32 out, sum_t keep * logp, when SEQ_SUM (zero-initialised)
     # shapes
     rows_per_batch,  # T
     V,
@@ -50,7 +47,6 @@ def _token_logprobs_fwd_kernel(
     tau,  # temperature when not PER_ROW_TAU
     # switches
     PER_ROW_TAU: tl.constexpr,
-    SEQ_SUM: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -65,9 +61,6 @@ def _token_logprobs_fwd_kernel(
         inv_tau = 1.0 / tau
         row_ptr = logits_ptr + row_offset(row, rows_per_batch, stride_b, stride_t)
         m_i, log_l, entropy, logp = row_stats(row_ptr, tl.load(targets_ptr + row), V, inv_tau, BLOCK_V)
-        if SEQ_SUM:
-            # one float atomic per kept token onto its sequence: the order of the adds is not fixed
-            tl.atomic_add(seq_sum_ptr + row // rows_per_batch, logp, sem="relaxed")  # read after the kernel
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(stats_ptr + row, m_i)
@@ -125,9 +118,9 @@ def _token_logprobs_bwd_kernel(
         write_zero_row(grad_row_ptr, V, BLOCK_V)
 
 
-def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=False):
+def token_logprobs_forward(logits, targets, mask, temperature):
     """Launches the forward kernel. Returns [N] fp32 logp and entropy, [2, N] row stats, the flat row inputs
-    (targets, keep, tau tensor, tau scalar) for backward, and [B] sequence sums or None."""
+    (targets, keep, tau tensor, tau scalar) for backward."""
     check_kernel_dtype(logits, "token_logprobs")
     check_element_aligned(logits, "logits")
     lead = tuple(logits.shape[:-1])
@@ -140,18 +133,16 @@ def token_logprobs_forward(logits, targets, mask, temperature, sequence_sums=Fal
     logp = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
     entropy = torch.full_like(logp, float("nan"))
     stats = torch.full((2, n), float("nan"), dtype=torch.float32, device=device)
-    batches = lead[0] if len(lead) == 2 else 1
-    seq_sum = torch.zeros(batches, dtype=torch.float32, device=device) if sequence_sums else logp
     rows_per_batch, stride_b, stride_t = row_layout(logits)
     block = block_v(vocab)
     if n:
         _token_logprobs_fwd_kernel[(n,)](
-            logits, t, keep, logp if tau_rows is None else tau_rows, logp, entropy, stats, seq_sum,
+            logits, t, keep, logp if tau_rows is None else tau_rows, logp, entropy, stats,
             rows_per_batch, vocab, stride_b, stride_t, tau,
-            PER_ROW_TAU=tau_rows is not None, SEQ_SUM=sequence_sums, BLOCK_V=block,
+            PER_ROW_TAU=tau_rows is not None, BLOCK_V=block,
             num_warps=num_warps_for(block),
         )
-    return logp, entropy, stats, (t, keep, tau_rows, tau), (seq_sum if sequence_sums else None)
+    return logp, entropy, stats, (t, keep, tau_rows, tau)
 
 
 def token_logprobs_backward(logits, grad, row_inputs, stats, entropy, g_logp, g_entropy):
@@ -178,7 +169,7 @@ def token_logprobs_backward(logits, grad, row_inputs, stats, entropy, g_logp, g_
 def launch_forward(logits, targets, mask, temperature):
     """The op's forward launcher: (logp [N] fp32, entropy [N] fp32, stats [2, N] fp32 for backward)."""
     check_kernel_dtype(logits, "token_logprobs")
-    logp, entropy, stats, _, _ = token_logprobs_forward(logits, targets, mask, temperature)
+    logp, entropy, stats, _ = token_logprobs_forward(logits, targets, mask, temperature)
     return logp, entropy, stats
 
 
@@ -195,17 +186,3 @@ def launch_backward(logits, targets, mask, temperature, stats, entropy, g_logp, 
     g_h = None if g_entropy is None else g_entropy.reshape(n).float().contiguous()
     return token_logprobs_backward(logits, out, (t, keep, tau_rows, tau), stats, entropy, g_l, g_h)
 
-
-def token_logprobs_with_sequence_sums(logits, targets, mask=None, temperature=1.0):
-    """Forward only (no grad): (logps [B, T], entropy [B, T], seq_sums [B]) in one launch, seq_sums the
-    masked sum of log-probs per sequence (divide by the mask length for the LENS confidence s_i).
-
-    The sums are float atomics, so their last bits may differ from run to run; use
-    ``(logps * mask).sum(-1)`` where bitwise reproducibility matters.
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V] for per-sequence sums, got shape {list(logits.shape)}")
-    with torch.no_grad():
-        logp, entropy, _, _, seq_sum = token_logprobs_forward(logits, targets, mask, temperature, True)
-    lead = logits.shape[:-1]
-    return logp.view(lead), entropy.view(lead), seq_sum
