@@ -509,8 +509,12 @@ def gpu_state(device: torch.device) -> Dict[str, str]:
 
 
 def git_state() -> Dict[str, object]:
-    """The commit of the package's checkout and whether it had uncommitted changes to tracked files."""
+    """The commit of the package's checkout and whether it had uncommitted changes to tracked files; "n/a"
+    for a package that is not a git checkout (a wheel in site-packages, an unpacked source tree), which
+    must not report the commit of a repository that merely encloses it (a venv inside a checkout)."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return {"commit": "n/a", "dirty": "n/a"}
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=20)
