@@ -1,17 +1,24 @@
-"""Run every ```bash block of the trainer pages (docs/trl.md, docs/verl.md, docs/openrlhf.md) exactly as
-written, from the root of a copy of this checkout, each page in its own fresh virtual environment.
+"""Run every ```bash block of the README and the docs/ pages that have them exactly as written, from the
+root of a copy of this checkout, as a newcomer would: the README on the oldest Python it states.
 
-    python .ci/docs_commands.py [docs/trl.md ...]
+    python .ci/docs_commands.py [README.md docs/trl.md ...]
 
 Conventions a page may use, in an HTML comment on the line right before a block:
 
     <!-- ci: expect-failure "TEXT" -->  the block must exit non-zero with TEXT in its output: a step that
-                                        needs a GPU, run on CI's CPU machine up to the trainer's own error
-    <!-- ci: skip REASON -->            the block is not run (REASON is printed); for pure reference
+                                        needs a GPU, run on CI's CPU machine up to its own error
+    <!-- ci: skip REASON -->            the block is not run (REASON, printed, says what runs it instead)
 
-The pages assume torch in place. docs/verl.md runs in an empty venv that sees only this python's torch
-and its requirements (linked in, see link_torch: unpacking a torch wheel per page costs minutes), so
-its pip lines install everything else as a user's would (verl's transformers<5.11, for one, which
+README.md starts from a bare shell: no venv, and `python3` on PATH is the Python floor of pyproject.toml
+(`requires-python`, found as pythonX.Y on PATH, under pyenv, or given as LENS_DOCS_FLOOR_PYTHON; missing
+is an error). Its install line makes its own venv and downloads torch from the package index as a
+user's does (on Linux the CUDA build, about 5 GB installed). docs/backends.md and docs/benchmarks.md
+continue where the README leaves a reader: in the README's venv, activated (the state its last block
+exported), after the README's blocks pass.
+
+The trainer pages assume torch in place. docs/verl.md runs in an empty venv that sees only this python's
+torch and its requirements (linked in, see link_torch: unpacking a torch wheel per page costs minutes),
+so its pip lines install everything else as a user's would (verl's transformers<5.11, for one, which
 does not work next to the newer `kernels` package a newer transformers brings: a venv that sees CI's
 packages would fail where a user's fresh one does not). docs/trl.md and docs/openrlhf.md run in venvs
 made with --system-site-packages, which start empty but see CI's python (its torch, and TRL 1.16 and
@@ -19,10 +26,10 @@ OpenRLHF 0.11.2 as .ci/run installs them): their pip lines then install lens-ker
 OpenRLHF's own install line needs CUDA and is marked skip (CI's CPU install of OpenRLHF is .ci/run's
 --no-deps lines). pip's cache is reused.
 
-The pages run side by side; a page's blocks run in order in one shell state (variables exported by
-one block are seen by the next). The variables the pages use for a model and data default to public
-ones; here they point at a tiny model and data made in code (no download): MODEL_PATH, TRAIN_FILES,
-VAL_FILES. Every block has a timeout.
+The pages run side by side (the two that continue the README after it); a page's blocks run in order in
+one shell state (variables exported by one block are seen by the next). The variables the pages use for
+a model and data default to public ones; here they point at a tiny model and data made in code (no
+download): MODEL_PATH, TRAIN_FILES, VAL_FILES. Every block has a timeout.
 """
 import concurrent.futures
 import os
@@ -36,7 +43,9 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ("docs/trl.md", "docs/verl.md", "docs/openrlhf.md")
+PAGES = ("README.md", "docs/backends.md", "docs/benchmarks.md", "docs/trl.md", "docs/verl.md", "docs/openrlhf.md")
+FROM_BARE_SHELL = "README.md"
+AFTER_README = ("docs/backends.md", "docs/benchmarks.md")
 SEES_SYSTEM_PACKAGES = ("docs/trl.md", "docs/openrlhf.md")
 BLOCK_TIMEOUT = 600
 MARKER = re.compile(r"<!--\s*ci:\s*(expect-failure|skip)\s*(.*?)\s*-->\s*$")
@@ -124,26 +133,62 @@ def checkout_copy(where):
     return where
 
 
-def run_page(page, work, data_env):
-    """(failed block labels, the page's report): its blocks in order in one venv."""
+def floor_python():
+    """(executable, version) of the oldest Python pyproject.toml allows, the one the README states."""
+    floor = re.search(r'requires-python\s*=\s*">=\s*(\d+\.\d+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    candidates = [os.environ.get("LENS_DOCS_FLOOR_PYTHON"), shutil.which(f"python{floor}")]
+    pyenv_root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates += sorted(str(p) for p in pathlib.Path(pyenv_root).glob(f"versions/{floor}.*/bin/python{floor}"))
+    candidates += [f"/usr/bin/python{floor}", f"/usr/local/bin/python{floor}"]
+    for candidate in filter(None, candidates):
+        try:  # a pyenv shim exists even where that version is not selected: ask the interpreter itself
+            out = subprocess.run([candidate, "-c", "import sys, venv; print(sys.executable); print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, timeout=60)
+        except OSError:
+            continue
+        if out.returncode == 0:
+            executable, version = out.stdout.split()
+            if version.startswith(floor + "."):
+                return executable, version
+    sys.exit(f"[docs] README.md runs on the Python floor {floor} (pyproject.toml's requires-python), and no "
+             f"python{floor} with venv was found: install it, or name it in LENS_DOCS_FLOOR_PYTHON")
+
+
+def run_page(page, work, data_env, after=None):
+    """(failed block labels, the page's report, its last shell state): its blocks in order in one shell
+    state. `after`: the state a page continues from (the README's venv activated); none: the page's own
+    start (a bare shell on the floor Python for the README, a venv for the trainer pages)."""
     report = []
     checkout = checkout_copy(work / ("checkout-" + pathlib.Path(page).stem))
 
     def say(line):
         report.append(line)
 
-    venv = work / ("venv-" + pathlib.Path(page).stem)
-    system = page in SEES_SYSTEM_PACKAGES
-    subprocess.run([sys.executable, "-m", "venv", *(["--system-site-packages"] if system else []), str(venv)],
-                   check=True, timeout=300)
-    if not system:
-        say(f"[docs] {page}: a fresh venv with this python's torch {link_torch(venv)}")
-    state = work / (pathlib.Path(page).stem + ".env")
     env = dict(os.environ, **data_env)
-    env.pop("PYTHONPATH", None)  # the venv's installed lens-kernels, not a path into this checkout
-    env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
-               PIP_DISABLE_PIP_VERSION_CHECK="1", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
-    state.write_text("")
+    env.pop("PYTHONPATH", None)  # an installed lens-kernels, not a path into this checkout
+    env.pop("VIRTUAL_ENV", None)
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    state = work / (pathlib.Path(page).stem + ".env")
+    state.write_text(after.read_text() if after else "")
+    if page == FROM_BARE_SHELL:
+        executable, version = floor_python()
+        floor_bin = work / "floor-bin"
+        floor_bin.mkdir(exist_ok=True)
+        for name in ("python3", "python"):
+            if not (floor_bin / name).exists():
+                (floor_bin / name).symlink_to(executable)
+        env["PATH"] = f"{floor_bin}{os.pathsep}{env['PATH']}"
+        say(f"[docs] {page}: a bare shell, python3 is Python {version} ({executable})")
+    elif after is not None:
+        say(f"[docs] {page}: in the README's venv, activated")
+    else:
+        venv = work / ("venv-" + pathlib.Path(page).stem)
+        system = page in SEES_SYSTEM_PACKAGES
+        subprocess.run([sys.executable, "-m", "venv", *(["--system-site-packages"] if system else []), str(venv)],
+                       check=True, timeout=300)
+        if not system:
+            say(f"[docs] {page}: a fresh venv with this python's torch {link_torch(venv)}")
+        env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}")
     failures = []
     for number, (directive, argument, code) in enumerate(blocks(page), 1):
         label = f"{page} block {number}"
@@ -168,17 +213,38 @@ def run_page(page, work, data_env):
         if not ok:
             failures.append(label)
             say(output[-6000:])
-    return failures, "\n".join(report)
+    return failures, "\n".join(report), state
+
+
+def run_readme_then(pages, work, data_env, pool):
+    """The README, then the pages that continue in its venv, side by side."""
+    failures, report, state = run_page(FROM_BARE_SHELL, work, data_env)
+    results = [(failures, report)]
+    if failures:
+        results += [([page], f"[docs] {page}: not run (the README failed)") for page in pages]
+    else:
+        results += [r[:2] for r in pool.map(lambda page: run_page(page, work, data_env, after=state), pages)]
+    return results
 
 
 def main(pages):
     start = time.monotonic()
+    unknown = sorted(set(pages) - set(PAGES))
+    if unknown:
+        sys.exit(f"[docs] unknown pages {unknown}; this script runs {list(PAGES)}")
     with tempfile.TemporaryDirectory(prefix="lkdocs") as tmp:
         work = pathlib.Path(tmp)
         data_env = tiny_model_and_data(work)
-        # the pages run side by side: most of their time is pip's downloads and verl's Ray start-up
+        # side by side: most of the time is pip's downloads, lens-train, and verl's Ray start-up
+        after = [page for page in pages if page in AFTER_README]
+        if after and FROM_BARE_SHELL not in pages:
+            sys.exit(f"[docs] {after} continue the README's venv: run them with README.md")
+        alone = [page for page in pages if page not in AFTER_README and page != FROM_BARE_SHELL]
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(pages)) as pool:
-            results = list(pool.map(lambda page: run_page(page, work, data_env), pages))
+            chain = pool.submit(run_readme_then, after, work, data_env, pool) if FROM_BARE_SHELL in pages else None
+            results = [r[:2] for r in pool.map(lambda page: run_page(page, work, data_env), alone)]
+            if chain is not None:
+                results = chain.result() + results
         failures = []
         for page_failures, report in results:
             print(report, flush=True)

@@ -1,6 +1,7 @@
 """The README and docs/ as a newcomer uses them: every relative link resolves, the API example is the file
-that runs here, the examples run, the test command is the one CI runs, and the package metadata states the
-Python floor the README states."""
+that runs here, the examples run, the test command is the one CI runs, every page's commands are run by CI
+(.ci/docs_commands.py) or say why not, and the package metadata states the Python floor the README states."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -74,3 +75,45 @@ def test_default_output_folder_is_ignored():
 
     ignored = (ROOT / ".gitignore").read_text().split()
     assert TrainConfig().out + "/" in ignored
+
+
+def _docs_commands():
+    spec = importlib.util.spec_from_file_location("docs_commands", ROOT / ".ci" / "docs_commands.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_page_with_commands_runs_in_ci():
+    runner = _docs_commands()
+    with_commands = {str(p.relative_to(ROOT)) for p in PAGES if "```bash" in p.read_text()}
+    assert with_commands <= set(runner.PAGES), f"pages whose commands CI never runs: {with_commands - set(runner.PAGES)}"
+    assert "python .ci/docs_commands.py" in (ROOT / ".ci" / "run").read_text()
+    for page in runner.PAGES:
+        found = runner.blocks(page)
+        assert found, f"{page} has no bash block left to run"
+        for directive, argument, code in found:
+            assert directive in (None, "skip", "expect-failure"), (page, directive)
+            assert directive is None or len(argument) >= 10, f"{page}: a marker without its reason or text: {code[:60]!r}"
+        assert any(directive != "skip" for directive, _, _ in found), f"{page}: every block skipped"
+
+
+INLINE_COMMAND = re.compile(r"`(lens-train|lens-bench)((?: --?[a-z][-a-z0-9]*(?: [^-`\s][^`\s]*)?)*)`")
+
+
+def test_inline_commands_parse():
+    """Commands quoted in running text (the blocks run in CI): each parses with the CLI's own parser."""
+    from lens_kernels.bench.cli import parse_args as bench_args
+    from lens_kernels.train.config import build_parser
+
+    parse = {"lens-train": lambda argv: build_parser().parse_args(argv), "lens-bench": bench_args}
+    found = []
+    for page in PAGES:
+        for program, arguments in INLINE_COMMAND.findall(page.read_text()):
+            argv = arguments.split()
+            found.append((page.name, program, argv))
+            try:
+                parse[program](argv)
+            except SystemExit as exc:  # --help exits 0; a bad option exits 2
+                assert exc.code == 0, f"{page.name}: `{program} {arguments.strip()}` does not parse"
+    assert any(argv for _, _, argv in found), found

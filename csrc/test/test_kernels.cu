@@ -511,7 +511,11 @@ static int run_small() {
 
 int main(int argc, char** argv) {
   int dev = 0, major = 0;
-  CHECK_CUDA(cudaGetDevice(&dev));
+  // no GPU (or no driver) is the common way to get here by mistake: say so in words
+  if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) {
+    std::fprintf(stderr, "lens_kernels_test needs a CUDA GPU: %s\n", cudaGetErrorString(err));
+    return 2;
+  }
   CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   std::printf("device compute capability major %d\n", major);
   if (argc > 1 && std::strcmp(argv[1], "--small") == 0) return run_small();
