@@ -22,7 +22,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         if _module is not None:
             importlib.reload(_module)
 
-from hidden_cases import CONFIGS, TOL, assert_close_scaled, check, make_batch, run_both  # noqa: E402
+from hidden_cases import CONFIGS, assert_close_scaled, check, make_batch, run_both  # noqa: E402
 from seeds import stable_seed  # noqa: E402
 from lens_kernels import reference as ref  # noqa: E402
 import backend_calls as calls  # noqa: E402

@@ -399,8 +399,8 @@ static void check_case(const Case& c, const Variant& x) {
     }
   }
 
-  // ---- token_logprobs forward and backward, on the unmodified input (or, in
-  // place, after restoring it), the backward also written over the logits
+  // ---- token_logprobs forward and backward, on the unmodified input (or, in place, after restoring
+  // it), the backward also written over the logits
   if (x.path == RowPath::kStream) {
     if (x.inplace) {
       CHECK_CUDA(cudaFree(d_logits));

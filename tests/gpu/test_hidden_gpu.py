@@ -121,7 +121,6 @@ def test_lean_kernels_special_inputs_on_gpu():
     """Compiled (not interpreted) lean kernels: a -inf bias over whole vocabulary tiles gives exact
     log-probs and finite gradients with exact zeros on banned rows of dW; NaN hidden states at masked
     tokens influence nothing; a kept target of -100 gives a NaN log-prob and NaN dX row."""
-    lin = importlib.import_module("lens_kernels.backends.triton.linear_token_logprobs")
     g = torch.Generator(device="cuda").manual_seed(11)
     n, h, v = 256, 512, 4096
     hidden = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16)

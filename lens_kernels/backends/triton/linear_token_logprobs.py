@@ -534,7 +534,7 @@ def launch_forward(hidden, weight, bias, targets, mask, temperature, variant, vo
         check_vocab_splits(vocab_splits)
     h, w, b, t, keep8, tau, tau_rows = row_inputs(hidden, weight, bias, targets, mask, temperature)
     logp, entropy, m_i, log_l = linear_logprobs_forward(h, w, b, t, keep8, tau, tau_rows,
-                                                           vocab_splits=vocab_splits, precision=variant or None)
+                                                        vocab_splits=vocab_splits, precision=variant or None)
     return logp, entropy, torch.stack((m_i, log_l))
 
 
